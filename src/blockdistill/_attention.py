@@ -1,0 +1,158 @@
+"""RMSNorm, rotary position embeddings and grouped-query causal attention."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from ._config import RopeScaling, TransformerConfig
+from ._types import Array, Float, Hidden
+
+
+def init_linear(
+    in_features: int, out_features: int, *, use_bias: bool, key: PRNGKeyArray
+) -> eqx.nn.Linear:
+    """An `eqx.nn.Linear` with the Llama initialisation: normal(0, 0.02), zero bias."""
+    linear = eqx.nn.Linear(in_features, out_features, use_bias=use_bias, key=key)
+    weight = 0.02 * jax.random.normal(key, (out_features, in_features))
+    linear = eqx.tree_at(lambda m: m.weight, linear, weight)
+    if use_bias:
+        linear = eqx.tree_at(lambda m: m.bias, linear, jnp.zeros(out_features))
+    return linear
+
+
+def apply_linear(linear: eqx.nn.Linear, x: Float[Array, "seq d_in"]) -> Float[Array, "seq d_out"]:
+    """Apply an `eqx.nn.Linear` to every position of a sequence (one matmul)."""
+    return jax.vmap(linear)(x)
+
+
+class RMSNorm(eqx.Module):
+    """Root-mean-square layer norm with a learned scale, computed in float32.
+
+    **Arguments:**
+
+    - `dim`: width of the normalised axis.
+    - `eps`: added to the mean square before the square root.
+
+    **Example:**
+
+    ```python
+    norm = bd.RMSNorm(64, eps=1e-5)
+    y = norm(jnp.ones((8, 64)))  # Float[Array, "8 64"]
+    ```
+    """
+
+    weight: Float[Array, " dim"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        self.weight = jnp.ones(dim)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        x32 = x.astype(jnp.float32)
+        mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(mean_square + self.eps)
+        scale = self.weight.astype(jnp.float32)[None, :]
+        return (normed * scale).astype(x.dtype)
+
+
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> Float[Array, " half"]:
+    """Inverse frequencies of rotary embeddings, with optional Llama-3 scaling."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(
+    x: Float[Array, "seq heads head_dim"], inv_freq: Float[Array, " half"]
+) -> Float[Array, "seq heads head_dim"]:
+    """Rotate query/key heads by their position (the "rotate half" convention of HF)."""
+    seq_len = x.shape[0]
+    positions = jnp.arange(seq_len, dtype=jnp.float32)
+    angles = positions[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(eqx.Module):
+    """Causal grouped-query self-attention with rotary embeddings.
+
+    Computed with `jax.nn.dot_product_attention` (which picks the fused kernel of the
+    backend). `inject`, when given, replaces `x` as the input of the q, k and v
+    projections: this is how a student block consumes the teacher's attention input.
+
+    **Arguments:**
+
+    - `config`: a [`blockdistill.TransformerConfig`][].
+    - `key`: a `jax.random` key.
+
+    **Call:** `attention(x, *, inject=None) -> Float[Array, "seq dim"]`, the output after
+    the o-projection (before the residual add).
+
+    **Example:**
+
+    ```python
+    attn = bd.Attention(cfg, key=jax.random.key(0))
+    x = jnp.ones((16, cfg.dim))
+    y = attn(x)                      # uses x for q, k, v
+    y2 = attn(x, inject=2 * x)       # uses the injected array instead
+    ```
+    """
+
+    q_proj: eqx.nn.Linear
+    k_proj: eqx.nn.Linear
+    v_proj: eqx.nn.Linear
+    o_proj: eqx.nn.Linear
+    n_heads: int = eqx.field(static=True)
+    n_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    rope_theta: float = eqx.field(static=True)
+    rope_scaling: RopeScaling | None = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        hd = config.head_dim
+        bias = config.qkv_bias
+        self.q_proj = init_linear(config.dim, config.n_heads * hd, use_bias=bias, key=kq)
+        self.k_proj = init_linear(config.dim, config.n_kv_heads * hd, use_bias=bias, key=kk)
+        self.v_proj = init_linear(config.dim, config.n_kv_heads * hd, use_bias=bias, key=kv)
+        self.o_proj = init_linear(config.n_heads * hd, config.dim, use_bias=False, key=ko)
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = hd
+        self.rope_theta = config.rope_theta
+        self.rope_scaling = config.rope_scaling
+
+    def __call__(self, x: Hidden, *, inject: Hidden | None = None) -> Hidden:
+        attn_in = x if inject is None else inject.astype(x.dtype)
+        seq_len = attn_in.shape[0]
+        q = apply_linear(self.q_proj, attn_in).reshape(seq_len, self.n_heads, self.head_dim)
+        k = apply_linear(self.k_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
+        v = apply_linear(self.v_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+        q = apply_rope(q, inv_freq)
+        k = apply_rope(k, inv_freq)
+        heads = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return apply_linear(self.o_proj, heads.reshape(seq_len, self.n_heads * self.head_dim))

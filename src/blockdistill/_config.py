@@ -1,0 +1,220 @@
+"""Frozen, validated configuration dataclasses."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT = {"none", "full", "dots"}
+
+
+def _fail(owner: str, field: str, value: Any, why: str) -> None:
+    raise ValueError(f"{owner}.{field}={value!r} is invalid: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (``rope_type: "llama3"`` in HF).
+
+    **Arguments:**
+
+    - `factor`: how much longer the context is than the original one.
+    - `low_freq_factor`, `high_freq_factor`: wavelengths above
+      `original_max_position_embeddings / low_freq_factor` are divided by `factor`, those
+      below `original_max_position_embeddings / high_freq_factor` are kept, and those in
+      between are interpolated smoothly.
+    - `original_max_position_embeddings`: the context length the model was trained on.
+
+    **Example:**
+
+    ```python
+    scaling = bd.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192)
+    ```
+    """
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if not self.factor >= 1.0:
+            _fail("RopeScaling", "factor", self.factor, "must be >= 1")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            _fail(
+                "RopeScaling",
+                "low_freq_factor",
+                self.low_freq_factor,
+                f"must be positive and below high_freq_factor={self.high_freq_factor}",
+            )
+        if self.original_max_position_embeddings <= 0:
+            _fail(
+                "RopeScaling",
+                "original_max_position_embeddings",
+                self.original_max_position_embeddings,
+                "must be positive",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and execution options of a Llama-style decoder-only transformer.
+
+    **Arguments:**
+
+    - `vocab_size`: number of token ids.
+    - `dim`: width of the residual stream.
+    - `n_layers`: number of decoder layers (stacked on a leading `layers` axis).
+    - `n_heads`: number of query heads.
+    - `n_kv_heads`: number of key/value heads (grouped-query attention); must divide
+      `n_heads`. Defaults to `n_heads`.
+    - `mlp_dim`: hidden width of the SwiGLU MLP.
+    - `max_seq_len`: longest sequence the model accepts.
+    - `head_dim`: width of one head; defaults to `dim // n_heads`.
+    - `rope_theta`: base of the rotary frequencies.
+    - `rope_scaling`: optional [`blockdistill.RopeScaling`][] (Llama 3).
+    - `norm_eps`: epsilon of the RMSNorms.
+    - `qkv_bias`: whether the q, k and v projections have a bias (Qwen2).
+    - `tie_embeddings`: share the embedding matrix with the output head.
+    - `scan_layers`: run the layer stack with `jax.lax.scan` (fast to compile, the
+      default) or with an unrolled Python loop over slices of the same stacked
+      parameters. Both give the same outputs.
+    - `remat`: `"none"`, `"full"` (recompute each layer in the backward pass) or
+      `"dots"` (keep matmul outputs, recompute the rest). `True`/`False` mean
+      `"full"`/`"none"`.
+    - `dtype`: compute dtype, `"float32"` (default) or `"bfloat16"`/`"float16"`.
+      Parameters always stay in float32; with a low-precision dtype they are cast for
+      the matmuls, and logits are returned in float32.
+
+    **Example:**
+
+    ```python
+    cfg = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4,
+                               n_kv_heads=2, mlp_dim=128, max_seq_len=64)
+    cfg.head_dim  # 16
+    ```
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    mlp_dim: int | None = None
+    max_seq_len: int = 2048
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    scan_layers: bool = True
+    remat: str | bool = "none"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        name = "TransformerConfig"
+        for field in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(name, field, value, "must be a positive integer")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.mlp_dim is None:
+            object.__setattr__(self, "mlp_dim", 4 * self.dim)
+        for field in ("n_kv_heads", "mlp_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(name, field, value, "must be a positive integer")
+        if self.head_dim is None:
+            if self.dim % self.n_heads != 0:
+                _fail(
+                    name, "dim", self.dim, f"must be divisible by n_heads={self.n_heads}"
+                )
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        elif (
+            isinstance(self.head_dim, bool)
+            or not isinstance(self.head_dim, int)
+            or self.head_dim <= 0
+        ):
+            _fail(name, "head_dim", self.head_dim, "must be a positive integer")
+        if self.head_dim % 2 != 0:
+            _fail(name, "head_dim", self.head_dim, "must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads != 0:
+            _fail(
+                name,
+                "n_heads",
+                self.n_heads,
+                f"must be a multiple of n_kv_heads={self.n_kv_heads}",
+            )
+        if not self.rope_theta > 0:
+            _fail(name, "rope_theta", self.rope_theta, "must be positive")
+        if not self.norm_eps > 0:
+            _fail(name, "norm_eps", self.norm_eps, "must be positive")
+        if self.rope_scaling is not None and not isinstance(
+            self.rope_scaling, RopeScaling
+        ):
+            _fail(name, "rope_scaling", self.rope_scaling, "must be a RopeScaling")
+        remat = self.remat
+        if remat is True:
+            remat = "full"
+        elif remat is False:
+            remat = "none"
+        if remat not in _REMAT:
+            _fail(name, "remat", self.remat, f"must be one of {sorted(_REMAT)} or a bool")
+        object.__setattr__(self, "remat", remat)
+        if self.dtype not in _DTYPES:
+            _fail(name, "dtype", self.dtype, f"must be one of {sorted(_DTYPES)}")
+        for field in ("qkv_bias", "tie_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, field), bool):
+                _fail(name, field, getattr(self, field), "must be a bool")
+
+    @property
+    def compute_dtype(self):
+        """The jnp dtype that matmuls run in."""
+        return _DTYPES[self.dtype]
+
+    def replace(self, **changes: Any) -> "TransformerConfig":
+        """A copy with some fields changed (validated again).
+
+        **Example:**
+
+        ```python
+        unrolled = cfg.replace(scan_layers=False)
+        ```
+        """
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python form, for JSON/TOML files (inverse of `from_dict`)."""
+        out = dataclasses.asdict(self)
+        if self.rope_scaling is None:
+            del out["rope_scaling"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
+        """Build from a plain dict; unknown keys are a `ValueError` that names them.
+
+        **Example:**
+
+        ```python
+        cfg2 = bd.TransformerConfig.from_dict(cfg.to_dict())
+        assert cfg2 == cfg
+        ```
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"TransformerConfig has no field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        data = dict(data)
+        for field in ("rope_theta", "norm_eps"):  # TOML/JSON may write 10000 for 10000.0
+            if isinstance(data.get(field), int) and not isinstance(data[field], bool):
+                data[field] = float(data[field])
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        return cls(**data)

@@ -1,0 +1,169 @@
+"""The Transformer: embeddings, the scanned layer stack, final norm and head."""
+
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from ._attention import RMSNorm, apply_linear, init_linear
+from ._config import TransformerConfig
+from ._layer import InjectAt, check_inject_at
+from ._stack import LayerStack, LayerStates
+from ._types import Array, Float, LayerHidden, Logits, Tokens
+
+
+class ModelOutput(eqx.Module):
+    """What a [`blockdistill.Transformer`][] returns.
+
+    - `logits`: `Float[Array, "seq vocab"]`, always float32.
+    - `states`: the per-layer [`blockdistill.LayerStates`][].
+
+    **Example:**
+
+    ```python
+    out = model(tokens)
+    out.logits.shape, out.states.layer_out.shape
+    ```
+    """
+
+    logits: Logits
+    states: LayerStates
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree
+    )
+
+
+class Transformer(eqx.Module):
+    """A Llama-style decoder-only language model on one example (batch it with `jax.vmap`).
+
+    **Arguments:**
+
+    - `config`: a [`blockdistill.TransformerConfig`][].
+    - `key`: a `jax.random` key for the initialisation.
+
+    **Call:** `model(tokens, *, inject=None, inject_at="attention") -> ModelOutput`
+
+    - `tokens`: `Int[Array, "seq"]`.
+    - `inject`: optional `Float[Array, "layers seq dim"]`, typically a teacher's
+      `states.attn_in` (with `inject_at="attention"`, the MaxText semantics: q, k and v
+      of layer `l` read `inject[l]`, the residual stream stays the model's own) or
+      `states.layer_in` (with `inject_at="layer"`: layer `l`'s whole input is
+      `inject[l]`, so every layer is computed independently of the others).
+
+    **Returns:** a [`blockdistill.ModelOutput`][] with float32 logits and per-layer states.
+
+    **Example:**
+
+    ```python
+    cfg = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4,
+                               n_kv_heads=2, mlp_dim=128, max_seq_len=64)
+    model = bd.Transformer(cfg, key=jax.random.key(0))
+    tokens = jnp.arange(16)
+    out = model(tokens)
+    injected = model(tokens, inject=out.states.attn_in)            # attention level
+    layered = model(tokens, inject=out.states.layer_in, inject_at="layer")
+    batch = jax.vmap(model)(jnp.stack([tokens, tokens]))             # batched
+    ```
+    """
+
+    embed_tokens: eqx.nn.Embedding
+    layers: LayerStack
+    norm: RMSNorm
+    lm_head: eqx.nn.Linear | None
+    config: TransformerConfig = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        ke, kl, kh = jax.random.split(key, 3)
+        embed = eqx.nn.Embedding(config.vocab_size, config.dim, key=ke)
+        weight = 0.02 * jax.random.normal(ke, (config.vocab_size, config.dim))
+        self.embed_tokens = eqx.tree_at(lambda e: e.weight, embed, weight)
+        self.layers = LayerStack(config, key=kl)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = init_linear(config.dim, config.vocab_size, use_bias=False, key=kh)
+        self.config = config
+
+    def check_inject(self, tokens_shape: tuple[int, ...], inject: Array) -> None:
+        """Raise a `ValueError` naming expected and actual shapes of a wrong `inject`."""
+        expected = (self.config.n_layers, tokens_shape[-1], self.config.dim)
+        if tuple(inject.shape[-3:]) != expected or inject.ndim != 3:
+            raise ValueError(
+                f"inject has shape {tuple(inject.shape)}, expected {expected} "
+                "(n_layers, seq, dim) for this model"
+            )
+
+    def embed(self, tokens: Tokens) -> Float[Array, "seq dim"]:
+        """Look up token embeddings (in float32)."""
+        return jnp.take(self.embed_tokens.weight, tokens, axis=0)
+
+    def head(self, hidden: Float[Array, "seq dim"]) -> Logits:
+        """Final norm and output projection, float32 logits."""
+        normed = self.norm(hidden)
+        if self.lm_head is None:
+            logits = normed @ self.embed_tokens.weight.T
+        else:
+            logits = apply_linear(self.lm_head, normed)
+        return logits.astype(jnp.float32)
+
+    def _checked(self, tokens: Tokens) -> None:
+        if tokens.shape[0] > self.config.max_seq_len:
+            raise ValueError(
+                f"tokens has length {tokens.shape[0]}, longer than "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+
+    def __call__(
+        self,
+        tokens: Tokens,
+        *,
+        inject: LayerHidden | None = None,
+        inject_at: InjectAt = "attention",
+    ) -> ModelOutput:
+        check_inject_at(inject_at)
+        self._checked(tokens)
+        if inject is not None:
+            self.check_inject(tokens.shape, inject)
+        model = self
+        if self.config.dtype != "float32":
+            model = _cast_floating(self, self.config.compute_dtype)
+        hidden = model.embed(tokens)
+        hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at)
+        return ModelOutput(logits=model.head(hidden), states=states)
+
+    def blockwise_outputs(
+        self,
+        tokens: Tokens,
+        inject: LayerHidden,
+        *,
+        inject_at: InjectAt = "attention",
+    ) -> LayerHidden:
+        """Every block's output on its injected input, all layers at once (`jax.vmap`).
+
+        Equals `model(tokens, inject=inject, inject_at=inject_at).states.attn_out` at
+        `"attention"` level and `.layer_out` at `"layer"` level, but runs the layers in
+        parallel (see [`blockdistill.LayerStack.blockwise_outputs`][]).
+
+        **Example:**
+
+        ```python
+        out = model(tokens)
+        parallel = model.blockwise_outputs(tokens, out.states.layer_in, inject_at="layer")
+        ```
+        """
+        check_inject_at(inject_at)
+        self._checked(tokens)
+        self.check_inject(tokens.shape, inject)
+        model = self
+        if self.config.dtype != "float32":
+            model = _cast_floating(self, self.config.compute_dtype)
+            inject = inject.astype(self.config.compute_dtype)
+        return model.layers.blockwise_outputs(inject, inject_at=inject_at)
+
+
