@@ -1,0 +1,681 @@
+"""Hugging Face interop: safetensors checkpoints in and out, and `tokenizers` tokenizers.
+
+The parameters of a [`blockdistill.Transformer`][] use the Hugging Face `(out, in)` layout
+and the "rotate half" RoPE convention, so a Llama / Qwen2 / Mistral checkpoint maps onto
+it tensor by tensor: only the per-layer tensors `model.layers.{i}.*` are stacked on the
+leading `layers` axis. Reading needs no torch: safetensors files are read with
+`safetensors`' numpy API, and bfloat16 tensors (which numpy cannot represent) straight
+from the file's bytes.
+"""
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ._config import RopeScaling, TransformerConfig
+from ._model import Transformer
+
+PathLike = str | os.PathLike
+
+#: HF `model_type` -> the `*ForCausalLM` architecture that blockdistill reads and writes.
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+_MODEL_TYPES = {arch: model_type for model_type, arch in _ARCHITECTURES.items()}
+_SUPPORTED = ", ".join(f"{t!r} ({a})" for t, a in _ARCHITECTURES.items())
+
+#: TransformerConfig fields that `from_hf` may override: how the model runs, not its shapes.
+_OVERRIDABLE = ("scan_layers", "remat", "dtype", "max_seq_len")
+
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+#: Files of a Hugging Face tokenizer folder that `to_hf(tokenizer_from=...)` copies.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+#: Tensors that some checkpoints carry but that hold nothing to load.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+#: Per-layer HF tensor name (after `model.layers.{i}.`) -> the stacked leaf of the model.
+_LAYER_WEIGHTS: dict[str, Callable[[Transformer], Any]] = {
+    "input_layernorm.weight": lambda m: m.layers.layers.input_layernorm.weight,
+    "self_attn.q_proj.weight": lambda m: m.layers.layers.self_attn.q_proj.weight,
+    "self_attn.k_proj.weight": lambda m: m.layers.layers.self_attn.k_proj.weight,
+    "self_attn.v_proj.weight": lambda m: m.layers.layers.self_attn.v_proj.weight,
+    "self_attn.o_proj.weight": lambda m: m.layers.layers.self_attn.o_proj.weight,
+    "post_attention_layernorm.weight": lambda m: m.layers.layers.post_attention_layernorm.weight,
+    "mlp.gate_proj.weight": lambda m: m.layers.layers.mlp.gate_proj.weight,
+    "mlp.up_proj.weight": lambda m: m.layers.layers.mlp.up_proj.weight,
+    "mlp.down_proj.weight": lambda m: m.layers.layers.mlp.down_proj.weight,
+}
+_LAYER_BIASES: dict[str, Callable[[Transformer], Any]] = {
+    "self_attn.q_proj.bias": lambda m: m.layers.layers.self_attn.q_proj.bias,
+    "self_attn.k_proj.bias": lambda m: m.layers.layers.self_attn.k_proj.bias,
+    "self_attn.v_proj.bias": lambda m: m.layers.layers.self_attn.v_proj.bias,
+}
+_GLOBAL_WEIGHTS: dict[str, Callable[[Transformer], Any]] = {
+    "model.embed_tokens.weight": lambda m: m.embed_tokens.weight,
+    "model.norm.weight": lambda m: m.norm.weight,
+    "lm_head.weight": lambda m: m.lm_head.weight,
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _rope_from_hf(hf: dict[str, Any], source: Path) -> tuple[float, RopeScaling | None]:
+    """`(rope_theta, rope_scaling)` from either the legacy `rope_theta`/`rope_scaling`
+    keys or the `rope_parameters` dict of newer `transformers`."""
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
+    theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"{source}: rope_scaling type {rope_type!r} is not supported; "
+            "supported: none ('default') and 'llama3'"
+        )
+    try:
+        scaling = RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    except KeyError as missing:
+        raise ValueError(f"{source}: llama3 rope_scaling lacks the field {missing}") from None
+    return theta, scaling
+
+
+def _config_from_hf(
+    hf: dict[str, Any], source: Path, overrides: dict[str, Any]
+) -> TransformerConfig:
+    """A `TransformerConfig` from the contents of a HF `config.json`."""
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type not in _ARCHITECTURES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} (architectures {architectures}) is not "
+            f"supported; supported model types: {_SUPPORTED}"
+        )
+    for architecture in architectures:
+        if architecture not in _MODEL_TYPES:
+            raise ValueError(
+                f"{source}: architecture {architecture!r} is not supported (only the causal "
+                f"LM heads are); supported: {_SUPPORTED}"
+            )
+    activation = hf.get("hidden_act", "silu")
+    if activation != "silu":
+        raise ValueError(f"{source}: hidden_act {activation!r} is not supported, only 'silu'")
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if hf.get(flag):
+            raise ValueError(f"{source}: {flag}=true is not supported by blockdistill")
+    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+    unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+    if unknown:
+        raise ValueError(
+            f"from_hf cannot override {unknown}: the checkpoint fixes them; "
+            f"overridable fields: {list(_OVERRIDABLE)}"
+        )
+    rope_theta, rope_scaling = _rope_from_hf(hf, source)
+    max_seq_len = int(hf.get("max_position_embeddings", 2048))
+    sliding_window = hf.get("sliding_window")
+    if model_type == "mistral" and sliding_window:
+        # Within the window sliding-window attention is plain causal attention.
+        max_seq_len = min(max_seq_len, int(sliding_window))
+    n_heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    fields = dict(
+        vocab_size=int(hf["vocab_size"]),
+        dim=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        mlp_dim=int(hf["intermediate_size"]),
+        max_seq_len=max_seq_len,
+        head_dim=None if head_dim is None else int(head_dim),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    return TransformerConfig(**{**fields, **overrides})
+
+
+def _config_to_hf(config: TransformerConfig, architecture: str) -> dict[str, Any]:
+    """The HF `config.json` contents of a model with this config."""
+    model_type = _MODEL_TYPES[architecture]
+    rope_scaling = None
+    if config.rope_scaling is not None:
+        scaling = config.rope_scaling
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
+    hf: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.mlp_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    elif model_type == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    else:
+        hf.update(sliding_window=None)
+    return hf
+
+
+def _expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor of a checkpoint of this config."""
+    q_width = config.n_heads * config.head_dim
+    kv_width = config.n_kv_heads * config.head_dim
+    per_layer = {
+        "input_layernorm.weight": (config.dim,),
+        "self_attn.q_proj.weight": (q_width, config.dim),
+        "self_attn.k_proj.weight": (kv_width, config.dim),
+        "self_attn.v_proj.weight": (kv_width, config.dim),
+        "self_attn.o_proj.weight": (config.dim, q_width),
+        "post_attention_layernorm.weight": (config.dim,),
+        "mlp.gate_proj.weight": (config.mlp_dim, config.dim),
+        "mlp.up_proj.weight": (config.mlp_dim, config.dim),
+        "mlp.down_proj.weight": (config.dim, config.mlp_dim),
+    }
+    if config.qkv_bias:
+        per_layer.update(
+            {
+                "self_attn.q_proj.bias": (q_width,),
+                "self_attn.k_proj.bias": (kv_width,),
+                "self_attn.v_proj.bias": (kv_width,),
+            }
+        )
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, config.dim),
+        "model.norm.weight": (config.dim,),
+    }
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, config.dim)
+    for index in range(config.n_layers):
+        for suffix, shape in per_layer.items():
+            shapes[f"model.layers.{index}.{suffix}"] = shape
+    return shapes
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def _read_header(file: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries (`dtype`, `shape`, `data_offsets`) of a safetensors file, each
+    with an added `start`: the absolute byte offset of its data in the file."""
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        entry["start"] = 8 + header_len + entry["data_offsets"][0]
+    return header
+
+
+def _read_bfloat16(file: Path, entry: dict[str, Any]) -> np.ndarray:
+    """A bfloat16 tensor as float32: bfloat16 is the upper half of a float32's bits."""
+    count = int(np.prod(entry["shape"], dtype=np.int64))
+    raw = np.fromfile(file, dtype="<u2", count=count, offset=entry["start"])
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one, or the shards of an index)."""
+    index = folder / _INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} lists the shard {file.name}, which is missing")
+        return files
+    single = folder / _WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.safetensors")
+    )
+    hint = f" (found {others}; only {_WEIGHTS_FILE} or {_INDEX_FILE} are read)" if others else ""
+    raise FileNotFoundError(f"{folder} has no {_WEIGHTS_FILE} nor {_INDEX_FILE}{hint}")
+
+
+def _shape_error(name: str, expected: tuple[int, ...] | None, actual: Any) -> str:
+    return f"tensor {name!r}: expected shape {expected}, got {actual}"
+
+
+def _read_tensors(
+    folder: Path, expected: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint as float32, after checking names and shapes."""
+    located: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for file in _weight_files(folder):
+        for name, entry in _read_header(file).items():
+            if not name.endswith(_IGNORED_SUFFIXES):
+                located[name] = (file, entry)
+    problems = []
+    for name, shape in expected.items():
+        if name not in located:
+            problems.append(_shape_error(name, shape, "nothing (missing)"))
+        elif tuple(located[name][1]["shape"]) != shape:
+            problems.append(_shape_error(name, shape, tuple(located[name][1]["shape"])))
+    extra = sorted(set(located) - set(expected))
+    tied_head = "lm_head.weight" in extra and "lm_head.weight" not in expected
+    if tied_head:  # a tied checkpoint may still store the head: it must equal the embedding
+        extra.remove("lm_head.weight")
+    for name in extra:
+        problems.append(
+            f"tensor {name!r}: unexpected (shape {tuple(located[name][1]['shape'])}), "
+            "blockdistill has no parameter for it"
+        )
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"checkpoint {folder} does not match its config:\n  {shown}{more}")
+    wanted = list(expected) + (["lm_head.weight"] if tied_head else [])
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(located[name][0], []).append(name)
+    tensors: dict[str, np.ndarray] = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="np") as handle:
+            for name in names:
+                entry = located[name][1]
+                if entry["dtype"] == "BF16":
+                    tensor = _read_bfloat16(file, entry)
+                elif entry["dtype"] in ("F16", "F32", "F64"):
+                    tensor = handle.get_tensor(name)
+                else:
+                    raise ValueError(
+                        f"tensor {name!r} in {file} has dtype {entry['dtype']}; "
+                        "expected BF16, F16, F32 or F64"
+                    )
+                tensors[name] = np.asarray(tensor, dtype=np.float32)
+    if tied_head:
+        head = tensors.pop("lm_head.weight")
+        if not np.array_equal(head, tensors["model.embed_tokens.weight"]):
+            raise ValueError(
+                f"checkpoint {folder} sets tie_word_embeddings but stores an lm_head.weight "
+                "that differs from model.embed_tokens.weight"
+            )
+    return tensors
+
+
+# ----------------------------------------------------------------------------- import / export
+
+
+def _parameter_slots(
+    config: TransformerConfig,
+) -> list[tuple[str, Callable[[Transformer], Any], bool]]:
+    """`(hf_name, getter, per_layer)` for every parameter; per-layer names carry `{i}`."""
+    slots = []
+    for name, getter in _GLOBAL_WEIGHTS.items():
+        if name != "lm_head.weight" or not config.tie_embeddings:
+            slots.append((name, getter, False))
+    layer_tensors = dict(_LAYER_WEIGHTS)
+    if config.qkv_bias:
+        layer_tensors.update(_LAYER_BIASES)
+    for suffix, getter in layer_tensors.items():
+        slots.append((f"model.layers.{{i}}.{suffix}", getter, True))
+    return slots
+
+
+def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
+    """Load a Hugging Face Llama, Qwen2 or Mistral causal LM checkpoint.
+
+    Reads `config.json` and `model.safetensors` (or the shards listed in
+    `model.safetensors.index.json`) without torch; bfloat16, float16 and float32
+    weights all become float32 parameters. Supported: `LlamaForCausalLM` (including
+    Llama-3 `rope_scaling`), `Qwen2ForCausalLM` (q/k/v biases) and `MistralForCausalLM`
+    (whose `max_seq_len` is capped at its `sliding_window`, within which its attention is
+    plain causal attention), with tied or untied embeddings.
+
+    **Arguments:**
+
+    - `path`: the checkpoint folder (what `save_pretrained` writes).
+    - `**config_overrides`: [`blockdistill.TransformerConfig`][] fields that say how the
+      model runs rather than what it is: `scan_layers`, `remat`, `dtype` and `max_seq_len`
+      (default: the checkpoint's `max_position_embeddings`).
+
+    **Returns:** a [`blockdistill.Transformer`][] whose logits and per-layer states match
+    the `transformers` model's.
+
+    **Raises:** `FileNotFoundError` for a folder without `config.json` or weights;
+    `ValueError` for an unsupported architecture or `rope_scaling`, and for a missing,
+    unexpected or wrongly shaped tensor (naming it with the expected and actual shapes).
+
+    **Example:**
+
+    ```python
+    teacher = bd.from_hf("checkpoints/SmolLM2-135M", scan_layers=True)
+    out = teacher(jnp.asarray(tokens))
+    ```
+    """
+    folder = Path(path)
+    config_file = folder / _CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no {_CONFIG_FILE}: not a Hugging Face checkpoint")
+    config = _config_from_hf(json.loads(config_file.read_text()), config_file, config_overrides)
+    tensors = _read_tensors(folder, _expected_shapes(config))
+    skeleton = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
+    getters, values = [], []
+    for name, getter, per_layer in _parameter_slots(config):
+        getters.append(getter)
+        if per_layer:
+            stacked = np.stack([tensors[name.format(i=i)] for i in range(config.n_layers)])
+            values.append(jnp.asarray(stacked))
+        else:
+            values.append(jnp.asarray(tensors[name]))
+    model = eqx.tree_at(lambda m: [get(m) for get in getters], skeleton, values)
+    unfilled = [x for x in jax.tree.leaves(model) if isinstance(x, jax.ShapeDtypeStruct)]
+    if unfilled:  # every parameter has an HF tensor; anything else is a bug here
+        raise RuntimeError(f"from_hf left {len(unfilled)} parameters without a value")
+    return model
+
+
+def _special_token_ids(tokenizer_from: Path) -> dict[str, Any]:
+    """`bos/eos/pad_token_id` from a checkpoint's `config.json`, if it has one."""
+    ids: dict[str, Any] = {}
+    for file_name in ("generation_config.json", _CONFIG_FILE):
+        file = tokenizer_from / file_name
+        if file.is_file():
+            data = json.loads(file.read_text())
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if data.get(key) is not None:
+                    ids[key] = data[key]
+    return ids
+
+
+def _replace_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a fresh folder next to `path`, then move it to `path`."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def to_hf(
+    model: Transformer,
+    path: PathLike,
+    *,
+    architecture: str | None = None,
+    tokenizer_from: PathLike | None = None,
+) -> Path:
+    """Write a model as a Hugging Face checkpoint (`config.json` + `model.safetensors`).
+
+    The folder loads with `transformers.AutoModelForCausalLM.from_pretrained` and gives
+    the same logits. Weights are written in float32 under the per-layer HF names. The
+    folder is written next to `path` first and then renamed, so `path` never holds a
+    half-written checkpoint; an existing folder at `path` is replaced.
+
+    **Arguments:**
+
+    - `model`: a [`blockdistill.Transformer`][].
+    - `path`: the output folder.
+    - `architecture`: `"LlamaForCausalLM"`, `"Qwen2ForCausalLM"` or
+      `"MistralForCausalLM"`; default Qwen2 when the model has q/k/v biases, else Llama.
+    - `tokenizer_from`: optional folder of a HF tokenizer (e.g. the teacher checkpoint)
+      whose tokenizer files (`tokenizer.json`, `tokenizer_config.json`, ...) are copied
+      along, together with the bos/eos/pad token ids of its `config.json`.
+
+    **Returns:** `path` as a `pathlib.Path`.
+
+    **Example:**
+
+    ```python
+    bd.to_hf(student, "out/student-hf", tokenizer_from="checkpoints/SmolLM2-135M")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained("out/student-hf")
+    ```
+    """
+    config = model.config
+    if architecture is None:
+        architecture = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
+    if architecture not in _MODEL_TYPES:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: {_SUPPORTED}"
+        )
+    if config.qkv_bias and architecture != "Qwen2ForCausalLM":
+        raise ValueError(
+            f"the model has q/k/v biases (qkv_bias=True), which {architecture} cannot hold; "
+            "use architecture='Qwen2ForCausalLM'"
+        )
+    tokenizer_files: list[Path] = []
+    token_ids: dict[str, Any] = {}
+    if tokenizer_from is not None:
+        source = Path(tokenizer_from)
+        tokenizer_files = [source / n for n in _TOKENIZER_FILES if (source / n).is_file()]
+        if not tokenizer_files:
+            raise FileNotFoundError(
+                f"tokenizer_from={str(source)!r} has none of the tokenizer files {_TOKENIZER_FILES}"
+            )
+        token_ids = _special_token_ids(source)
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, getter, per_layer in _parameter_slots(config):
+        value = np.asarray(getter(model), dtype=np.float32)
+        if per_layer:
+            for index in range(config.n_layers):
+                tensors[name.format(i=index)] = np.ascontiguousarray(value[index])
+        else:
+            tensors[name] = np.ascontiguousarray(value)
+    if architecture == "Qwen2ForCausalLM" and not config.qkv_bias:  # Qwen2 always has them
+        widths = {"q": config.n_heads, "k": config.n_kv_heads, "v": config.n_kv_heads}
+        for index in range(config.n_layers):
+            for proj, heads in widths.items():
+                name = f"model.layers.{index}.self_attn.{proj}_proj.bias"
+                tensors[name] = np.zeros(heads * config.head_dim, dtype=np.float32)
+    hf_config = {**_config_to_hf(config, architecture), **token_ids}
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / _WEIGHTS_FILE), metadata={"format": "pt"})
+        (folder / _CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        for file in tokenizer_files:
+            shutil.copyfile(file, folder / file.name)
+
+    out = Path(path)
+    _replace_folder_atomically(out, write)
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as error:
+        raise ImportError(
+            'HFTokenizer needs the optional dependency `tokenizers`: pip install "blockdistill[hf]"'
+        ) from error
+    return tokenizers
+
+
+def _token_name(value: Any) -> str | None:
+    """The text of a special token as `tokenizer_config.json` writes it (str or dict)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _find_eos_id(folder: Path, tokenizer: Any) -> int:
+    """The EOS id: `config.json`, then the tokenizer's own files, then generation config."""
+    for file_name, key in (
+        (_CONFIG_FILE, "eos_token_id"),
+        ("tokenizer_config.json", "eos_token"),
+        ("special_tokens_map.json", "eos_token"),
+        ("generation_config.json", "eos_token_id"),
+    ):
+        file = folder / file_name
+        if not file.is_file():
+            continue
+        value = json.loads(file.read_text()).get(key)
+        if key == "eos_token_id":
+            if isinstance(value, list) and value:
+                value = value[0]
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        else:
+            name = _token_name(value)
+            token_id = None if name is None else tokenizer.token_to_id(name)
+            if token_id is not None:
+                return int(token_id)
+    raise ValueError(
+        f"cannot find the EOS token of the tokenizer in {folder}: none of config.json, "
+        "tokenizer_config.json, special_tokens_map.json or generation_config.json names "
+        "one; pass separator_id="
+    )
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`) with blockdistill's
+    tokenizer interface.
+
+    Needs the optional dependency `tokenizers` (`pip install "blockdistill[hf]"`).
+
+    **Arguments:**
+
+    - `folder`: a folder holding `tokenizer.json`, typically a HF checkpoint.
+    - `separator_id`: the id put between packed documents; default the EOS id named by the
+      folder's `config.json` (`eos_token_id`, the first one if a list) or, failing that,
+      `tokenizer_config.json` / `special_tokens_map.json` (`eos_token`).
+
+    **Attributes:** `vocab_size` (ids, added tokens included) and `separator_id`.
+
+    **Example:**
+
+    ```python
+    tokenizer = bd.HFTokenizer("checkpoints/SmolLM2-135M")
+    ids = tokenizer.encode("def f(x):")   # int32 numpy array, no special tokens
+    tokenizer.decode(ids)                  # "def f(x):"
+    ```
+    """
+
+    vocab_size: int
+    separator_id: int
+
+    def __init__(self, folder: PathLike, *, separator_id: int | None = None):
+        tokenizers = _import_tokenizers()
+        self.folder = Path(folder)
+        file = self.folder / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{self.folder} has no tokenizer.json")
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(file))
+        self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+        if separator_id is None:
+            separator_id = _find_eos_id(self.folder, self.tokenizer)
+        if not 0 <= separator_id < self.vocab_size:
+            raise ValueError(
+                f"separator_id={separator_id} is outside the vocabulary of {self.vocab_size} ids"
+            )
+        self.separator_id = separator_id
+
+    def __repr__(self) -> str:
+        return (
+            f"HFTokenizer({str(self.folder)!r}, vocab_size={self.vocab_size}, "
+            f"separator_id={self.separator_id})"
+        )
+
+    def encode(self, text: str) -> Int[np.ndarray, " n"]:
+        """Token ids of `text` (int32), without any special tokens added.
+
+        **Example:**
+
+        ```python
+        ids = tokenizer.encode("hello world")
+        ```
+        """
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32).reshape(-1)
+
+    def decode(self, ids: Int[np.ndarray, " n"] | Int[Array, " n"] | Sequence[int]) -> str:
+        """The text of a sequence of token ids (special tokens are kept).
+
+        **Example:**
+
+        ```python
+        text = tokenizer.decode(tokenizer.encode("hello world"))
+        ```
+        """
+        as_list = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self.tokenizer.decode(as_list, skip_special_tokens=False)
+
+
+def load_hf_tokenizer(folder: PathLike) -> HFTokenizer | None:
+    """The [`blockdistill.HFTokenizer`][] of a folder, or `None` if it has no
+    `tokenizer.json` (e.g. a byte-level model, or only a sentencepiece `tokenizer.model`).
+
+    **Example:**
+
+    ```python
+    tokenizer = bd.load_hf_tokenizer("checkpoints/SmolLM2-135M")
+    if tokenizer is None:
+        ...  # fall back to a byte-level tokenizer
+    ```
+    """
+    if not (Path(folder) / "tokenizer.json").is_file():
+        return None
+    return HFTokenizer(folder)
