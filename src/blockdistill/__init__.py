@@ -4,10 +4,44 @@ import importlib.metadata
 
 from ._attention import Attention as Attention, RMSNorm as RMSNorm
 from ._config import RopeScaling as RopeScaling, TransformerConfig as TransformerConfig
+from ._data import (
+    Batcher as Batcher,
+    ByteTokenizer as ByteTokenizer,
+    Dataset as Dataset,
+    Document as Document,
+    Split as Split,
+    Tokenizer as Tokenizer,
+    default_corpus as default_corpus,
+    default_corpus_root as default_corpus_root,
+    eval_batches as eval_batches,
+    load_dataset as load_dataset,
+    pack_documents as pack_documents,
+    pack_tokens as pack_tokens,
+    read_corpus as read_corpus,
+    split_documents as split_documents,
+)
+from ._hf import (
+    HFTokenizer as HFTokenizer,
+    from_hf as from_hf,
+    load_hf_tokenizer as load_hf_tokenizer,
+    to_hf as to_hf,
+)
 from ._layer import MLP as MLP, DecoderLayer as DecoderLayer
 from ._model import ModelOutput as ModelOutput, Transformer as Transformer
+from ._objective import (
+    DistillationObjective as DistillationObjective,
+    default_layer_map as default_layer_map,
+    feature_loss as feature_loss,
+    kl_divergence as kl_divergence,
+    next_token_cross_entropy as next_token_cross_entropy,
+)
 from ._stack import LayerStack as LayerStack, LayerStates as LayerStates
 from ._teacher import Teacher as Teacher
+from ._train import (
+    DistillStep as DistillStep,
+    make_optimizer as make_optimizer,
+    trainable_labels as trainable_labels,
+)
 
 try:
     __version__ = importlib.metadata.version("blockdistill")
@@ -15,11 +49,37 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "Batcher",
+    "ByteTokenizer",
+    "Dataset",
+    "Document",
+    "Split",
+    "default_corpus",
+    "default_corpus_root",
+    "eval_batches",
+    "pack_documents",
+    "pack_tokens",
+    "split_documents",
+    "HFTokenizer",
+    "Tokenizer",
+    "from_hf",
+    "load_dataset",
+    "load_hf_tokenizer",
+    "read_corpus",
+    "to_hf",
     "Attention",
     "DecoderLayer",
+    "DistillStep",
+    "DistillationObjective",
     "LayerStack",
     "LayerStates",
     "MLP",
+    "default_layer_map",
+    "feature_loss",
+    "kl_divergence",
+    "make_optimizer",
+    "next_token_cross_entropy",
+    "trainable_labels",
     "ModelOutput",
     "RMSNorm",
     "RopeScaling",

@@ -1,0 +1,173 @@
+"""The jitted distillation step and optimizer helpers."""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._model import Transformer
+from ._objective import DistillationObjective, Metrics
+from ._teacher import Teacher
+from ._types import Array, BatchMask, BatchTokens
+
+Trainable = Literal["all", "attention", "mlp", "attention+mlp"]
+TRAINABLE = ("all", "attention", "mlp", "attention+mlp")
+
+_GROUP_KEYS = {
+    "attention": ("self_attn",),
+    "mlp": ("mlp",),
+    "attention+mlp": ("self_attn", "mlp"),
+}
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(entry, "name", getattr(entry, "key", entry))) for entry in path]
+
+
+def trainable_labels(params: Any, trainable: Trainable | Callable[[list[str]], bool]) -> Any:
+    """A pytree of `"train"` / `"freeze"` labels for `params` (for `optax.multi_transform`).
+
+    `trainable` is a group name (`"all"`, `"attention"`, `"mlp"`, `"attention+mlp"`) or a
+    predicate on a leaf's attribute path (e.g. `["layers", "layers", "self_attn",
+    "q_proj", "weight"]`).
+
+    **Example:**
+
+    ```python
+    labels = bd.trainable_labels(eqx.filter(student, eqx.is_array), "attention")
+    ```
+    """
+    if callable(trainable):
+        keep = trainable
+    elif trainable == "all":
+        return jax.tree.map(lambda _: "train", params)
+    elif trainable in _GROUP_KEYS:
+        keys = _GROUP_KEYS[trainable]
+
+        def keep(names: list[str]) -> bool:
+            return any(key in names for key in keys)
+
+    else:
+        raise ValueError(f"trainable={trainable!r} is invalid: must be one of {TRAINABLE} or a callable")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if keep(_path_names(path)) else "freeze", params
+    )
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule = 1e-3,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    trainable: Trainable | Callable[[list[str]], bool] = "all",
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping, restricted to the `trainable` parameter groups.
+
+    Frozen groups get exactly zero updates (`optax.set_to_zero`) and no optimizer state.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or an optax schedule, e.g.
+      `optax.warmup_cosine_decay_schedule(...)`.
+    - `weight_decay`: decoupled weight decay of AdamW.
+    - `clip_norm`: clip gradients to this global norm (`None`: no clipping).
+    - `b1`, `b2`: Adam's moment decay rates.
+    - `trainable`: which parameters learn (see [`blockdistill.trainable_labels`][]).
+
+    **Example:**
+
+    ```python
+    optimizer = bd.make_optimizer(3e-3, trainable="attention")
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+    ```
+    """
+    parts = []
+    if clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+    inner = optax.chain(*parts)
+    if not callable(trainable) and trainable == "all":
+        return inner
+    return optax.multi_transform(
+        {"train": inner, "freeze": optax.set_to_zero()},
+        lambda params: trainable_labels(params, trainable),
+    )
+
+
+def _distill_step(
+    frozen: tuple[Teacher, BatchTokens, BatchMask, Array],
+    student: Transformer,
+    opt_state: optax.OptState,
+    *,
+    objective: DistillationObjective,
+    optimizer: optax.GradientTransformation,
+) -> tuple[Transformer, optax.OptState, Metrics]:
+    teacher, tokens, mask, step = frozen
+    teacher_out = jax.vmap(teacher)(tokens)
+    grad_fn = eqx.filter_value_and_grad(objective, has_aux=True)
+    (_, metrics), grads = grad_fn(student, teacher_out, tokens, mask, step)
+    params = eqx.filter(student, eqx.is_array)
+    # optax mixes int32 step counts with float32 internally; keep our own code under
+    # whatever promotion the caller set, but let the optimizer use the standard rules
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    student = eqx.apply_updates(student, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return student, opt_state, metrics
+
+
+class DistillStep(eqx.Module):
+    """One jitted distillation step: teacher forward, objective, gradient, optax update.
+
+    The teacher runs once per step inside the same compiled program as the student's
+    passes; gradients are taken with respect to the student only; the student and the
+    optimizer state are donated (their old buffers are reused for the new ones, so do
+    not use the arguments after the call). Compiled once per shape.
+
+    **Arguments:**
+
+    - `objective`: a [`blockdistill.DistillationObjective`][].
+    - `optimizer`: an optax transformation, e.g. from [`blockdistill.make_optimizer`][].
+
+    **Call:** `step(student, opt_state, teacher, tokens, mask, step_index)
+    -> (student, opt_state, metrics)` with `tokens` `Int[Array, "batch seq"]`, `mask`
+    `Bool[Array, "batch seq"]` and `step_index` an int32 scalar (the schedules' step).
+
+    **Example:**
+
+    ```python
+    optimizer = bd.make_optimizer(1e-3)
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+    distill = bd.DistillStep(objective, optimizer)
+    student, opt_state, metrics = distill(student, opt_state, teacher, tokens, mask, 0)
+    ```
+    """
+
+    objective: DistillationObjective = eqx.field(static=True)
+    optimizer: optax.GradientTransformation = eqx.field(static=True)
+
+    def __call__(
+        self,
+        student: Transformer,
+        opt_state: optax.OptState,
+        teacher: Teacher,
+        tokens: BatchTokens,
+        mask: BatchMask,
+        step: int | Array = 0,
+    ) -> tuple[Transformer, optax.OptState, Metrics]:
+        step = jnp.asarray(step, jnp.int32)
+        return _jitted_step(
+            (teacher, tokens, mask, step),
+            student,
+            opt_state,
+            objective=self.objective,
+            optimizer=self.optimizer,
+        )
+
+
+_jitted_step = eqx.filter_jit(_distill_step, donate="all-except-first")
