@@ -26,6 +26,7 @@ from ._hf import (
     load_hf_tokenizer as load_hf_tokenizer,
     to_hf as to_hf,
 )
+from ._io import load_model as load_model, save_model as save_model
 from ._layer import MLP as MLP, DecoderLayer as DecoderLayer
 from ._model import ModelOutput as ModelOutput, Transformer as Transformer
 from ._objective import (
@@ -34,6 +35,13 @@ from ._objective import (
     feature_loss as feature_loss,
     kl_divergence as kl_divergence,
     next_token_cross_entropy as next_token_cross_entropy,
+)
+from ._prune import (
+    StudentConfig as StudentConfig,
+    layer_map_for as layer_map_for,
+    make_student as make_student,
+    mlp_channel_importance as mlp_channel_importance,
+    student_config_for as student_config_for,
 )
 from ._stack import LayerStack as LayerStack, LayerStates as LayerStates
 from ._teacher import Teacher as Teacher
@@ -54,6 +62,13 @@ __all__ = [
     "Dataset",
     "Document",
     "Split",
+    "StudentConfig",
+    "layer_map_for",
+    "load_model",
+    "make_student",
+    "mlp_channel_importance",
+    "save_model",
+    "student_config_for",
     "default_corpus",
     "default_corpus_root",
     "eval_batches",

@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ._config import RopeScaling, TransformerConfig
+from ._io import write_folder_atomically
 from ._model import Transformer
 
 PathLike = str | os.PathLike
@@ -437,27 +436,6 @@ def _special_token_ids(tokenizer_from: Path) -> dict[str, Any]:
     return ids
 
 
-def _replace_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a fresh folder next to `path`, then move it to `path`."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def to_hf(
     model: Transformer,
     path: PathLike,
@@ -537,7 +515,7 @@ def to_hf(
             shutil.copyfile(file, folder / file.name)
 
     out = Path(path)
-    _replace_folder_atomically(out, write)
+    write_folder_atomically(out, write)
     return out
 
 

@@ -1,6 +1,5 @@
 """The Transformer: embeddings, the scanned layer stack, final norm and head."""
 
-from typing import Literal
 
 import equinox as eqx
 import jax

@@ -1,0 +1,559 @@
+"""The training loop behind `blockdistill pretrain` and `blockdistill distill`.
+
+Host-side work stays thin: batches come in as numpy, the step is one jitted call, and
+metrics stay on the device until a log step, when all steps since the last one are
+fetched with a single transfer.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from ._config import TransformerConfig
+from ._data import Batcher, ByteTokenizer, Dataset, Tokenizer, eval_batches, load_dataset
+from ._io import read_model_config, save_model, write_json
+from ._model import Transformer
+from ._objective import DistillationObjective, next_token_cross_entropy
+from ._runconfig import ConfigError, DistillConfig, EvalConfig, PretrainConfig, RunConfig
+from ._teacher import Teacher
+from ._train import DistillStep, make_optimizer
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_KEYS = ("tokens_per_s", "time_s", "compile_s")
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (the message says why and what was kept)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def lr_schedule(cfg: RunConfig) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then cosine decay to a tenth of it."""
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1),
+        end_value=0.1 * cfg.learning_rate,
+    )
+
+
+def blockwise_schedule(cfg: DistillConfig):
+    """The mixing weight `w` of the objective: a float or an optax schedule."""
+    if cfg.blockwise_schedule == "constant" or cfg.blockwise_weight == cfg.blockwise_weight_end:
+        return cfg.blockwise_weight
+    steps = cfg.blockwise_steps or cfg.steps
+    if cfg.blockwise_schedule == "linear":
+        return optax.linear_schedule(cfg.blockwise_weight, cfg.blockwise_weight_end, steps)
+    alpha = cfg.blockwise_weight_end / cfg.blockwise_weight if cfg.blockwise_weight else 0.0
+    return optax.cosine_decay_schedule(cfg.blockwise_weight, steps, alpha=alpha)
+
+
+def make_objective(cfg: DistillConfig) -> DistillationObjective:
+    return DistillationObjective(
+        blockwise_weight=blockwise_schedule(cfg),
+        temperature=cfg.temperature,
+        feature_loss=cfg.feature_loss,
+        inject_at=cfg.inject_at,
+        label_weight=cfg.label_weight,
+        injected_pass=cfg.injected_pass,
+    )
+
+
+def load_tokenizer(model_path: str) -> Tokenizer:
+    """The HF tokenizer of a HF model folder that has one, else the byte tokenizer."""
+    if model_path != "shipped" and (pathlib.Path(model_path) / "tokenizer.json").is_file():
+        from ._hf import load_hf_tokenizer
+
+        return load_hf_tokenizer(model_path)
+    return ByteTokenizer()
+
+
+@eqx.filter_jit
+def _eval_sums(model: Transformer, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = jax.vmap(lambda t: model(t).logits)(tokens)
+    pairs = mask[:, :-1] & mask[:, 1:]
+    count = jnp.sum(pairs.astype(jnp.float32))
+    return next_token_cross_entropy(logits, tokens, mask) * count, count
+
+
+def evaluate(model: Transformer, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean next-token cross-entropy (nats per token) of a model over fixed batches."""
+    total, count = [], []
+    for tokens, mask in batches:
+        s, c = _eval_sums(model, jnp.asarray(tokens), jnp.asarray(mask))
+        total.append(s)
+        count.append(c)
+    total, count = jax.device_get((total, count))
+    return float(np.sum(total) / max(np.sum(count), 1.0))
+
+
+def _batch_size_check(cfg: RunConfig, dataset: Dataset) -> None:
+    n = dataset.train.tokens.shape[0]
+    if cfg.batch_size > n:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the training split of "
+            f"{dataset.source!r} ({n} sequences of {cfg.seq_len} tokens)"
+        )
+    if dataset.val.tokens.shape[0] == 0:
+        raise ConfigError(f"corpus {dataset.source!r} leaves no validation sequences (val_fraction={cfg.val_fraction})")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class _Stepper:
+    """What differs between pretraining and distillation."""
+
+    step: Callable[..., tuple[Any, Any, dict]]
+    eval_teacher: float | None
+
+
+class Run:
+    """One run folder: metrics, checkpoints, evaluation, plots and resumption."""
+
+    def __init__(self, cfg: RunConfig, out: pathlib.Path, kind: str):
+        self.cfg = cfg
+        self.out = out
+        self.kind = kind
+        self.metrics_path = out / METRICS_FILE
+        self.stop_requested = False
+        self.pending: list[tuple[int, dict, float]] = []
+        self.last_checkpoint: int | None = None
+
+    # --------------------------------------------------------------- resumption
+
+    def newest_checkpoint(self) -> pathlib.Path | None:
+        found = list_checkpoints(self.out)
+        return found[-1] if found else None
+
+    def check_resumable(self, checkpoint: pathlib.Path) -> None:
+        saved = read_state(checkpoint).get("config", {})
+        current = self.cfg.to_dict()
+        changed = sorted(
+            k for k in current
+            if k not in RunConfig.RESUMABLE_CHANGES and saved.get(k, current[k]) != current[k]
+        )
+        if changed:
+            pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ConfigError(
+                f"{self.out} holds a run with other settings ({pairs}); use another --out "
+                "or the same settings to resume it"
+            )
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep the metrics of steps up to `step` (those after it are replayed)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [
+            line for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    # --------------------------------------------------------------- metrics
+
+    def write_lines(self, records: list[dict]) -> None:
+        with open(self.metrics_path, "a") as handle:
+            for record in records:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def flush(self, now: float, since: float, tokens_per_step: int) -> list[dict]:
+        """Fetch pending step metrics (one transfer), check them, append them."""
+        if not self.pending:
+            return []
+        steps, device_metrics, _ = zip(*self.pending)
+        host = jax.device_get(list(device_metrics))
+        elapsed = max(now - since, 1e-9)
+        tokens_per_s = tokens_per_step * len(steps) / elapsed
+        records = []
+        bad_step = None
+        for step, metrics in zip(steps, host):
+            record = {"step": step}
+            for key, value in metrics.items():
+                value = np.asarray(value)
+                record[key] = value.tolist() if value.ndim else float(value)
+            record["tokens_per_s"] = tokens_per_s
+            records.append(record)
+            if not math.isfinite(record["loss"]):
+                bad_step = step
+                break
+        self.pending = []
+        self.write_lines(records)
+        if bad_step is not None:
+            kept = (
+                f"the last good checkpoint is {self.out / 'checkpoints' / str(self.last_checkpoint)}"
+                if self.last_checkpoint is not None
+                else "no checkpoint was written before it"
+            )
+            raise TrainingError(
+                f"loss became non-finite ({records[-1]['loss']}) at step {bad_step}; stopped, "
+                f"{kept} (try a lower --learning-rate)"
+            )
+        return records
+
+    # --------------------------------------------------------------- plots
+
+    def plot(self) -> None:
+        if not self.cfg.plots or not self.metrics_path.exists():
+            return
+        from ._plots import plot_metrics
+
+        plot_metrics(self.metrics_path, self.out)
+
+
+def _install_stop_handler(run: Run):
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint, exit. Second: stop at once."""
+    previous = {}
+
+    def handler(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\nstopping: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_handlers(previous) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def train(
+    run: Run,
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    stepper: _Stepper,
+    dataset: Dataset,
+    extra_state: dict[str, Any],
+) -> dict[str, Any]:
+    """Shared loop: resume, evaluate, step, log, checkpoint, plot, summarise."""
+    cfg = run.cfg
+    batcher = Batcher(dataset.train.tokens, dataset.train.mask, cfg.batch_size, seed=cfg.seed)
+    val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    start = 0
+    checkpoint = run.newest_checkpoint()
+    if checkpoint is not None:
+        model, opt_state, state = load_checkpoint(checkpoint, model, opt_state)
+        batcher.load_state_dict(state["data"])
+        start = state["step"]
+        run.last_checkpoint = start
+        run.truncate_metrics(start)
+        print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+    else:
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.metrics_path.write_text("")
+    write_json(run.out / "config.json", {"command": run.kind, **cfg.to_dict()})
+
+    def save(step: int) -> None:
+        state = {"data": batcher.state_dict(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
+        save_checkpoint(run.out, step, model, opt_state, state, keep=cfg.keep_checkpoints)
+        run.last_checkpoint = step
+
+    def do_eval(step: int) -> dict[str, float]:
+        record = {"eval/student_loss": evaluate(model, val)}
+        if stepper.eval_teacher is not None:
+            record["eval/teacher_loss"] = stepper.eval_teacher
+        return record
+
+    if start == 0:
+        run.write_lines([{"step": 0, **do_eval(0)}])
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    previous = _install_stop_handler(run)
+    progress = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=start, desc=run.kind, unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+    try:
+        since = time.perf_counter()
+        step = start
+        last_record: dict = {}
+        while step < cfg.steps and not run.stop_requested:
+            tokens, mask = next(batcher)
+            model, opt_state, metrics = stepper.step(model, opt_state, jnp.asarray(tokens), jnp.asarray(mask), step)
+            step += 1
+            if step == start + 1:  # the first step compiles: time it on its own
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - since
+                run.pending.append((step, metrics, 0.0))
+                records = run.flush(time.perf_counter(), since, tokens_per_step)
+                # a compile-inclusive rate is meaningless: report the compile time instead
+                _rewrite_last(run, {"compile_s": compile_s, "tokens_per_s": None})
+                since = time.perf_counter()
+                last_record = records[-1]
+            else:
+                run.pending.append((step, metrics, 0.0))
+            is_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or run.stop_requested
+            if step % cfg.log_every == 0 or is_eval or is_checkpoint:
+                if run.pending:
+                    records = run.flush(time.perf_counter(), since, tokens_per_step)
+                    last_record = records[-1]
+                if is_eval:
+                    evaluation = do_eval(step)
+                    _rewrite_last(run, evaluation)
+                    last_record = {**last_record, **evaluation}
+                if is_checkpoint:
+                    save(step)
+                since = time.perf_counter()
+            if progress is not None:
+                progress.update(1)
+                if last_record:
+                    shown = {"loss": f"{last_record.get('loss', float('nan')):.4f}"}
+                    if last_record.get("tokens_per_s"):
+                        shown["tok/s"] = f"{last_record['tokens_per_s']:.0f}"
+                    if "eval/student_loss" in last_record:
+                        shown["eval"] = f"{last_record['eval/student_loss']:.4f}"
+                    progress.set_postfix(shown, refresh=False)
+    finally:
+        if progress is not None:
+            progress.close()
+        _restore_handlers(previous)
+        run.plot()
+    if run.stop_requested and step < cfg.steps:
+        raise KeyboardInterrupt(
+            f"interrupted at step {step}: checkpoint written to {run.out / 'checkpoints' / str(step)}; "
+            "rerun the same command to resume"
+        )
+    return {"model": model, "step": step, "evals": _read_evals(run)}
+
+
+def _rewrite_last(run: Run, fields: dict) -> None:
+    """Merge `fields` into the last line of metrics.jsonl (eval results of that step)."""
+    lines = run.metrics_path.read_text().splitlines()
+    record = json.loads(lines[-1])
+    for key, value in fields.items():
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+    lines[-1] = json.dumps(record, sort_keys=True)
+    tmp = run.metrics_path.with_name(f".{METRICS_FILE}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, run.metrics_path)
+
+
+def _read_evals(run: Run) -> dict[int, dict]:
+    evals = {}
+    for line in run.metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval/student_loss" in record:
+            evals[record["step"]] = record
+    return evals
+
+
+def _prepare_out(cfg: RunConfig, default: str) -> pathlib.Path:
+    out = pathlib.Path(cfg.out or default)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def _report(summary: dict, file=sys.stdout) -> None:
+    for line in summary["lines"]:
+        print(line, file=file)
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train a model from scratch with next-token cross-entropy (`blockdistill pretrain`)."""
+    out = _prepare_out(cfg, "runs/pretrain")
+    tokenizer = ByteTokenizer()
+    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    _batch_size_check(cfg, dataset)
+    model_cfg = TransformerConfig(
+        vocab_size=tokenizer.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads, mlp_dim=cfg.mlp_dim, max_seq_len=cfg.seq_len,
+        rope_theta=cfg.rope_theta, tie_embeddings=cfg.tie_embeddings,
+        scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype,
+    )
+    run = Run(cfg, out, "pretrain")
+    if (checkpoint := run.newest_checkpoint()) is not None:
+        run.check_resumable(checkpoint)
+    model = Transformer(model_cfg, key=jax.random.key(cfg.seed))
+    optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+    step = eqx.filter_jit(_pretrain_step, donate="all-except-first")
+
+    def run_step(model, opt_state, tokens, mask, index):
+        return step((tokens, mask), model, opt_state, optimizer=optimizer)
+
+    result = train(run, model, optimizer, _Stepper(run_step, None), dataset,
+                   {"model_config": model_cfg.to_dict()})
+    model = result["model"]
+    evals = result["evals"]
+    final = evals[max(evals)]["eval/student_loss"]
+    save_model(model, out / "model", extra={"eval_loss_nats_per_token": final,
+                                            "eval_bits_per_byte": final / math.log(2)})
+    lines = [
+        f"pretrained {model_cfg.n_layers} layers x {model_cfg.dim} wide "
+        f"({_count_params(model) / 1e6:.2f}M parameters) for {result['step']} steps",
+        f"eval loss {final:.4f} nats/token = {final / math.log(2):.4f} bits/byte; model saved to {out / 'model'}",
+    ]
+    summary = {"eval_loss": final, "lines": lines}
+    _report(summary)
+    return summary
+
+
+def _pretrain_step(batch, model, opt_state, *, optimizer):
+    tokens, mask = batch
+
+    def loss_fn(model):
+        logits = jax.vmap(lambda t: model(t).logits)(tokens)
+        return next_token_cross_entropy(logits, tokens, mask)
+
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    model = eqx.apply_updates(model, updates)
+    return model, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def _count_params(model: eqx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teacher, Transformer]:
+    """The frozen teacher and the initial student the config describes."""
+    from ._io import load_model
+    from ._prune import StudentConfig, make_student
+
+    exec_opts = dict(scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype)
+    teacher_model = load_model(cfg.teacher, **exec_opts)
+    if teacher_model.config.vocab_size < dataset.tokenizer.vocab_size:
+        raise ConfigError(
+            f"teacher vocab_size {teacher_model.config.vocab_size} is smaller than the "
+            f"tokenizer's {dataset.tokenizer.vocab_size}"
+        )
+    if cfg.seq_len > teacher_model.config.max_seq_len:
+        raise ConfigError(
+            f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={teacher_model.config.max_seq_len}"
+        )
+    if cfg.student is not None:
+        student = load_model(cfg.student, **exec_opts)
+        t, s = teacher_model.config, student.config
+        if t.dim != s.dim:
+            raise ConfigError(f"teacher width dim={t.dim} != student width dim={s.dim} ({cfg.student})")
+        if t.vocab_size != s.vocab_size:
+            raise ConfigError(
+                f"teacher vocab_size={t.vocab_size} != student vocab_size={s.vocab_size} ({cfg.student})"
+            )
+        return Teacher(teacher_model), student
+    student_cfg = StudentConfig(
+        init=cfg.student_init, mlp_ratio=cfg.mlp_ratio, layers=cfg.student_layers,
+        n_layers=cfg.student_n_layers, kv_heads_ratio=cfg.kv_heads_ratio, seed=cfg.seed,
+    )
+    n_calibration = min(cfg.calibration_batches * cfg.batch_size, dataset.train.tokens.shape[0])
+    calibration = jnp.asarray(dataset.train.tokens[:n_calibration])
+    calibration_mask = jnp.asarray(dataset.train.mask[:n_calibration])
+    student = make_student(
+        teacher_model, student_cfg, calibration, calibration_mask=calibration_mask,
+        key=jax.random.key(cfg.seed),
+    )
+    return Teacher(teacher_model), student
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+    """The main job (`blockdistill distill`): see the docs' tutorial for what it writes."""
+    out = _prepare_out(cfg, "runs/distill")
+    tokenizer = load_tokenizer(cfg.teacher)
+    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    _batch_size_check(cfg, dataset)
+    run = Run(cfg, out, "distill")
+    if (checkpoint := run.newest_checkpoint()) is not None:
+        run.check_resumable(checkpoint)
+    teacher, student = load_teacher_and_student(cfg, dataset)
+    objective = make_objective(cfg)
+    objective.resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
+    optimizer = make_optimizer(
+        lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
+    )
+    distill_step = DistillStep(objective, optimizer)
+
+    def run_step(model, opt_state, tokens, mask, index):
+        return distill_step(model, opt_state, teacher, tokens, mask, index)
+
+    val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
+    teacher_loss = evaluate(teacher.model, val)
+    result = train(run, student, optimizer, _Stepper(run_step, teacher_loss), dataset,
+                   {"student_config": student.config.to_dict()})
+    student = result["model"]
+    evals = result["evals"]
+    initial = evals[0]["eval/student_loss"] if 0 in evals else float("nan")
+    final = evals[max(evals)]["eval/student_loss"]
+    gap = initial - teacher_loss
+    closed = (initial - final) / gap if gap > 0 else float("nan")
+    save_model(student, out / "student", extra={
+        "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
+    })
+    scfg, tcfg = student.config, teacher.config
+    ratio = _count_params(student) / _count_params(teacher.model)
+    lines = [
+        f"teacher: {tcfg.n_layers} layers, mlp {tcfg.mlp_dim}, kv heads {tcfg.n_kv_heads}; "
+        f"student: {scfg.n_layers} layers, mlp {scfg.mlp_dim}, kv heads {scfg.n_kv_heads} "
+        f"({ratio:.0%} of the teacher's parameters)",
+        f"eval loss (nats/token): teacher {teacher_loss:.4f} | student at step 0 {initial:.4f} "
+        f"-> step {result['step']} {final:.4f}",
+        f"closed {closed:.1%} of the gap between the initial student and the teacher",
+        f"student saved to {out / 'student'}; metrics in {run.metrics_path}; plots in {out}",
+    ]
+    summary = {"teacher_loss": teacher_loss, "initial_loss": initial, "final_loss": final,
+               "gap_closed": closed, "lines": lines}
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "lines"})
+    _report(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
+    """`blockdistill eval`: held-out loss of a model (nats/token and bits/byte)."""
+    from ._io import load_model
+
+    model = load_model(cfg.model, dtype=cfg.dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
+    loss = evaluate(model, val)
+    line = f"{cfg.model}: eval loss {loss:.4f} nats/token"
+    if isinstance(tokenizer, ByteTokenizer):
+        line += f" = {loss / math.log(2):.4f} bits/byte"
+    print(line)
+    return {"eval_loss": loss}
+
+
+__all__ = ["distill", "evaluate", "evaluate_command", "pretrain", "read_model_config"]

@@ -1,0 +1,123 @@
+"""The `blockdistill` command: `pretrain`, `distill`, `eval`, `export-hf`.
+
+Every option is a field of a TOML config (`--config FILE`); flags override the file.
+Errors are one line naming the culprit, with a non-zero exit status.
+"""
+
+import argparse
+import os
+import sys
+
+from ._runconfig import DistillConfig, EvalConfig, PretrainConfig, add_flags, build_config, given_flags
+
+_DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
+
+  blockdistill distill --out runs/demo        distill the shipped teacher (the main job)
+  blockdistill pretrain --out runs/teacher    train a teacher from scratch
+  blockdistill eval MODEL                     held-out loss of a model folder
+  blockdistill export-hf RUN_OR_MODEL OUT     write a folder transformers can load
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blockdistill", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, cls, text in (
+        ("distill", DistillConfig, "distill a teacher into a student (the main job)"),
+        ("pretrain", PretrainConfig, "train a model from scratch with next-token cross-entropy"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+        add_flags(sub, cls)
+    sub = commands.add_parser("eval", help="held-out loss of a model folder")
+    sub.add_argument("model", nargs="?", help="model folder (blockdistill or Hugging Face), default: shipped")
+    sub.add_argument("--config", metavar="FILE")
+    add_flags(sub, EvalConfig, skip=("model",))
+    sub = commands.add_parser("export-hf", help="export a student to a Hugging Face folder")
+    sub.add_argument("source", help="a run folder (its final student, else its newest checkpoint), "
+                     "a checkpoint folder or a model folder")
+    sub.add_argument("out", help="the folder to write (config.json + model.safetensors)")
+    sub.add_argument("--architecture", default=None, help="LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
+    return parser
+
+
+def _export(args) -> None:
+    import pathlib
+
+    from ._checkpoint import MODEL_FILE as CKPT_MODEL, list_checkpoints, read_state
+    from ._config import TransformerConfig
+    from ._hf import to_hf
+    from ._io import deserialise, load_model
+
+    source = pathlib.Path(args.source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    tokenizer_from = None
+    if (source / "student").is_dir():  # a finished run
+        model_dir = source / "student"
+        model = load_model(model_dir)
+        run_config = source / "config.json"
+    else:
+        checkpoint = None
+        if (source / CKPT_MODEL).is_file():
+            checkpoint = source
+        elif list_checkpoints(source):
+            checkpoint = list_checkpoints(source)[-1]
+        if checkpoint is not None:
+            import equinox as eqx
+            import jax
+
+            from ._model import Transformer
+
+            state = read_state(checkpoint)
+            config = TransformerConfig.from_dict(state["student_config"] if "student_config" in state
+                                                 else state["model_config"])
+            like = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
+            model = deserialise(checkpoint / CKPT_MODEL, like)
+            run_config = checkpoint.parent.parent / "config.json"
+        else:
+            model = load_model(source)
+            run_config = None
+    if run_config is not None and run_config.is_file():
+        import json
+
+        teacher = json.loads(run_config.read_text()).get("teacher")
+        if teacher and teacher != "shipped" and (pathlib.Path(teacher) / "tokenizer.json").is_file():
+            tokenizer_from = teacher
+    path = to_hf(model, args.out, architecture=args.architecture, tokenizer_from=tokenizer_from)
+    print(f"wrote {path} ({model.config.n_layers} layers, dim {model.config.dim})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "export-hf":
+            _export(args)
+            return 0
+        from . import _loop
+
+        if args.command == "eval":
+            overrides = given_flags(args, EvalConfig)
+            if args.model is not None:
+                overrides["model"] = args.model
+            _loop.evaluate_command(build_config(EvalConfig, args.config, overrides))
+            return 0
+        cls = DistillConfig if args.command == "distill" else PretrainConfig
+        cfg = build_config(cls, args.config, given_flags(args, cls))
+        (_loop.distill if args.command == "distill" else _loop.pretrain)(cfg)
+        return 0
+    except KeyboardInterrupt as interrupt:
+        message = str(interrupt) or "interrupted"
+        print(f"blockdistill: {message}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as error:
+        if os.environ.get("BLOCKDISTILL_TRACEBACK"):
+            raise
+        print(f"blockdistill: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
