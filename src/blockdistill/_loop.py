@@ -334,6 +334,10 @@ def train(
                     if "eval/student_loss" in last_record:
                         shown["eval"] = f"{last_record['eval/student_loss']:.4f}"
                     progress.set_postfix(shown, refresh=False)
+        if run.stop_requested and run.last_checkpoint != step:
+            # the request came between the checks of the last step: save it now
+            run.flush(time.perf_counter(), since, tokens_per_step)
+            save(step)
     finally:
         if progress is not None:
             progress.close()
@@ -378,9 +382,9 @@ def _prepare_out(cfg: RunConfig, default: str) -> pathlib.Path:
     return out
 
 
-def _report(summary: dict, file=sys.stdout) -> None:
+def _report(summary: dict) -> None:
     for line in summary["lines"]:
-        print(line, file=file)
+        print(line)
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -436,7 +440,7 @@ def _pretrain_step(batch, model, opt_state, *, optimizer):
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
     model = eqx.apply_updates(model, updates)
-    return model, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return model, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def _count_params(model: eqx.Module) -> int:

@@ -117,7 +117,7 @@ def _distill_step(
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
     student = eqx.apply_updates(student, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return student, opt_state, metrics
 
 

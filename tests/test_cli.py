@@ -1,0 +1,274 @@
+"""The `blockdistill` command end to end on a tiny teacher and corpus."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import blockdistill as bd
+from blockdistill.cli import main
+
+TIMING = {"tokens_per_s", "compile_s", "time_s"}
+STDLIB_FILES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "string.py", "shlex.py", "bisect.py"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for name in STDLIB_FILES:
+        text = (bd.default_corpus_root() / name).read_text()
+        (root / (name.replace("/", "_") + ".txt")).write_text(text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    cfg = bd.TransformerConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=64)
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    bd.save_model(bd.Transformer(cfg, key=jax.random.key(0)), path)
+    return path
+
+
+def base_args(out, teacher, corpus, **extra):
+    args = {
+        "out": out, "teacher": teacher, "data": corpus, "steps": 12, "seq-len": 64, "batch-size": 4,
+        "eval-every": 6, "eval-batches": 2, "checkpoint-every": 4, "log-every": 1, "seed": 3,
+        "learning-rate": 3e-3, "warmup-steps": 2,
+    }
+    args.update(extra)
+    flat = ["distill", "--no-progress", "--no-plots"]
+    for key, value in args.items():
+        flat += [f"--{key}", str(value)]
+    return flat
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def assert_metrics_close(a, b, rtol=1e-5):
+    a, b = without_timing(a), without_timing(b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), (ra.keys(), rb.keys())
+        for key in ra:
+            np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-7, err_msg=f"step {ra['step']} {key}")
+
+
+def snapshot(folder):
+    folder = pathlib.Path(folder)
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+def run_main(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_distill_writes_everything(tmp_path, teacher, corpus, capsys):
+    out = tmp_path / "run"
+    args = [a for a in base_args(out, teacher, corpus) if a != "--no-plots"]
+    code, stdout, _ = run_main(args, capsys)
+    assert code == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(13))
+    evals = [r for r in records if "eval/student_loss" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    for r in records[1:]:
+        assert {"loss", "kl", "feature", "feature_per_layer"} <= r.keys()
+    assert all("tokens_per_s" in r for r in records[2:])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12", "4", "8"]
+    assert (out / "loss.png").stat().st_size > 0 and (out / "feature_per_layer.png").stat().st_size > 0
+    student = bd.load_model(out / "student")
+    assert student.config.mlp_dim == 32  # pruned to half by default
+    assert "closed" in stdout and "teacher" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_loss"] == pytest.approx(evals[-1]["eval/student_loss"])
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, teacher, corpus, capsys):
+    for name in ("a", "b"):
+        assert run_main(base_args(tmp_path / name, teacher, corpus, steps=6, **{"eval-every": 3}), capsys)[0] == 0
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert without_timing(a) == without_timing(b)
+    c_args = base_args(tmp_path / "c", teacher, corpus, steps=6, seed=4, **{"eval-every": 3})
+    assert run_main(c_args, capsys)[0] == 0
+    assert without_timing(read_metrics(tmp_path / "c")) != without_timing(a)
+
+
+def _cli_subprocess(args):
+    code = (
+        "import sys\n"
+        "from jaxtyping import install_import_hook\n"
+        "with install_import_hook('blockdistill', 'beartype.beartype'):\n"
+        "    from blockdistill.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, teacher, corpus, capsys):
+    steps = 120
+    extra = {"steps": steps, "checkpoint-every": 5, "eval-every": 40}
+    reference = tmp_path / "reference"
+    assert run_main(base_args(reference, teacher, corpus, **extra), capsys)[0] == 0
+
+    killed = tmp_path / "killed"
+    args = base_args(killed, teacher, corpus, **extra)
+    process = _cli_subprocess(args)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "5").is_dir():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = read_metrics(killed)[-1]["step"]
+    assert interrupted_at < steps, "the run finished before it could be killed"
+
+    code, _, err = run_main(args, capsys)
+    assert code == 0
+    assert "resuming from" in err
+    assert_metrics_close(read_metrics(killed), read_metrics(reference))
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes(tmp_path, teacher, corpus, capsys):
+    out = tmp_path / "run"
+    args = base_args(out, teacher, corpus, steps=400, **{"checkpoint-every": 1000, "eval-every": 1000})
+    process = _cli_subprocess(args)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 4:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    step = read_metrics(out)[-1]["step"]
+    assert (out / "checkpoints" / str(step)).is_dir(), err
+    assert f"interrupted at step {step}" in err.decode()
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("blockdistill: error:"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_missing_corpus(tmp_path, teacher, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(base_args(out, teacher, tmp_path / "nowhere"), capsys)
+    assert_one_line_error(code, err, "nowhere", "does not exist")
+    assert not out.exists()
+
+
+def test_empty_corpus(tmp_path, teacher, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    out = tmp_path / "run"
+    code, _, err = run_main(base_args(out, teacher, empty), capsys)
+    assert_one_line_error(code, err, "empty")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "toml, needles",
+    [
+        ("lerning_rate = 0.1\n", ["lerning_rate", "learning_rate"]),
+        ("steps = 'ten'\n", ["steps", "integer"]),
+        ("feature_loss = 'kl'\n", ["feature_loss", "'kl'"]),
+        ("steps = \n", ["not valid TOML"]),
+    ],
+)
+def test_bad_config_file(tmp_path, teacher, corpus, capsys, toml, needles):
+    config = tmp_path / "run.toml"
+    config.write_text(toml)
+    out = tmp_path / "run"
+    code, _, err = run_main(base_args(out, teacher, corpus) + ["--config", str(config)], capsys)
+    assert_one_line_error(code, err, str(config) if "TOML" in needles[0] else needles[0], *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "state"])
+def test_corrupt_checkpoint(tmp_path, teacher, corpus, capsys, damage):
+    out = tmp_path / "run"
+    args = base_args(out, teacher, corpus, steps=4, **{"checkpoint-every": 2})
+    assert run_main(args, capsys)[0] == 0
+    newest = out / "checkpoints" / "4"
+    if damage == "truncate":
+        victim = newest / "student.eqx"
+        victim.write_bytes(victim.read_bytes()[:100])
+    elif damage == "garbage":
+        victim = newest / "opt_state.eqx"
+        victim.write_bytes(victim.read_bytes() + b"junk")
+    else:
+        victim = newest / "state.json"
+        victim.write_text(victim.read_text()[:20])
+    before = snapshot(out)
+    code, _, err = run_main(base_args(out, teacher, corpus, steps=6, **{"checkpoint-every": 2}), capsys)
+    assert_one_line_error(code, err, str(victim), "corrupt or truncated")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("change, needles", [(dict(dim=48, n_heads=4), ["dim=32", "dim=48"]),
+                                              (dict(vocab_size=300), ["vocab_size=256", "vocab_size=300"])])
+def test_mismatched_student(tmp_path, teacher, corpus, capsys, change, needles):
+    base = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=64)
+    student = tmp_path / "student"
+    bd.save_model(bd.Transformer(bd.TransformerConfig(**{**base, **change}), key=jax.random.key(1)), student)
+    out = tmp_path / "run"
+    code, _, err = run_main(base_args(out, teacher, corpus, student=student), capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teacher, corpus, capsys):
+    out = tmp_path / "run"
+    args = base_args(out, teacher, corpus, steps=30, **{"learning-rate": 1e9, "warmup-steps": 0,
+                                                           "checkpoint-every": 1, "clip-norm": 1e9})
+    code, _, err = run_main(args, capsys)
+    assert_one_line_error(code, err, "non-finite", "at step")
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    records = read_metrics(out)
+    assert records[-1]["step"] == bad_step and not np.isfinite(records[-1]["loss"])
+    checkpoints = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+    assert checkpoints and max(checkpoints) < bad_step
+    assert f"checkpoints/{max(checkpoints)}" in err
+    assert not list((out / "checkpoints").glob(".*"))
+
+
+def test_eval_and_export_commands(tmp_path, teacher, corpus, capsys):
+    code, stdout, _ = run_main(["eval", str(teacher), "--data", str(corpus), "--seq-len", "64", "--eval-batches", "2"], capsys)
+    assert code == 0 and "nats/token" in stdout and "bits/byte" in stdout
+    out = tmp_path / "run"
+    assert run_main(base_args(out, teacher, corpus, steps=2, **{"checkpoint-every": 1}), capsys)[0] == 0
+    code, stdout, _ = run_main(["export-hf", str(out), str(tmp_path / "hf")], capsys)
+    assert code == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    exported = bd.from_hf(tmp_path / "hf")
+    student = bd.load_model(out / "student")
+    tokens = jax.numpy.arange(16)
+    np.testing.assert_allclose(exported(tokens).logits, student(tokens).logits, atol=1e-5)
