@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import blockdistill as bd
-from blockdistill._prune import StudentConfig, layer_map_for, make_student, mlp_channel_importance
+from blockdistill._objective import default_layer_map
+from blockdistill._prune import StudentConfig, make_student, mlp_channel_importance
 
 BASE = dict(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=16)
 SEQ = 10
@@ -201,17 +202,17 @@ def test_dropping_identity_layers_keeps_logits(layers, dropped):
     assert not np.allclose(logits(wrong, tokens), expected, atol=1e-2)
 
 
-def test_layer_map_for():
-    assert layer_map_for(4, 2) == ((0, 2), (2, 4))
-    assert layer_map_for(6, 3) == ((0, 2), (2, 4), (4, 6))
-    assert layer_map_for(3, 3) == ((0, 1), (1, 2), (2, 3))
-    assert layer_map_for(4, 1) == ((0, 4),)
+def test_default_layer_map():
+    assert default_layer_map(4, 2) == ((0, 2), (2, 4))
+    assert default_layer_map(6, 3) == ((0, 2), (2, 4), (4, 6))
+    assert default_layer_map(3, 3) == ((0, 1), (1, 2), (2, 3))
+    assert default_layer_map(4, 1) == ((0, 4),)
     for teacher_layers, student_layers in [(4, 3), (2, 4)]:
-        pattern = rf"student_layers={student_layers}.*teacher_layers={teacher_layers}"
+        pattern = rf"teacher of {teacher_layers} layers into a student of {student_layers} layers"
         with pytest.raises(ValueError, match=pattern):
-            layer_map_for(teacher_layers, student_layers)
-    with pytest.raises(ValueError, match="student_layers=0"):
-        layer_map_for(4, 0)
+            default_layer_map(teacher_layers, student_layers)
+    with pytest.raises(ValueError, match="student of 0 layers"):
+        default_layer_map(4, 0)
 
 
 # ----------------------------------------------------------------------------- KV heads

@@ -38,7 +38,6 @@ from ._objective import (
 )
 from ._prune import (
     StudentConfig as StudentConfig,
-    layer_map_for as layer_map_for,
     make_student as make_student,
     mlp_channel_importance as mlp_channel_importance,
     student_config_for as student_config_for,
@@ -63,7 +62,6 @@ __all__ = [
     "Document",
     "Split",
     "StudentConfig",
-    "layer_map_for",
     "load_model",
     "make_student",
     "mlp_channel_importance",

@@ -129,12 +129,7 @@ class Transformer(eqx.Module):
         self._checked(tokens)
         if inject is not None:
             self.check_inject(tokens.shape, inject)
-        model = self
-        if self.config.dtype != "float32":
-            model = _cast_floating(self, self.config.compute_dtype)
-        hidden = model.embed(tokens)
-        hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at)
-        return ModelOutput(logits=model.head(hidden), states=states)
+        return _forward(self, tokens, inject, inject_at)
 
     def blockwise_outputs(
         self,
@@ -159,10 +154,30 @@ class Transformer(eqx.Module):
         check_inject_at(inject_at)
         self._checked(tokens)
         self.check_inject(tokens.shape, inject)
-        model = self
-        if self.config.dtype != "float32":
-            model = _cast_floating(self, self.config.compute_dtype)
-            inject = inject.astype(self.config.compute_dtype)
-        return model.layers.blockwise_outputs(inject, inject_at=inject_at)
+        return _blockwise_outputs(self, inject, inject_at)
+
+
+# The model's computations are compiled functions, so that calling a model outside `jit`
+# (in a notebook, a test) compiles once per shape instead of re-tracing the layer scan on
+# every call; inside a caller's `jit`, `vmap` or `grad` they are simply inlined.
+
+
+@eqx.filter_jit
+def _forward(
+    model: Transformer, tokens: Tokens, inject: LayerHidden | None, inject_at: InjectAt
+) -> ModelOutput:
+    if model.config.dtype != "float32":
+        model = _cast_floating(model, model.config.compute_dtype)
+    hidden = model.embed(tokens)
+    hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at)
+    return ModelOutput(logits=model.head(hidden), states=states)
+
+
+@eqx.filter_jit
+def _blockwise_outputs(model: Transformer, inject: LayerHidden, inject_at: InjectAt) -> LayerHidden:
+    if model.config.dtype != "float32":
+        model = _cast_floating(model, model.config.compute_dtype)
+        inject = inject.astype(model.config.compute_dtype)
+    return model.layers.blockwise_outputs(inject, inject_at=inject_at)
 
 

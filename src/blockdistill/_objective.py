@@ -121,11 +121,11 @@ def default_layer_map(teacher_layers: int, student_layers: int) -> tuple[tuple[i
     bd.default_layer_map(6, 3)  # ((0, 2), (2, 4), (4, 6))
     ```
     """
-    if student_layers <= 0 or teacher_layers % student_layers != 0:
+    if student_layers <= 0 or student_layers > teacher_layers or teacher_layers % student_layers != 0:
         raise ValueError(
             f"cannot group a teacher of {teacher_layers} layers into a student of "
-            f"{student_layers} layers: the teacher's depth must be a multiple of the "
-            "student's (or pass an explicit layer_map)"
+            f"{student_layers} layers: the teacher's depth must be a positive multiple of "
+            "the student's (or pass an explicit layer_map)"
         )
     group = teacher_layers // student_layers
     return tuple((j * group, (j + 1) * group) for j in range(student_layers))

@@ -12,6 +12,7 @@ from jaxtyping import PRNGKeyArray
 from ._attention import apply_linear
 from ._config import TransformerConfig
 from ._layer import DecoderLayer
+from ._objective import default_layer_map
 from ._model import Transformer
 from ._teacher import Teacher
 from ._types import Array, BatchMask, BatchTokens, Float, Int
@@ -45,7 +46,7 @@ class StudentConfig:
         - `"all"`: keep every teacher layer (`n_layers` must be `None`).
         - `"group"`: split the teacher into `n` contiguous groups of `g = L / n` layers
           (`n` must divide `L`); student layer `j` stands for teacher layers
-          `j*g .. (j+1)*g - 1` (the spans of [`blockdistill.layer_map_for`][]) and is
+          `j*g .. (j+1)*g - 1` (the spans of [`blockdistill.default_layer_map`][]) and is
           initialised from the **first** layer of its group, teacher layer `j*g`: the one
           whose input is exactly the `layer_in[j*g]` a layer-level blockwise student gets.
         - `"every-k"`: keep every `k`-th teacher layer, `k = L / n`, counting from one,
@@ -144,38 +145,6 @@ class StudentConfig:
         return cls(**data)
 
 
-def layer_map_for(teacher_layers: int, student_layers: int) -> tuple[tuple[int, int], ...]:
-    """Equal contiguous groups of teacher layers, one per student layer.
-
-    Student layer `j` stands for teacher layers `a_j .. b_j - 1`: in layer-level blockwise
-    distillation it takes the teacher's `layer_in[a_j]` and imitates `layer_out[b_j - 1]`.
-
-    **Arguments:**
-
-    - `teacher_layers`: the teacher's depth `L`.
-    - `student_layers`: the student's depth `n`; must divide `L`.
-
-    **Returns:** `((a_0, b_0), ..., (a_{n-1}, b_{n-1}))` with `a_j = j * L / n` and
-    `b_j = a_{j+1}`.
-
-    **Example:**
-
-    ```python
-    bd.layer_map_for(6, 3)  # ((0, 2), (2, 4), (4, 6))
-    ```
-    """
-    for name, value in (("teacher_layers", teacher_layers), ("student_layers", student_layers)):
-        if value <= 0:
-            raise ValueError(f"{name}={value} is invalid: must be a positive integer")
-    if student_layers > teacher_layers or teacher_layers % student_layers != 0:
-        raise ValueError(
-            f"cannot map student_layers={student_layers} onto teacher_layers="
-            f"{teacher_layers}: the student's depth must divide the teacher's"
-        )
-    size = teacher_layers // student_layers
-    return tuple((j * size, (j + 1) * size) for j in range(student_layers))
-
-
 def _unwrap(teacher: Transformer | Teacher) -> Transformer:
     return teacher.model if isinstance(teacher, Teacher) else teacher
 
@@ -258,7 +227,7 @@ def _student_depth(config: StudentConfig, teacher_layers: int) -> tuple[int, ...
                 n,
                 f'must divide the teacher\'s n_layers={teacher_layers} with layers="group"',
             )
-        return tuple(start for start, _ in layer_map_for(teacher_layers, n))
+        return tuple(start for start, _ in default_layer_map(teacher_layers, n))
     return tuple(((j + 1) * teacher_layers) // n - 1 for j in range(n))
 
 
@@ -298,7 +267,7 @@ def student_config_for(
     **Example:**
 
     ```python
-    small = student_config_for(cfg, bd.StudentConfig(mlp_ratio=0.5))
+    small = bd.student_config_for(cfg, bd.StudentConfig(mlp_ratio=0.5))
     small.mlp_dim == cfg.mlp_dim // 2
     ```
     """
@@ -347,7 +316,7 @@ def make_student(
     - `init="prune"`: the teacher's weights, reduced in three steps:
         1. **depth**: the layers chosen by `student_config.layers` survive (with
            `"group"`, student layer `j` is teacher layer `j * L / n`, the first of the
-           group `layer_map_for(L, n)[j]` it stands for);
+           group `default_layer_map(L, n)[j]` it stands for);
         2. **MLP width**: per layer, the `mlp_dim` channels with the largest
            [`blockdistill.mlp_channel_importance`][] on `calibration_tokens` are kept, in
            their original order (rows of `gate_proj` and `up_proj`, columns of

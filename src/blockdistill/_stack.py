@@ -8,7 +8,7 @@ of `jax.vmap` in the layer-parallel mode) and never through the carry.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, Key, PRNGKeyArray
 
 from ._config import TransformerConfig
 from ._layer import DecoderLayer, InjectAt, LayerStep, check_inject_at
@@ -54,6 +54,13 @@ def _states(step: LayerStep) -> LayerStates:
     )
 
 
+@eqx.filter_jit
+def _stacked_layers(config: TransformerConfig, keys: Key[Array, " layers"]) -> DecoderLayer:
+    """`n_layers` decoder layers built with `eqx.filter_vmap` over keys, compiled once per
+    config (initialising eagerly costs seconds of small ops)."""
+    return eqx.filter_vmap(lambda key: DecoderLayer(config, key=key))(keys)
+
+
 class LayerStack(eqx.Module):
     """`n_layers` decoder layers whose parameters are stacked on a leading axis.
 
@@ -80,8 +87,7 @@ class LayerStack(eqx.Module):
     remat: str = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
-        keys = jax.random.split(key, config.n_layers)
-        self.layers = eqx.filter_vmap(lambda k: DecoderLayer(config, key=k))(keys)
+        self.layers = _stacked_layers(config, jax.random.split(key, config.n_layers))
         self.n_layers = config.n_layers
         self.scan_layers = config.scan_layers
         self.remat = config.remat

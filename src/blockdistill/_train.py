@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh
+
 from ._model import Transformer
 from ._objective import DistillationObjective, Metrics
+from ._parallel import DATA_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
 from ._teacher import Teacher
 from ._types import Array, BatchMask, BatchTokens
 
@@ -106,8 +109,10 @@ def _distill_step(
     *,
     objective: DistillationObjective,
     optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
 ) -> tuple[Transformer, optax.OptState, Metrics]:
     teacher, tokens, mask, step = frozen
+    tokens, mask = constrain(tokens, DATA_AXIS), constrain(mask, DATA_AXIS)
     teacher_out = jax.vmap(teacher)(tokens)
     grad_fn = eqx.filter_value_and_grad(objective, has_aux=True)
     (_, metrics), grads = grad_fn(student, teacher_out, tokens, mask, step)
@@ -118,6 +123,12 @@ def _distill_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
     student = eqx.apply_updates(student, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    if mesh is not None:
+        # outputs keep the sharding of the donated inputs; metrics are replicated
+        n_layers = student.config.n_layers
+        student = constrain_tree(student, tree_shardings(student, mesh, n_layers=n_layers))
+        opt_state = constrain_tree(opt_state, tree_shardings(opt_state, mesh, n_layers=n_layers))
+        metrics = jax.tree.map(lambda x: constrain(x), metrics)
     return student, opt_state, metrics
 
 
@@ -150,6 +161,7 @@ class DistillStep(eqx.Module):
 
     objective: DistillationObjective = eqx.field(static=True)
     optimizer: optax.GradientTransformation = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
     def __call__(
         self,
@@ -161,13 +173,24 @@ class DistillStep(eqx.Module):
         step: int | Array = 0,
     ) -> tuple[Transformer, optax.OptState, Metrics]:
         step = jnp.asarray(step, jnp.int32)
-        return _jitted_step(
-            (teacher, tokens, mask, step),
-            student,
-            opt_state,
-            objective=self.objective,
-            optimizer=self.optimizer,
-        )
+        if self.mesh is None:
+            return _jitted_step(
+                (teacher, tokens, mask, step),
+                student,
+                opt_state,
+                objective=self.objective,
+                optimizer=self.optimizer,
+            )
+        check_mesh(self.mesh, batch_size=tokens.shape[0], n_layers=student.config.n_layers)
+        with jax.set_mesh(self.mesh):
+            return _jitted_step(
+                (teacher, tokens, mask, step),
+                student,
+                opt_state,
+                objective=self.objective,
+                optimizer=self.optimizer,
+                mesh=self.mesh,
+            )
 
 
 _jitted_step = eqx.filter_jit(_distill_step, donate="all-except-first")
