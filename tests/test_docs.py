@@ -55,20 +55,30 @@ def test_python_blocks_parser():
     assert len([code for _, code in blocks if runnable(code)]) >= 8
 
 
-def test_tutorial_runs():
-    """Execute the tutorial's ```python blocks in order, in one shared namespace."""
+def run_blocks(path: pathlib.Path) -> dict:
+    """Execute the ```python blocks of `path` in order, in one shared namespace."""
     namespace: dict = {"__name__": "__tutorial__"}
-    blocks = [(line, code) for line, code in python_blocks(TUTORIAL) if runnable(code)]
+    blocks = [(line, code) for line, code in python_blocks(path) if runnable(code)]
     for number, (line, code) in enumerate(blocks, start=1):
-        filename = f"{TUTORIAL.name}, block {number} (line {line})"
+        filename = f"{path.name}, block {number} (line {line})"
         try:
             exec(compile(code, filename, "exec"), namespace)
         except Exception:
             pytest.fail(
-                f"docs/tutorial.md block {number} (starting at line {line}) raised:\n"
+                f"{path.name} block {number} (starting at line {line}) raised:\n"
                 f"{traceback.format_exc()}\n--- the block ---\n{code}",
                 pytrace=False,
             )
+    return namespace
+
+
+def test_tutorial_runs():
+    run_blocks(TUTORIAL)
+
+
+def test_readme_example_runs():
+    namespace = run_blocks(DOCS.parent / "README.md")
+    assert float(namespace["metrics"]["loss"]) > 0
 
 
 def documented_names() -> dict[str, str]:
