@@ -272,3 +272,14 @@ def test_eval_and_export_commands(tmp_path, teacher, corpus, capsys):
     student = bd.load_model(out / "student")
     tokens = jax.numpy.arange(16)
     np.testing.assert_allclose(exported(tokens).logits, student(tokens).logits, atol=1e-5)
+
+
+def test_every_option_is_documented():
+    import dataclasses
+
+    from blockdistill._runconfig import DistillConfig, EvalConfig, PretrainConfig
+
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    for cls in (DistillConfig, PretrainConfig, EvalConfig):
+        for field in dataclasses.fields(cls):
+            assert f"`{field.name}`" in page, f"{cls.__name__}.{field.name} is not in docs/cli.md"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from ._checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
 from ._config import TransformerConfig
@@ -28,6 +29,7 @@ from ._data import Batcher, ByteTokenizer, Dataset, Tokenizer, eval_batches, loa
 from ._io import read_model_config, save_model, write_json
 from ._model import Transformer
 from ._objective import DistillationObjective, next_token_cross_entropy
+from ._parallel import check_mesh, host_arrays, make_mesh, shard_batch, shard_model, shard_opt_state
 from ._runconfig import ConfigError, DistillConfig, EvalConfig, PretrainConfig, RunConfig
 from ._teacher import Teacher
 from ._train import DistillStep, make_optimizer
@@ -91,11 +93,20 @@ def _eval_sums(model: Transformer, tokens: jax.Array, mask: jax.Array) -> tuple[
     return next_token_cross_entropy(logits, tokens, mask) * count, count
 
 
-def evaluate(model: Transformer, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+def _place_batch(mesh: Mesh | None, tokens: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """A host batch on the device(s): split over the mesh's `data` axis when there is one."""
+    if mesh is None:
+        return jnp.asarray(tokens), jnp.asarray(mask)
+    return shard_batch(mesh, tokens, mask)
+
+
+def evaluate(
+    model: Transformer, batches: list[tuple[np.ndarray, np.ndarray]], mesh: Mesh | None = None
+) -> float:
     """Mean next-token cross-entropy (nats per token) of a model over fixed batches."""
     total, count = [], []
     for tokens, mask in batches:
-        s, c = _eval_sums(model, jnp.asarray(tokens), jnp.asarray(mask))
+        s, c = _eval_sums(model, *_place_batch(mesh, tokens, mask))
         total.append(s)
         count.append(c)
     total, count = jax.device_get((total, count))
@@ -131,7 +142,11 @@ class Run:
         self.cfg = cfg
         self.out = out
         self.kind = kind
-        self.metrics_path = out / METRICS_FILE
+        # with several processes (multi-host), process 0 writes the run folder; the
+        # others keep their metrics in a hidden folder of their own
+        self.writer = jax.process_index() == 0
+        folder = out if self.writer else out / f".process-{jax.process_index()}"
+        self.metrics_path = folder / METRICS_FILE
         self.stop_requested = False
         self.pending: list[tuple[int, dict, float]] = []
         self.last_checkpoint: int | None = None
@@ -214,7 +229,7 @@ class Run:
     # --------------------------------------------------------------- plots
 
     def plot(self) -> None:
-        if not self.cfg.plots or not self.metrics_path.exists():
+        if not self.cfg.plots or not self.writer or not self.metrics_path.exists():
             return
         from ._plots import plot_metrics
 
@@ -252,8 +267,14 @@ def train(
     stepper: _Stepper,
     dataset: Dataset,
     extra_state: dict[str, Any],
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-    """Shared loop: resume, evaluate, step, log, checkpoint, plot, summarise."""
+    """Shared loop: resume, evaluate, step, log, checkpoint, plot, summarise.
+
+    With a `mesh`, the model and optimizer state are placed on it after any resumption
+    (checkpoints hold whole host arrays, so a run resumes on any mesh) and every batch
+    is split over its `data` axis.
+    """
     cfg = run.cfg
     batcher = Batcher(dataset.train.tokens, dataset.train.mask, cfg.batch_size, seed=cfg.seed)
     val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
@@ -268,9 +289,13 @@ def train(
         run.truncate_metrics(start)
         print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
     else:
-        run.out.mkdir(parents=True, exist_ok=True)
+        run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         run.metrics_path.write_text("")
-    write_json(run.out / "config.json", {"command": run.kind, **cfg.to_dict()})
+    if mesh is not None:
+        model = shard_model(model, mesh)
+        opt_state = shard_opt_state(opt_state, model, mesh)
+    if run.writer:
+        write_json(run.out / "config.json", {"command": run.kind, **cfg.to_dict()})
 
     def save(step: int) -> None:
         state = {"data": batcher.state_dict(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
@@ -278,7 +303,7 @@ def train(
         run.last_checkpoint = step
 
     def do_eval(step: int) -> dict[str, float]:
-        record = {"eval/student_loss": evaluate(model, val)}
+        record = {"eval/student_loss": evaluate(model, val, mesh)}
         if stepper.eval_teacher is not None:
             record["eval/teacher_loss"] = stepper.eval_teacher
         return record
@@ -291,15 +316,15 @@ def train(
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.steps, initial=start, desc=run.kind, unit="step",
+        progress = None if not run.writer else tqdm(total=cfg.steps, initial=start, desc=run.kind, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
     try:
         since = time.perf_counter()
         step = start
         last_record: dict = {}
         while step < cfg.steps and not run.stop_requested:
-            tokens, mask = next(batcher)
-            model, opt_state, metrics = stepper.step(model, opt_state, jnp.asarray(tokens), jnp.asarray(mask), step)
+            tokens, mask = _place_batch(mesh, *next(batcher))
+            model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, step)
             step += 1
             if step == start + 1:  # the first step compiles: time it on its own
                 jax.block_until_ready(metrics)
@@ -493,6 +518,9 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """The main job (`blockdistill distill`): see the docs' tutorial for what it writes."""
     out = _prepare_out(cfg, "runs/distill")
+    mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
+    if mesh is not None:
+        check_mesh(mesh, batch_size=cfg.batch_size)
     tokenizer = load_tokenizer(cfg.teacher)
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
     _batch_size_check(cfg, dataset)
@@ -502,27 +530,33 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     teacher, student = load_teacher_and_student(cfg, dataset)
     objective = make_objective(cfg)
     objective.resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
+    if mesh is not None:
+        check_mesh(mesh, batch_size=cfg.batch_size, n_layers=student.config.n_layers)
+        # the teacher stays whole on every device: scanning a layer-sharded teacher would
+        # all-gather its whole stack every step (see docs/scaling.md)
+        teacher = shard_model(teacher, mesh, shard_layers=False)
     optimizer = make_optimizer(
         lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
     )
-    distill_step = DistillStep(objective, optimizer)
+    distill_step = DistillStep(objective, optimizer, mesh=mesh)
 
     def run_step(model, opt_state, tokens, mask, index):
         return distill_step(model, opt_state, teacher, tokens, mask, index)
 
     val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
-    teacher_loss = evaluate(teacher.model, val)
+    teacher_loss = evaluate(teacher.model, val, mesh)
     result = train(run, student, optimizer, _Stepper(run_step, teacher_loss), dataset,
-                   {"student_config": student.config.to_dict()})
-    student = result["model"]
+                   {"student_config": student.config.to_dict()}, mesh)
+    student = host_arrays(result["model"]) if mesh is not None else result["model"]
     evals = result["evals"]
     initial = evals[0]["eval/student_loss"] if 0 in evals else float("nan")
     final = evals[max(evals)]["eval/student_loss"]
     gap = initial - teacher_loss
     closed = (initial - final) / gap if gap > 0 else float("nan")
-    save_model(student, out / "student", extra={
-        "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
-    })
+    if run.writer:
+        save_model(student, out / "student", extra={
+            "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
+        })
     scfg, tcfg = student.config, teacher.config
     ratio = _count_params(student) / _count_params(teacher.model)
     lines = [
@@ -531,12 +565,15 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         f"({ratio:.0%} of the teacher's parameters)",
         f"eval loss (nats/token): teacher {teacher_loss:.4f} | student at step 0 {initial:.4f} "
         f"-> step {result['step']} {final:.4f}",
-        f"closed {closed:.1%} of the gap between the initial student and the teacher",
+        (f"closed {closed:.1%} of the gap between the initial student and the teacher"
+         if math.isfinite(closed) else
+         "gap closed: n/a (the initial student was not worse than the teacher)"),
         f"student saved to {out / 'student'}; metrics in {run.metrics_path}; plots in {out}",
     ]
     summary = {"teacher_loss": teacher_loss, "initial_loss": initial, "final_loss": final,
                "gap_closed": closed, "lines": lines}
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "lines"})
+    if run.writer:
+        write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "lines"})
     _report(summary)
     return summary
 
