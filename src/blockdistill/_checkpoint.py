@@ -6,8 +6,10 @@ import shutil
 from typing import Any
 
 import equinox as eqx
+import jax
 
 from ._io import PathLike, deserialise, write_folder_atomically
+from ._parallel import host_arrays
 
 STATE_FILE = "state.json"
 MODEL_FILE = "student.eqx"
@@ -46,6 +48,11 @@ def save_checkpoint(
     Keeps the newest `keep` checkpoints and removes older ones (after the new one is
     complete), as well as temporary folders left by a crash.
 
+    Sharded arrays are gathered into whole host arrays first, so a checkpoint does not
+    depend on the mesh it was written on: load it with `load_checkpoint` and place the
+    result on any mesh (or none). With several processes every process must call this
+    (the gathering is collective) and process 0 writes.
+
     **Example:**
 
     ```python
@@ -53,13 +60,18 @@ def save_checkpoint(
     ```
     """
 
+    model, opt_state = host_arrays(model), host_arrays(opt_state)
+    path = checkpoint_dir(out) / str(step)
+    if jax.process_index() != 0:
+        return path
+
     def write(folder: pathlib.Path) -> None:
         eqx.tree_serialise_leaves(folder / MODEL_FILE, model)
         eqx.tree_serialise_leaves(folder / OPT_FILE, opt_state)
         with open(folder / STATE_FILE, "w") as handle:
             json.dump({**state, "step": step}, handle, indent=2, sort_keys=True)
 
-    path = write_folder_atomically(checkpoint_dir(out) / str(step), write)
+    write_folder_atomically(path, write)
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in checkpoint_dir(out).glob(".*.tmp-*"):

@@ -29,7 +29,16 @@ from ._data import Batcher, ByteTokenizer, Dataset, Tokenizer, eval_batches, loa
 from ._io import read_model_config, save_model, write_json
 from ._model import Transformer
 from ._objective import DistillationObjective, next_token_cross_entropy
-from ._parallel import check_mesh, host_arrays, make_mesh, shard_batch, shard_model, shard_opt_state
+from ._parallel import (
+    LAYERS_AXIS,
+    check_mesh,
+    host_arrays,
+    make_mesh,
+    parse_mesh,
+    shard_batch,
+    shard_model,
+    shard_opt_state,
+)
 from ._runconfig import ConfigError, DistillConfig, EvalConfig, PretrainConfig, RunConfig
 from ._teacher import Teacher
 from ._train import DistillStep, make_optimizer
@@ -66,13 +75,18 @@ def blockwise_schedule(cfg: DistillConfig):
 
 
 def make_objective(cfg: DistillConfig) -> DistillationObjective:
+    injected_pass = cfg.injected_pass
+    if injected_pass == "auto" and cfg.mesh is not None and parse_mesh(cfg.mesh)[LAYERS_AXIS] > 1:
+        # on a layers axis only the vmap pass keeps every block on its own device (a scan
+        # over the layer-sharded stack gathers it every step); both give the same losses
+        injected_pass = "vmap"
     return DistillationObjective(
         blockwise_weight=blockwise_schedule(cfg),
         temperature=cfg.temperature,
         feature_loss=cfg.feature_loss,
         inject_at=cfg.inject_at,
         label_weight=cfg.label_weight,
-        injected_pass=cfg.injected_pass,
+        injected_pass=injected_pass,
     )
 
 

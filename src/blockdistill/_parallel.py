@@ -209,7 +209,9 @@ def _place(x: Any, sharding: NamedSharding) -> jax.Array:
 
 def _shard_tree(tree: Any, shardings: Any) -> Any:
     arrays, static = eqx.partition(tree, eqx.is_array)
-    placed = jax.tree.map(_place, arrays, shardings, is_leaf=lambda x: x is None)
+    placed = jax.tree.map(
+        lambda x, s: x if s is None else _place(x, s), arrays, shardings, is_leaf=lambda x: x is None
+    )
     return eqx.combine(placed, static)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from ._config import _DTYPES, _REMAT
 from ._layer import INJECT_LEVELS
 from ._objective import FEATURE_LOSSES
+from ._parallel import parse_mesh
 from ._train import TRAINABLE
 
 _SCHEDULES = ("constant", "linear", "cosine")
@@ -124,7 +125,7 @@ class RunConfig:
     #: what is trained)
     RESUMABLE_CHANGES = frozenset(
         {"steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-         "log_every", "progress", "plots", "out"}
+         "log_every", "progress", "plots", "out", "mesh"}
     )
 
     def __post_init__(self):
@@ -205,6 +206,11 @@ class DistillConfig(RunConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: must be one of {allowed}")
+        if self.mesh is not None:
+            try:
+                parse_mesh(self.mesh)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.sharding import Mesh
 
 from ._model import Transformer
@@ -144,6 +143,12 @@ class DistillStep(eqx.Module):
 
     - `objective`: a [`blockdistill.DistillationObjective`][].
     - `optimizer`: an optax transformation, e.g. from [`blockdistill.make_optimizer`][].
+    - `mesh`: optional `jax.sharding.Mesh` from [`blockdistill.make_mesh`][]: the step is
+      then traced under `jax.set_mesh(mesh)`, the batch is split over `data`, and the
+      updated student and optimizer state keep the placement of
+      [`blockdistill.shard_model`][] / [`blockdistill.shard_opt_state`][] (stacked layers
+      over `layers`); metrics come back replicated. Place the arguments with those
+      functions first. `None` (default): one device.
 
     **Call:** `step(student, opt_state, teacher, tokens, mask, step_index)
     -> (student, opt_state, metrics)` with `tokens` `Int[Array, "batch seq"]`, `mask`
@@ -163,6 +168,16 @@ class DistillStep(eqx.Module):
     optimizer: optax.GradientTransformation = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True, default=None)
 
+    def _run(self, how, student, opt_state, teacher, tokens, mask, step):
+        step = jnp.asarray(step, jnp.int32)
+        frozen = (teacher, tokens, mask, step)
+        options = dict(objective=self.objective, optimizer=self.optimizer)
+        if self.mesh is None:
+            return how(frozen, student, opt_state, **options)
+        check_mesh(self.mesh, batch_size=tokens.shape[0], n_layers=student.config.n_layers)
+        with jax.set_mesh(self.mesh):
+            return how(frozen, student, opt_state, mesh=self.mesh, **options)
+
     def __call__(
         self,
         student: Transformer,
@@ -172,25 +187,21 @@ class DistillStep(eqx.Module):
         mask: BatchMask,
         step: int | Array = 0,
     ) -> tuple[Transformer, optax.OptState, Metrics]:
-        step = jnp.asarray(step, jnp.int32)
-        if self.mesh is None:
-            return _jitted_step(
-                (teacher, tokens, mask, step),
-                student,
-                opt_state,
-                objective=self.objective,
-                optimizer=self.optimizer,
-            )
-        check_mesh(self.mesh, batch_size=tokens.shape[0], n_layers=student.config.n_layers)
-        with jax.set_mesh(self.mesh):
-            return _jitted_step(
-                (teacher, tokens, mask, step),
-                student,
-                opt_state,
-                objective=self.objective,
-                optimizer=self.optimizer,
-                mesh=self.mesh,
-            )
+        return self._run(_jitted_step, student, opt_state, teacher, tokens, mask, step)
+
+    def lower(
+        self,
+        student: Transformer,
+        opt_state: optax.OptState,
+        teacher: Teacher,
+        tokens: BatchTokens,
+        mask: BatchMask,
+        step: int | Array = 0,
+    ) -> jax.stages.Lowered:
+        """The step lowered for these arguments, without running it: `.as_text()` is
+        its StableHLO, `.compile().as_text()` the optimized, partitioned HLO (on a mesh,
+        with the collectives XLA inserted; see [`blockdistill.hlo_collectives`][])."""
+        return self._run(_jitted_step.lower, student, opt_state, teacher, tokens, mask, step).lowered
 
 
 _jitted_step = eqx.filter_jit(_distill_step, donate="all-except-first")
