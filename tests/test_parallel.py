@@ -113,9 +113,32 @@ def test_sharding_rules():
 # ------------------------------------------------------------------ the compiled step
 
 
-def _lowered_step(inject_at, injected_pass, mesh):
+def test_hlo_collectives_reads_every_group_format():
+    mesh = make_mesh("data=2,layers=4")  # partition p sits at (p // 4, p % 4)
+    text = "\n".join([
+        "  %ag = f32[4,8]{1,0} all-gather(f32[1,8]{1,0} %p), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}",
+        "  %ar = (f32[], f32[2]{0}) all-reduce(f32[] %x, f32[2]{0} %y), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add",
+        "  %cp = f32[8]{0} collective-permute(f32[8]{0} %x), source_target_pairs={{0,4},{4,0}}",
+        "  %a2a = bf16[2,8]{1,0} all-to-all(bf16[2,8]{1,0} %x), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}",
+        "  %ag2 = f32[4]{0} all-gather(f32[1]{0} %m), replica_groups=mesh['axis_0'=4,'axis_1'=2], "
+        "device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}",
+        "  ROOT %all = s32[] all-reduce(s32[] %z), replica_groups={}, to_apply=%add",
+        "  %add.1 = f32[] add(f32[] %a, f32[] %b)",
+    ])
+    found = {c.name: c for c in hlo_collectives(text, mesh)}
+    assert set(found) == {"ag", "ar", "cp", "a2a", "ag2", "all"}
+    assert found["ag"].axes == ("layers",) and found["ag"].bytes == 128
+    assert found["ar"].axes == ("data",) and found["ar"].shapes == ((), (2,)) and found["ar"].bytes == 12
+    assert found["cp"].axes == ("data",)
+    assert found["a2a"].axes == ("layers",) and found["a2a"].bytes == 32
+    assert found["ag2"].axes == ("layers",) and found["ag2"].kind == "all-gather"
+    assert found["all"].axes == ("data", "layers")
+
+
+def _lowered_step(inject_at, injected_pass, mesh, teacher_layers=TINY["n_layers"]):
     cfg = bd.TransformerConfig(**TINY)
-    teacher = shard_model(bd.Teacher(bd.Transformer(cfg, key=jax.random.key(0))), mesh, shard_layers=False)
+    teacher_model = bd.Transformer(cfg.replace(n_layers=teacher_layers), key=jax.random.key(0))
+    teacher = shard_model(bd.Teacher(teacher_model), mesh, shard_layers=False)
     student = shard_model(bd.Transformer(cfg, key=jax.random.key(1)), mesh)
     optimizer = bd.make_optimizer(1e-3)
     opt_state = shard_opt_state(optimizer.init(eqx.filter(student, eqx.is_array)), student, mesh)
@@ -131,8 +154,8 @@ def _moving_across_layers(collectives):
     return [c for c in collectives if c.kind in MOVING and "layers" in c.axes]
 
 
-@pytest.mark.parametrize("inject_at", ["layer", "attention"])
-def test_blockwise_step_moves_nothing_across_layers(inject_at):
+@pytest.mark.parametrize("inject_at, teacher_layers", [("layer", 4), ("attention", 4), ("layer", 8)])
+def test_blockwise_step_moves_nothing_across_layers(inject_at, teacher_layers):
     """The compiled, partitioned blockwise step (vmap injected pass) has no collective
     that moves student parameters or injected states between `layers` devices.
 
@@ -140,11 +163,13 @@ def test_blockwise_step_moves_nothing_across_layers(inject_at):
     device groups (replica_groups) to mesh coordinates. Allowed across `layers`:
     all-reduces of scalars (the loss, normalisers, the clipping norm) and gathering the
     `[layers]` vector of per-layer feature metrics. Parameters and states are
-    `[1, ...]` or `[batch, 1, seq, dim]` shards, never of that size.
+    `[1, ...]` or `[batch, 1, seq, dim]` shards, never of that size. With a deeper
+    teacher (8 layers for 4: the default layer map), the states of each student layer's
+    span are sliced locally too.
     """
     mesh = make_mesh("data=2,layers=4")
     n_layers = TINY["n_layers"]
-    step, args, text = _lowered_step(inject_at, "vmap", mesh)
+    step, args, text = _lowered_step(inject_at, "vmap", mesh, teacher_layers)
     collectives = hlo_collectives(text, mesh)
     assert collectives, "a sharded step must reduce something"
     for c in _moving_across_layers(collectives):

@@ -327,10 +327,10 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.seq_len
     previous = _install_stop_handler(run)
     progress = None
-    if cfg.progress:
+    if cfg.progress and run.writer:
         from tqdm.auto import tqdm
 
-        progress = None if not run.writer else tqdm(total=cfg.steps, initial=start, desc=run.kind, unit="step",
+        progress = tqdm(total=cfg.steps, initial=start, desc=run.kind, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
     try:
         since = time.perf_counter()

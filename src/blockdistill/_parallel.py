@@ -14,11 +14,14 @@ The rules:
   `layers` on that axis, and so is every optimizer-state leaf that mirrors one of them
   (Adam's `mu` and `nu`: found by the same path and shape);
 - per-layer teacher states fed to the student's blocks are split over `data` and
-  `layers` (`[batch, layers, seq, dim]`);
+  `layers` (`[batch, layers, seq, dim]`): the replicated teacher computes them for its
+  `data` slice on every `layers` device, and each device keeps (equal depths) or reads
+  (with a layer map) only its own layers, a local slice;
 - everything else (embeddings, final norm, head, step counts, the teacher's parameters
   by default) is replicated.
 """
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -349,22 +352,30 @@ _DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 
                "c64": 64, "c128": 128}
 
 
-class Collective(eqx.Module):
-    """One collective of a compiled program (see [`blockdistill.hlo_collectives`][]).
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program, as [`blockdistill.hlo_collectives`][] reads it.
 
     - `kind`: `"all-gather"`, `"all-to-all"`, `"collective-permute"`, `"all-reduce"`, ...
     - `name`: the HLO instruction's name.
     - `shapes`: the result shapes (one per operand of a combined collective).
-    - `bytes`: the result's size in bytes (per device).
-    - `axes`: the mesh axes along which its device groups extend (those the data moves
-      across), e.g. `("layers",)`.
+    - `bytes`: the size of the result in bytes, per device.
+    - `axes`: the mesh axes along which its device groups extend, i.e. those it moves
+      data across, e.g. `("layers",)`.
+
+    **Example:**
+
+    ```python
+    gathers = [c for c in bd.hlo_collectives(text, mesh) if c.kind == "all-gather"]
+    sum(c.bytes for c in gathers if "layers" in c.axes)  # bytes gathered across layers
+    ```
     """
 
-    kind: str = eqx.field(static=True)
-    name: str = eqx.field(static=True)
-    shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
-    bytes: int = eqx.field(static=True)
-    axes: tuple[str, ...] = eqx.field(static=True)
+    kind: str
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    bytes: int
+    axes: tuple[str, ...]
 
 
 def _iota_ids(dims: list[int], perm: list[int] | None) -> np.ndarray:

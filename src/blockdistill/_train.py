@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from ._model import Transformer
 from ._objective import DistillationObjective, Metrics
-from ._parallel import DATA_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
+from ._parallel import DATA_AXIS, LAYERS_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
 from ._teacher import Teacher
 from ._types import Array, BatchMask, BatchTokens
 
@@ -113,6 +113,12 @@ def _distill_step(
     teacher, tokens, mask, step = frozen
     tokens, mask = constrain(tokens, DATA_AXIS), constrain(mask, DATA_AXIS)
     teacher_out = jax.vmap(teacher)(tokens)
+    if mesh is not None and teacher.config.n_layers == student.config.n_layers:
+        # one teacher layer per student layer: every device keeps only its own layers of
+        # the teacher's states (a local slice of the replicated teacher's output). With a
+        # layer map, the objective's selection slices them locally instead.
+        states = jax.tree.map(lambda x: constrain(x, DATA_AXIS, LAYERS_AXIS), teacher_out.states)
+        teacher_out = eqx.tree_at(lambda out: out.states, teacher_out, states)
     grad_fn = eqx.filter_value_and_grad(objective, has_aux=True)
     (_, metrics), grads = grad_fn(student, teacher_out, tokens, mask, step)
     params = eqx.filter(student, eqx.is_array)
