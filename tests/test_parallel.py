@@ -120,8 +120,10 @@ def test_hlo_collectives_reads_every_group_format():
         "  %ar = (f32[], f32[2]{0}) all-reduce(f32[] %x, f32[2]{0} %y), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add",
         "  %cp = f32[8]{0} collective-permute(f32[8]{0} %x), source_target_pairs={{0,4},{4,0}}",
         "  %a2a = bf16[2,8]{1,0} all-to-all(bf16[2,8]{1,0} %x), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}",
-        "  %ag2 = f32[4]{0} all-gather(f32[1]{0} %m), replica_groups=mesh['axis_0'=4,'axis_1'=2], "
-        "device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}",
+        (
+            "  %ag2 = f32[4]{0} all-gather(f32[1]{0} %m), replica_groups=mesh['axis_0'=4,'axis_1'=2], "
+            "device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}"
+        ),
         "  ROOT %all = s32[] all-reduce(s32[] %z), replica_groups={}, to_apply=%add",
         "  %add.1 = f32[] add(f32[] %a, f32[] %b)",
     ])
@@ -181,7 +183,7 @@ def test_blockwise_step_moves_nothing_across_layers(inject_at, teacher_layers):
     grads = [c for c in collectives if c.kind == "all-reduce" and any(len(s) == 3 for s in c.shapes)]
     assert grads and all(c.axes == ("data",) for c in grads)
     # and the step keeps the placement of what it was given (donated buffers)
-    student, opt_state, metrics = step(*args)
+    student, _, metrics = step(*args)
     assert student.layers.layers.mlp.down_proj.weight.sharding.spec == P("layers")
     assert metrics["feature_per_layer"].sharding.is_fully_replicated
     assert np.isfinite(float(metrics["loss"]))
