@@ -36,6 +36,17 @@ from ._objective import (
     kl_divergence as kl_divergence,
     next_token_cross_entropy as next_token_cross_entropy,
 )
+from ._parallel import (
+    Collective as Collective,
+    check_mesh as check_mesh,
+    hlo_collectives as hlo_collectives,
+    host_arrays as host_arrays,
+    make_mesh as make_mesh,
+    parse_mesh as parse_mesh,
+    shard_batch as shard_batch,
+    shard_model as shard_model,
+    shard_opt_state as shard_opt_state,
+)
 from ._prune import (
     StudentConfig as StudentConfig,
     make_student as make_student,
@@ -56,6 +67,15 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "Collective",
+    "check_mesh",
+    "hlo_collectives",
+    "host_arrays",
+    "make_mesh",
+    "parse_mesh",
+    "shard_batch",
+    "shard_model",
+    "shard_opt_state",
     "Batcher",
     "ByteTokenizer",
     "Dataset",

@@ -22,8 +22,10 @@ def plot_metrics(metrics_path: pathlib.Path, out: pathlib.Path) -> list[pathlib.
     if train:
         steps = [r["step"] for r in train]
         for key in ("loss", "kl", "feature", "ce"):
-            values = [r.get(key) for r in train]
-            if any(v for v in values):
+            # a term whose weight was zero at a step is not computed (reported as 0):
+            # leave a gap there rather than a drop to the bottom of the log axis
+            values = [r.get(key) if r.get(key) else np.nan for r in train]
+            if not all(np.isnan(values)):
                 ax_train.plot(steps, values, label=key)
         ax_train.set_yscale("log")
         ax_train.set_xlabel("step")
