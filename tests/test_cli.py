@@ -124,8 +124,8 @@ def _cli_subprocess(args):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, teacher, corpus, capsys):
-    steps = 120
-    extra = {"steps": steps, "checkpoint-every": 5, "eval-every": 40}
+    steps = 60
+    extra = {"steps": steps, "checkpoint-every": 5, "eval-every": 20}
     reference = tmp_path / "reference"
     assert run_main(base_args(reference, teacher, corpus, **extra), capsys)[0] == 0
 
