@@ -14,3 +14,18 @@ def getkey():
     """A fresh, deterministic key every call: `getkey()`."""
     counter = iter(range(1 << 30))
     return lambda: jax.random.key(next(counter))
+
+
+STDLIB_FILES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "string.py", "shlex.py", "bisect.py"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small corpus folder: six standard-library modules saved as .txt files."""
+    from blockdistill import default_corpus_root
+
+    root = tmp_path_factory.mktemp("corpus")
+    for name in STDLIB_FILES:
+        text = (default_corpus_root() / name).read_text()
+        (root / (name.replace("/", "_") + ".txt")).write_text(text)
+    return root

@@ -13,19 +13,9 @@ import numpy as np
 import pytest
 
 import blockdistill as bd
+from blockdistill._loop import TIMING_KEYS as TIMING
 from blockdistill.cli import main
 
-TIMING = {"tokens_per_s", "compile_s", "time_s"}
-STDLIB_FILES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "string.py", "shlex.py", "bisect.py"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for name in STDLIB_FILES:
-        text = (bd.default_corpus_root() / name).read_text()
-        (root / (name.replace("/", "_") + ".txt")).write_text(text)
-    return root
 
 
 @pytest.fixture(scope="module")

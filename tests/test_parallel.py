@@ -22,10 +22,9 @@ from blockdistill._parallel import (
     shard_model,
     shard_opt_state,
 )
+from blockdistill._loop import TIMING_KEYS as TIMING
 from blockdistill.cli import main
 
-STDLIB_FILES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "string.py", "shlex.py", "bisect.py"]
-TIMING = {"tokens_per_s", "compile_s", "time_s"}
 MOVING = ("all-gather", "all-to-all", "ragged-all-to-all", "collective-permute")
 TINY = dict(vocab_size=256, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=64)
 
@@ -200,15 +199,6 @@ def test_the_inspection_sees_gathered_parameters():
 
 
 # ------------------------------------------------------------------ the CLI
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for name in STDLIB_FILES:
-        text = (bd.default_corpus_root() / name).read_text()
-        (root / (name.replace("/", "_") + ".txt")).write_text(text)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,20 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _REMAT = {"none", "full", "dots"}
 
 
+def checked_dict(cls: type, data: dict[str, Any], float_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of `data` for `cls(**...)`: unknown keys are a `ValueError` that names them,
+    and integers in `float_fields` become floats (TOML and JSON write 1 for 1.0)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
+    data = dict(data)
+    for field in float_fields:
+        if isinstance(data.get(field), int) and not isinstance(data[field], bool):
+            data[field] = float(data[field])
+    return data
+
+
 def _fail(owner: str, field: str, value: Any, why: str) -> None:
     raise ValueError(f"{owner}.{field}={value!r} is invalid: {why}")
 
@@ -205,16 +219,7 @@ class TransformerConfig:
         assert cfg2 == cfg
         ```
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"TransformerConfig has no field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        data = dict(data)
-        for field in ("rope_theta", "norm_eps"):  # TOML/JSON may write 10000 for 10000.0
-            if isinstance(data.get(field), int) and not isinstance(data[field], bool):
-                data[field] = float(data[field])
+        data = checked_dict(cls, data, ("rope_theta", "norm_eps"))
         if isinstance(data.get("rope_scaling"), dict):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         return cls(**data)

@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from ._attention import apply_linear
-from ._config import TransformerConfig
+from ._config import TransformerConfig, checked_dict
 from ._layer import DecoderLayer
 from ._objective import default_layer_map
 from ._model import Transformer
@@ -132,17 +132,7 @@ class StudentConfig:
         assert bd.StudentConfig.from_dict(cfg.to_dict()) == cfg
         ```
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"StudentConfig has no field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        data = dict(data)
-        for field in ("mlp_ratio", "kv_heads_ratio"):  # TOML/JSON may write 1 for 1.0
-            if isinstance(data.get(field), int) and not isinstance(data[field], bool):
-                data[field] = float(data[field])
-        return cls(**data)
+        return cls(**checked_dict(cls, data, ("mlp_ratio", "kv_heads_ratio")))
 
 
 def _unwrap(teacher: Transformer | Teacher) -> Transformer:
