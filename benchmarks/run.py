@@ -1,0 +1,994 @@
+"""blockdistill benchmark suite: throughput, MFU, a PyTorch peer, compile time and memory.
+
+Run from the repository root:
+
+    python benchmarks/run.py --quick --json out.json    # a few minutes on 2 CPU cores
+    python benchmarks/run.py --json full.json           # the medium config of the issue
+
+Everything is measured in one process, side by side, so that the ratios are meaningful on
+a noisy machine: the step variants are timed round-robin (one step of each variant per
+round, every other round in reverse order), every ratio is the median over rounds of the
+per-round ratio, and tokens/s and MFU use each variant's best round (see
+`benchmarks/README.md`). What is measured:
+
+1. `matmul_gflops`: best-of-N jitted fp32 square matmul, the machine's practical limit.
+2. The distillation steps on the "medium" models (a teacher and a student with fewer KV
+   heads and half the MLP width): blockwise at attention level (the default objective),
+   blockwise at layer level, each with the injected pass as `scan` and as `vmap`, and
+   standard KD (`blockwise_weight=0`). Tokens/s, and MFU = analytic model FLOPs of the
+   step / median step time / `matmul_gflops` (see `benchmarks/README.md`).
+3. `blockwise_vs_kd`: blockwise step time / KD step time.
+4. Compile + first-step time of the blockwise step at several depths, scanned and
+   unrolled: `scan_compile_ratio` = scan(deepest) / scan(shallowest), and the same for
+   unrolled.
+5. `temp_bytes`: compiled temporary bytes (`memory_analysis()`) of the blockwise and KD
+   steps by depth, with and without remat.
+6. `vs_torch`: our layer-level blockwise step against the same step written the usual
+   PyTorch way (Hugging Face `LlamaForCausalLM`, forward pre-hooks that swap each student
+   layer's input for the teacher's, cosine loss, AdamW), same shapes, threads and dtype.
+7. `vmap_vs_scan`: layer-parallel `vmap` vs `scan` for the injected pass, per level.
+
+No assertion is made on any number: this is a measurement script, not a test.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import blockdistill as bd
+from blockdistill._train import _jitted_step  # the compiled function behind DistillStep
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The shapes of one benchmark run."""
+
+    matmul_sizes: tuple[int, ...]
+    matmul_repeats: int
+    # the medium teacher / student pair of sections 2, 3, 6 and 7
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    teacher_kv_heads: int
+    student_kv_heads: int
+    teacher_mlp_dim: int
+    student_mlp_dim: int
+    seq_len: int
+    batch: int
+    rounds: int  # timed steps per variant (round-robin)
+    # the depth sweep of sections 4 and 5 (small widths: compile time and memory scaling)
+    depths: tuple[int, ...]
+    sweep_dim: int
+    sweep_heads: int
+    sweep_mlp_dim: int
+    sweep_seq_len: int
+    sweep_batch: int
+    remats: tuple[str, ...]
+
+
+FULL = Sizes(
+    matmul_sizes=(1024, 2048, 4096),
+    matmul_repeats=10,
+    vocab_size=256,
+    dim=512,
+    n_layers=8,
+    n_heads=8,
+    teacher_kv_heads=4,
+    student_kv_heads=2,
+    teacher_mlp_dim=1408,
+    student_mlp_dim=704,
+    seq_len=512,
+    batch=8,
+    rounds=4,
+    depths=(4, 16, 48),
+    sweep_dim=128,
+    sweep_heads=4,
+    sweep_mlp_dim=352,
+    sweep_seq_len=256,
+    sweep_batch=4,
+    remats=("none", "full", "dots"),
+)
+
+QUICK = Sizes(
+    matmul_sizes=(512, 1024, 2048),
+    matmul_repeats=8,
+    vocab_size=256,
+    dim=256,
+    n_layers=4,
+    n_heads=8,
+    teacher_kv_heads=4,
+    student_kv_heads=2,
+    teacher_mlp_dim=704,
+    student_mlp_dim=352,
+    seq_len=256,
+    batch=4,
+    rounds=5,
+    depths=(4, 16, 48),
+    sweep_dim=64,
+    sweep_heads=4,
+    sweep_mlp_dim=176,
+    sweep_seq_len=64,
+    sweep_batch=2,
+    remats=("none", "full", "dots"),
+)
+
+TARGETS = {
+    "mfu": (">=", 0.6),
+    "vs_torch": (">=", 1.5),
+    "scan_compile_ratio": ("<=", 1.5),
+    "blockwise_vs_kd": ("<=", 0.7),
+    "remat_temp_growth": (
+        "<=",
+        1.1,
+    ),  # "flat in depth": temp(deepest) / temp(shallowest)
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (XLA's CPU thread pool uses as many)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def teacher_config(sizes: Sizes, **changes: Any) -> bd.TransformerConfig:
+    cfg = bd.TransformerConfig(
+        vocab_size=sizes.vocab_size,
+        dim=sizes.dim,
+        n_layers=sizes.n_layers,
+        n_heads=sizes.n_heads,
+        n_kv_heads=sizes.teacher_kv_heads,
+        mlp_dim=sizes.teacher_mlp_dim,
+        max_seq_len=sizes.seq_len,
+    )
+    return cfg.replace(**changes)
+
+
+def student_config(sizes: Sizes, **changes: Any) -> bd.TransformerConfig:
+    cfg = teacher_config(sizes).replace(
+        n_kv_heads=sizes.student_kv_heads, mlp_dim=sizes.student_mlp_dim
+    )
+    return cfg.replace(**changes)
+
+
+def sweep_configs(
+    sizes: Sizes, depth: int, **changes: Any
+) -> tuple[bd.TransformerConfig, bd.TransformerConfig]:
+    teacher = bd.TransformerConfig(
+        vocab_size=sizes.vocab_size,
+        dim=sizes.sweep_dim,
+        n_layers=depth,
+        n_heads=sizes.sweep_heads,
+        n_kv_heads=sizes.sweep_heads // 2,
+        mlp_dim=sizes.sweep_mlp_dim,
+        max_seq_len=sizes.sweep_seq_len,
+        **changes,
+    )
+    student = teacher.replace(n_kv_heads=1, mlp_dim=sizes.sweep_mlp_dim // 2)
+    return teacher, student
+
+
+#: step kinds: name -> DistillationObjective keyword arguments
+OBJECTIVES = {
+    "blockwise_attention_scan": {
+        "blockwise_weight": 1.0,
+        "inject_at": "attention",
+        "injected_pass": "scan",
+    },
+    "blockwise_attention_vmap": {
+        "blockwise_weight": 1.0,
+        "inject_at": "attention",
+        "injected_pass": "vmap",
+    },
+    "blockwise_layer_vmap": {
+        "blockwise_weight": 1.0,
+        "inject_at": "layer",
+        "injected_pass": "vmap",
+    },
+    "blockwise_layer_scan": {
+        "blockwise_weight": 1.0,
+        "inject_at": "layer",
+        "injected_pass": "scan",
+    },
+    "kd": {"blockwise_weight": 0.0},
+}
+#: what the default `DistillationObjective(blockwise_weight=1.0)` runs ("auto" pass)
+DEFAULT_BLOCKWISE = "blockwise_attention_scan"
+#: what the PyTorch peer does (layer-level injection through hooks); "auto" picks vmap
+LAYER_BLOCKWISE = "blockwise_layer_vmap"
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def layer_flops(cfg: bd.TransformerConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs of one decoder layer on one sequence, by part (2 per multiply-add).
+
+    `qkv` and `o` are the attention projections, `core` the two attention matmuls
+    (`q k^T` and `p v`) counted over the causal pairs only (`seq (seq + 1) / 2` of them),
+    `mlp` the three SwiGLU projections. Norms, RoPE, softmax and other elementwise work
+    are not counted.
+    """
+    q_width = cfg.n_heads * cfg.head_dim
+    kv_width = cfg.n_kv_heads * cfg.head_dim
+    causal_pairs = seq_len * (seq_len + 1) / 2
+    return {
+        "qkv": 2.0 * seq_len * cfg.dim * (q_width + 2 * kv_width),
+        "o": 2.0 * seq_len * q_width * cfg.dim,
+        "core": 2.0 * 2.0 * causal_pairs * cfg.n_heads * cfg.head_dim,
+        "mlp": 2.0 * 3 * seq_len * cfg.dim * cfg.mlp_dim,
+    }
+
+
+def head_flops(cfg: bd.TransformerConfig, seq_len: int) -> float:
+    return 2.0 * seq_len * cfg.dim * cfg.vocab_size
+
+
+def step_flops(
+    kind: str,
+    teacher: bd.TransformerConfig,
+    student: bd.TransformerConfig,
+    seq_len: int,
+    batch: int,
+) -> float:
+    """Model FLOPs of one distillation step (see benchmarks/README.md).
+
+    Forward FLOPs of what the step needs; the backward pass counts twice the forward
+    (input and weight gradients) except for matmuls whose input is a constant (the q/k/v
+    projections reading the injected teacher state at attention level), which need only
+    the weight gradient (1x). Remat recomputation is not counted (this is MFU, not HFU).
+    """
+    t = layer_flops(teacher, seq_len)
+    s = layer_flops(student, seq_len)
+    t_layer = sum(t.values())
+    s_layer = sum(s.values())
+    t_attention = t["qkv"] + t["o"] + t["core"]
+    if kind.startswith("blockwise_attention"):
+        # teacher: attn_in / attn_out of every layer, so all layers but the last MLP
+        teacher_fwd = (teacher.n_layers - 1) * t_layer + t_attention
+        student_fwd = student.n_layers * (s["qkv"] + s["o"] + s["core"])
+        student_bwd = student.n_layers * (s["qkv"] + 2 * (s["o"] + s["core"]))
+    elif kind.startswith("blockwise_layer"):
+        teacher_fwd = teacher.n_layers * t_layer
+        student_fwd = student.n_layers * s_layer
+        student_bwd = 2 * student_fwd
+    elif kind == "kd":
+        teacher_fwd = teacher.n_layers * t_layer + head_flops(teacher, seq_len)
+        student_fwd = student.n_layers * s_layer + head_flops(student, seq_len)
+        student_bwd = 2 * student_fwd
+    else:
+        raise ValueError(f"unknown step kind {kind!r}")
+    return batch * (teacher_fwd + student_fwd + student_bwd)
+
+
+# ----------------------------------------------------------------------------- 1. matmul
+
+
+def measure_matmul(sizes: Sizes) -> dict[str, Any]:
+    """Best-of-N GFLOP/s of a jitted fp32 `a @ b` for each square size; the max is the limit."""
+    matmul = jax.jit(jnp.matmul)
+    per_size = {}
+    for n in sizes.matmul_sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        matmul(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(sizes.matmul_repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        per_size[str(n)] = 2.0 * n**3 / best / 1e9
+        log(f"  matmul {n}x{n}: {per_size[str(n)]:.1f} GFLOP/s")
+    return {"gflops": max(per_size.values()), "per_size": per_size}
+
+
+# ----------------------------------------------------------------------------- 2, 3, 7: steps
+
+
+def synthetic_batch(sizes_vocab: int, batch: int, seq_len: int, seed: int = 1):
+    tokens = jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, sizes_vocab)
+    mask = jnp.ones((batch, seq_len), bool)
+    return tokens, mask
+
+
+class JaxStepRunner:
+    """Holds one student / optimizer state and runs the public `bd.DistillStep` on it."""
+
+    def __init__(
+        self,
+        objective: bd.DistillationObjective,
+        student: bd.Transformer,
+        teacher,
+        tokens,
+        mask,
+    ):
+        self.optimizer = bd.make_optimizer(1e-3)
+        # the step donates the student: give each runner its own copy of the buffers
+        self.student = jax.tree.map(
+            lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, student
+        )
+        self.opt_state = self.optimizer.init(eqx.filter(self.student, eqx.is_array))
+        self.step = bd.DistillStep(objective, self.optimizer)
+        self.teacher, self.tokens, self.mask = teacher, tokens, mask
+        self.index = 0
+        self.last_loss = None
+
+    def __call__(self) -> None:
+        self.student, self.opt_state, metrics = self.step(
+            self.student,
+            self.opt_state,
+            self.teacher,
+            self.tokens,
+            self.mask,
+            self.index,
+        )
+        metrics["loss"].block_until_ready()
+        self.last_loss = metrics["loss"]
+        self.index += 1
+
+
+def xla_flops(objective, teacher, student, tokens, mask) -> float | None:
+    """XLA's (pre-optimisation) FLOP count of the step; loops count their body once."""
+    optimizer = bd.make_optimizer(1e-3)
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+    lowered = _jitted_step.lower(
+        (teacher, tokens, mask, jnp.int32(0)),
+        student,
+        opt_state,
+        objective=objective,
+        optimizer=optimizer,
+    )
+    cost = lowered.lowered.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per device
+        cost = cost[0] if cost else None
+    return None if not cost else float(cost.get("flops", 0.0))
+
+
+def round_robin(
+    runners: dict[str, Callable[[], None]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """One call of each runner per round; returns each runner's wall and CPU times.
+
+    Every other round runs the runners in reverse order, so that a load that drifts
+    during a round does not always favour the same ones. CPU time is this process's
+    (all threads') CPU seconds: it grows much less than wall time when other processes
+    take the cores.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    for index in range(rounds):
+        order = list(runners) if index % 2 == 0 else list(reversed(runners))
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runners[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+        log(
+            f"  round {index + 1}: "
+            + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in wall.items())
+        )
+    return wall, cpu
+
+
+class MatmulRunner:
+    """One timed square matmul per round, so the limit is also sampled beside the steps."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.matmul = jax.jit(jnp.matmul)
+        self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        self.matmul(self.a, self.b).block_until_ready()
+        self.gflops: list[float] = []
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        self.matmul(self.a, self.b).block_until_ready()
+        self.gflops.append(2.0 * self.n**3 / (time.perf_counter() - start) / 1e9)
+
+
+# ----------------------------------------------------------------------------- 6. torch
+
+
+class TorchBlockwisePeer:
+    """The layer-level blockwise step written the way a PyTorch user would.
+
+    Hugging Face `LlamaForCausalLM` teacher and student with the same weights as ours
+    (exported with `bd.to_hf`). Forward pre-hooks / hooks on the teacher's decoder layers
+    capture each layer's input and output; forward pre-hooks on the student's layers
+    replace each layer's input hidden state by the teacher's (the approach of NVIDIA
+    Model-Optimizer's layerwise distillation); the loss is the cosine distance of each
+    student layer's output to the teacher's, averaged over tokens and layers; backward,
+    global-norm clipping at 1.0 and AdamW (lr 1e-3, betas (0.9, 0.95), eps 1e-8, no decay),
+    like `bd.make_optimizer(1e-3)`. Only the decoder stacks run (`model.model`), no LM head.
+    """
+
+    def __init__(
+        self, teacher_dir: str, student_dir: str, tokens: np.ndarray, threads: int
+    ):
+        import torch
+        import transformers
+
+        self.torch = torch
+        torch.set_num_threads(threads)
+        transformers.utils.logging.disable_progress_bar()
+        load = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+        self.teacher = transformers.LlamaForCausalLM.from_pretrained(
+            teacher_dir, **load
+        ).eval()
+        self.teacher.requires_grad_(False)
+        self.student = transformers.LlamaForCausalLM.from_pretrained(
+            student_dir, **load
+        ).train()
+        self.input_ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.teacher_in: dict[int, Any] = {}
+        self.teacher_out: dict[int, Any] = {}
+        self.student_out: dict[int, Any] = {}
+        for index, layer in enumerate(self.teacher.model.layers):
+            layer.register_forward_pre_hook(
+                self._capture_input(index), with_kwargs=True
+            )
+            layer.register_forward_hook(self._capture_output(self.teacher_out, index))
+        for index, layer in enumerate(self.student.model.layers):
+            layer.register_forward_pre_hook(self._inject(index), with_kwargs=True)
+            layer.register_forward_hook(self._capture_output(self.student_out, index))
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
+        )
+        self.last_loss = None
+
+    def _capture_input(self, index: int):
+        def hook(module, args, kwargs):
+            self.teacher_in[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    @staticmethod
+    def _capture_output(store: dict, index: int):
+        def hook(module, args, output):
+            store[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _inject(self, index: int):
+        def hook(module, args, kwargs):
+            injected = self.teacher_in[index]
+            if args:
+                return (injected, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": injected}
+
+        return hook
+
+    def loss(self):
+        torch = self.torch
+        with torch.no_grad():
+            self.teacher.model(input_ids=self.input_ids, use_cache=False)
+        self.student.model(input_ids=self.input_ids, use_cache=False)
+        per_layer = [
+            (
+                1.0
+                - torch.nn.functional.cosine_similarity(
+                    self.student_out[i], self.teacher_out[i], dim=-1, eps=1e-6
+                )
+            ).mean()
+            for i in range(len(self.student.model.layers))
+        ]
+        return torch.stack(per_layer).mean()
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss()
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.last_loss = float(loss.detach())
+
+
+def torch_matmul_gflops(sizes: Sizes) -> float:
+    """The same best-of-N fp32 square matmul in torch (its BLAS), for reference."""
+    import torch
+
+    best_rate = 0.0
+    for n in sizes.matmul_sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)
+        for _ in range(sizes.matmul_repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            best_rate = max(best_rate, 2.0 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best_rate
+
+
+# ----------------------------------------------------------------------------- 4, 5: sweep
+
+
+def compile_step(kind: str, teacher_cfg, student_cfg, sizes: Sizes, run: bool):
+    """AOT-compile one distillation step; returns timings, memory and XLA FLOPs."""
+    teacher = bd.Teacher(bd.Transformer(teacher_cfg, key=jax.random.key(0)))
+    student = bd.Transformer(student_cfg, key=jax.random.key(2))
+    tokens, mask = synthetic_batch(
+        sizes.vocab_size, sizes.sweep_batch, sizes.sweep_seq_len
+    )
+    objective = bd.DistillationObjective(**OBJECTIVES[kind])
+    optimizer = bd.make_optimizer(1e-3)
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+    frozen = (teacher, tokens, mask, jnp.int32(0))
+    start = time.perf_counter()
+    lowered = _jitted_step.lower(
+        frozen, student, opt_state, objective=objective, optimizer=optimizer
+    )
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    result: dict[str, Any] = {
+        "lower_s": lowered_at - start,
+        "compile_s": compiled_at - lowered_at,
+    }
+    if run:
+        out = compiled(
+            frozen, student, opt_state, objective=objective, optimizer=optimizer
+        )
+        jax.block_until_ready(out)
+        result["first_step_s"] = time.perf_counter() - compiled_at
+        result["total_s"] = time.perf_counter() - start
+    memory = compiled.compiled.memory_analysis()
+    result["temp_bytes"] = int(memory.temp_size_in_bytes)
+    result["argument_bytes"] = int(memory.argument_size_in_bytes)
+    cost = compiled.compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    result["xla_flops"] = float(cost.get("flops", 0.0)) if cost else None
+    result["model_flops"] = step_flops(
+        kind, teacher_cfg, student_cfg, sizes.sweep_seq_len, sizes.sweep_batch
+    )
+    return result
+
+
+def run_sweep(sizes: Sizes) -> dict[str, Any]:
+    # warm up XLA and the tracing caches of the package so that the first depth is not
+    # charged for one-off initialisation
+    teacher_cfg, student_cfg = sweep_configs(sizes, 2)
+    compile_step(DEFAULT_BLOCKWISE, teacher_cfg, student_cfg, sizes, run=True)
+    compile_times: dict[str, dict[str, Any]] = {"scan": {}, "unrolled": {}}
+    temp_bytes: dict[str, dict[str, dict[str, int]]] = {
+        kind: {remat: {} for remat in sizes.remats}
+        for kind in ("blockwise_attention", "blockwise_layer", "kd")
+    }
+    unrolled_temp: dict[str, int] = {}
+    xla_check = {}
+    for mode in ("scan", "unrolled"):
+        for depth in sizes.depths:
+            teacher_cfg, student_cfg = sweep_configs(
+                sizes, depth, scan_layers=mode == "scan"
+            )
+            result = compile_step(
+                DEFAULT_BLOCKWISE, teacher_cfg, student_cfg, sizes, run=True
+            )
+            compile_times[mode][str(depth)] = result
+            log(
+                f"  {mode:8s} depth {depth:3d}: lower {result['lower_s']:.2f}s compile "
+                f"{result['compile_s']:.2f}s first step {result['first_step_s']:.2f}s, "
+                f"temp {result['temp_bytes'] / 2**20:.1f} MiB"
+            )
+            if mode == "scan":
+                temp_bytes["blockwise_attention"]["none"][str(depth)] = result[
+                    "temp_bytes"
+                ]
+            else:
+                unrolled_temp[str(depth)] = result["temp_bytes"]
+                # an unrolled program is counted in full by XLA (a scan's body only once)
+                xla_check[str(depth)] = {
+                    "xla_flops": result["xla_flops"],
+                    "model_flops": result["model_flops"],
+                    "xla_over_model": (result["xla_flops"] or 0.0)
+                    / result["model_flops"],
+                }
+    kinds = {
+        "blockwise_attention": DEFAULT_BLOCKWISE,
+        "blockwise_layer": LAYER_BLOCKWISE,
+        "kd": "kd",
+    }
+    for name, kind in kinds.items():
+        for remat in sizes.remats:
+            for depth in sizes.depths:
+                if str(depth) in temp_bytes[name][remat]:
+                    continue
+                teacher_cfg, student_cfg = sweep_configs(sizes, depth)
+                student_cfg = student_cfg.replace(remat=remat)
+                result = compile_step(kind, teacher_cfg, student_cfg, sizes, run=False)
+                temp_bytes[name][remat][str(depth)] = result["temp_bytes"]
+                log(
+                    f"  temp {name:20s} remat={remat:5s} depth {depth:3d}: {result['temp_bytes'] / 2**20:.1f} MiB"
+                )
+    return {
+        "compile": compile_times,
+        "temp_bytes": temp_bytes,
+        "temp_bytes_unrolled_blockwise_attention": unrolled_temp,
+        "xla_flops_check_unrolled": xla_check,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def compile_ratio(times: dict[str, dict[str, Any]], depths: tuple[int, ...]) -> float:
+    return times[str(depths[-1])]["total_s"] / times[str(depths[0])]["total_s"]
+
+
+def state_bytes_per_layer(sizes: Sizes) -> dict[str, int]:
+    """The bytes per layer that any blockwise step must hold: two teacher states per layer
+    (`attn_in`/`attn_out` or `layer_in`/`layer_out`) and one gradient of the student layer."""
+    _, student_cfg = sweep_configs(sizes, 1)
+    student = bd.Transformer(student_cfg, key=jax.random.key(0))
+    layer_params = sum(
+        x.size for x in jax.tree.leaves(eqx.filter(student.layers, eqx.is_array))
+    )
+    states = 2 * sizes.sweep_batch * sizes.sweep_seq_len * sizes.sweep_dim * 4
+    return {"teacher_states": states, "student_gradient": 4 * int(layer_params)}
+
+
+def format_table(results: dict[str, Any], sizes: Sizes) -> str:
+    lines = []
+    add = lines.append
+    add(
+        f"matmul limit: {results['matmul_gflops']:.1f} GFLOP/s (jitted fp32 square matmul, best of "
+        f"{sizes.matmul_repeats} per size for sizes {', '.join(map(str, sizes.matmul_sizes))}, and of one "
+        f"sample per timed round)"
+    )
+    add("")
+    cfg = results["config"]
+    add(
+        f"steps: teacher {cfg['teacher']}, student {cfg['student']}, batch {sizes.batch} x seq {sizes.seq_len}, "
+        f"{sizes.rounds} timed rounds, {results['meta']['threads']} threads"
+    )
+    add("")
+    add(
+        "| step | best s | median s | CPU s (median) | tokens/s (best) | model GFLOP | MFU (best) |"
+    )
+    add("|---|---:|---:|---:|---:|---:|---:|")
+    for name, step in results["steps"].items():
+        add(
+            f"| {name} | {step['min_s']:.3f} | {step['median_s']:.3f} | {step['cpu_median_s']:.2f} | "
+            f"{step['tokens_per_s']:.0f} | {step['model_gflop']:.1f} | {step['mfu']:.3f} |"
+        )
+    add("")
+    if results.get("torch"):
+        torch_info = results["torch"]
+        add(
+            f"PyTorch peer: torch {torch_info['torch']}, transformers {torch_info['transformers']}, "
+            f"{torch_info['torch_threads']} threads; step-0 loss torch {torch_info['loss_step0_torch']:.6f} vs ours "
+            f"{torch_info['loss_step0_ours']:.6f}; torch fp32 matmul best {torch_info['torch_matmul_gflops']:.1f} GFLOP/s"
+        )
+        add("")
+    sweep_cfg = sweep_configs(sizes, 1)[0]
+    add(
+        f"depth sweep: dim {sweep_cfg.dim}, {sweep_cfg.n_heads} heads, MLP {sweep_cfg.mlp_dim}, batch "
+        f"{sizes.sweep_batch} x seq {sizes.sweep_seq_len}; default blockwise step (attention level), no remat"
+    )
+    add("")
+    add(
+        "| depth | scan compile+1st step s | unrolled compile+1st step s | scan temp MiB | unrolled temp MiB |"
+    )
+    add("|---:|---:|---:|---:|---:|")
+    sweep = results["sweep"]
+    for depth in sizes.depths:
+        scan = sweep["compile"]["scan"][str(depth)]
+        unrolled = sweep["compile"]["unrolled"][str(depth)]
+        add(
+            f"| {depth} | {scan['total_s']:.2f} | {unrolled['total_s']:.2f} | "
+            f"{scan['temp_bytes'] / 2**20:.1f} | {unrolled['temp_bytes'] / 2**20:.1f} |"
+        )
+    add("")
+    add("compiled temporary MiB by depth (scanned stack):")
+    add("")
+    add(
+        "| step | remat | "
+        + " | ".join(f"d={d}" for d in sizes.depths)
+        + " | growth | MiB/layer |"
+    )
+    add("|---|---|" + "---:|" * (len(sizes.depths) + 2))
+    for kind, by_remat in results["temp_bytes"].items():
+        for remat, by_depth in by_remat.items():
+            values = [by_depth[str(d)] for d in sizes.depths]
+            slope = (values[-1] - values[0]) / (sizes.depths[-1] - sizes.depths[0])
+            add(
+                f"| {kind} | {remat} | "
+                + " | ".join(f"{v / 2**20:.1f}" for v in values)
+                + f" | {values[-1] / values[0]:.2f}x | {slope / 2**20:.3f} |"
+            )
+    floor = results["state_bytes_per_layer"]
+    add("")
+    add(
+        f"per-layer floor of a blockwise step: teacher states {floor['teacher_states'] / 2**20:.3f} MiB + "
+        f"student layer gradient {floor['student_gradient'] / 2**20:.3f} MiB"
+    )
+    add("")
+    add("| ratio | value | target | met |")
+    add("|---|---:|---|---|")
+    for key, target in results["targets"].items():
+        value = target["value"]
+        shown = "n/a" if value is None else f"{value:.3f}"
+        add(
+            f"| {key} | {shown} | {target['target']} | {'yes' if target['met'] else 'no'} |"
+        )
+    add(
+        f"| unrolled_compile_ratio | {results['unrolled_compile_ratio']:.3f} | (reported) | |"
+    )
+    add("")
+    add(
+        "| ratio | paired (median of per-round ratios) | ratio of best times | ratio of median CPU s |"
+    )
+    add("|---|---:|---:|---:|")
+    for key, value in results["ratios"].items():
+        add(
+            f"| {key} | {value:.3f} | {results['ratios_best_of'][key]:.3f} | "
+            f"{results['ratios_from_cpu_time'][key]:.3f} |"
+        )
+    add("")
+    add(
+        f"recompiles of the step during the timed rounds: {results['recompiles_during_timed_steps']}"
+    )
+    return "\n".join(lines)
+
+
+def check_targets(results: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+    full_remat = results["temp_bytes"]["blockwise_attention"].get("full", {})
+    growth = None
+    if full_remat:
+        growth = full_remat[str(sizes.depths[-1])] / full_remat[str(sizes.depths[0])]
+    values = {
+        "mfu": results["mfu"],
+        "vs_torch": results["vs_torch"],
+        "scan_compile_ratio": results["scan_compile_ratio"],
+        "blockwise_vs_kd": results["blockwise_vs_kd"],
+        "remat_temp_growth": growth,
+    }
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        value = values[key]
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        out[key] = {"value": value, "target": f"{op} {bound}", "met": bool(met)}
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes (minutes on 2 cores)"
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", help="write the results as JSON to FILE"
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    began = time.perf_counter()
+    threads = cpu_threads()
+    results: dict[str, Any] = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "quick": args.quick,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": threads,
+            "jax": jax.__version__,
+            "equinox": eqx.__version__,
+            "blockdistill": bd.__version__,
+            "backend": jax.default_backend(),
+            "sizes": dataclasses.asdict(sizes),
+        }
+    }
+
+    log("1. matmul limit")
+    matmul = measure_matmul(sizes)
+    results["matmul_gflops"] = matmul["gflops"]
+    results["matmul"] = matmul
+
+    log("2/3/6/7. distillation steps")
+    t_cfg, s_cfg = teacher_config(sizes), student_config(sizes)
+    results["config"] = {
+        "teacher": {
+            k: v
+            for k, v in t_cfg.to_dict().items()
+            if k
+            in ("dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "vocab_size")
+        },
+        "student": {
+            k: v
+            for k, v in s_cfg.to_dict().items()
+            if k
+            in ("dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "vocab_size")
+        },
+        "seq_len": sizes.seq_len,
+        "batch": sizes.batch,
+    }
+    teacher_model = bd.Transformer(t_cfg, key=jax.random.key(0))
+    teacher = bd.Teacher(teacher_model)
+    student = bd.Transformer(s_cfg, key=jax.random.key(2))
+    tokens, mask = synthetic_batch(sizes.vocab_size, sizes.batch, sizes.seq_len)
+
+    # the loss the PyTorch peer must reproduce at step 0 (same weights, same batch)
+    layer_objective = bd.DistillationObjective(**OBJECTIVES[LAYER_BLOCKWISE])
+    ours_loss0 = float(
+        eqx.filter_jit(lambda s, t, x, m: layer_objective(s, jax.vmap(t)(x), x, m)[0])(
+            student, teacher, tokens, mask
+        )
+    )
+
+    runners: dict[str, Callable[[], None]] = {}
+    first_call: dict[str, float] = {}
+    xla: dict[str, float | None] = {}
+    for name, kwargs in OBJECTIVES.items():
+        objective = bd.DistillationObjective(**kwargs)
+        runner = JaxStepRunner(objective, student, teacher, tokens, mask)
+        start = time.perf_counter()
+        runner()  # trace + compile + first step
+        first_call[name] = time.perf_counter() - start
+        xla[name] = xla_flops(objective, teacher, student, tokens, mask)
+        log(f"  {name}: first call (compile + step) {first_call[name]:.2f}s")
+        runners[name] = runner
+
+    torch_info: dict[str, Any] = {}
+    if not args.no_torch:
+        import torch
+        import transformers
+
+        with tempfile.TemporaryDirectory() as folder:
+            teacher_dir = str(bd.to_hf(teacher_model, os.path.join(folder, "teacher")))
+            student_dir = str(bd.to_hf(student, os.path.join(folder, "student")))
+            peer = TorchBlockwisePeer(
+                teacher_dir, student_dir, np.asarray(tokens), threads
+            )
+        with torch.no_grad():
+            torch_loss0 = float(peer.loss())
+        start = time.perf_counter()
+        peer()
+        first_call["torch_blockwise_layer"] = time.perf_counter() - start
+        runners["torch_blockwise_layer"] = peer
+        torch_info = {
+            "torch_matmul_gflops": torch_matmul_gflops(sizes),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loss_step0_torch": torch_loss0,
+            "loss_step0_ours": ours_loss0,
+            "loss_step0_abs_diff": abs(torch_loss0 - ours_loss0),
+        }
+        log(f"  torch peer: step-0 loss {torch_loss0:.6f} vs ours {ours_loss0:.6f}")
+
+    best_size = max(matmul["per_size"], key=matmul["per_size"].get)
+    matmul_runner = MatmulRunner(int(best_size))
+    runners["matmul"] = matmul_runner
+    cache_before = _jitted_step._cached._cache_size()
+    wall, cpu = round_robin(runners, sizes.rounds)
+    results["recompiles_during_timed_steps"] = (
+        _jitted_step._cached._cache_size() - cache_before
+    )
+    del wall["matmul"], cpu["matmul"]
+    matmul["in_rounds"] = matmul_runner.gflops
+    results["matmul_gflops"] = max(matmul["gflops"], *matmul_runner.gflops)
+
+    tokens_per_step = sizes.batch * sizes.seq_len
+    steps = {}
+    for name, samples in wall.items():
+        kind = LAYER_BLOCKWISE if name.startswith("torch") else name
+        flops = step_flops(kind, t_cfg, s_cfg, sizes.seq_len, sizes.batch)
+        best = min(samples)
+        steps[name] = {
+            "min_s": best,
+            "median_s": statistics.median(samples),
+            "times_s": samples,
+            "cpu_median_s": statistics.median(cpu[name]),
+            "cpu_times_s": cpu[name],
+            "first_call_s": first_call[name],
+            "tokens_per_s": tokens_per_step / best,
+            "tokens_per_s_median": tokens_per_step / statistics.median(samples),
+            "model_gflop": flops / 1e9,
+            "mfu": flops / best / (results["matmul_gflops"] * 1e9),
+            "xla_gflop_scan_body_once": None
+            if xla.get(name) is None
+            else xla[name] / 1e9,
+        }
+    results["steps"] = steps
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of the ratio of the two steps' wall times in that round."""
+        return statistics.median(x / y for x, y in zip(wall[a], wall[b]))
+
+    def ratio(a: str, b: str, key: str) -> float:
+        return steps[a][key] / steps[b][key]
+
+    pairs = {
+        "blockwise_vs_kd": (DEFAULT_BLOCKWISE, "kd"),
+        "blockwise_layer_vs_kd": (LAYER_BLOCKWISE, "kd"),
+        "vmap_vs_scan_attention": (
+            "blockwise_attention_vmap",
+            "blockwise_attention_scan",
+        ),
+        "vmap_vs_scan_layer": ("blockwise_layer_vmap", "blockwise_layer_scan"),
+    }
+    if torch_info:
+        pairs["vs_torch"] = (
+            "torch_blockwise_layer",
+            LAYER_BLOCKWISE,
+        )  # torch time / ours
+    results["ratios"] = {key: paired(a, b) for key, (a, b) in pairs.items()}
+    # cross-checks: ratio of the best wall times, and of the median CPU seconds
+    results["ratios_best_of"] = {
+        key: ratio(a, b, "min_s") for key, (a, b) in pairs.items()
+    }
+    results["ratios_from_cpu_time"] = {
+        key: ratio(a, b, "cpu_median_s") for key, (a, b) in pairs.items()
+    }
+
+    results["tokens_per_s"] = steps[DEFAULT_BLOCKWISE]["tokens_per_s"]
+    results["mfu"] = steps[DEFAULT_BLOCKWISE]["mfu"]
+    results["blockwise_vs_kd"] = results["ratios"]["blockwise_vs_kd"]
+    results["blockwise_layer_vs_kd"] = results["ratios"]["blockwise_layer_vs_kd"]
+    results["vmap_vs_scan"] = {
+        "attention": results["ratios"]["vmap_vs_scan_attention"],
+        "layer": results["ratios"]["vmap_vs_scan_layer"],
+    }
+    if torch_info:
+        results["vs_torch"] = results["ratios"]["vs_torch"]
+        results["torch"] = torch_info
+    else:
+        results["vs_torch"] = None
+    runners.clear()  # free the students and optimizer states before the sweep
+
+    log("4/5. compile time and memory by depth")
+    sweep = run_sweep(sizes)
+    results["sweep"] = sweep
+    results["scan_compile_ratio"] = compile_ratio(
+        sweep["compile"]["scan"], sizes.depths
+    )
+    results["unrolled_compile_ratio"] = compile_ratio(
+        sweep["compile"]["unrolled"], sizes.depths
+    )
+    results["temp_bytes"] = sweep["temp_bytes"]
+    results["state_bytes_per_layer"] = state_bytes_per_layer(sizes)
+    results["targets"] = check_targets(results, sizes)
+    results["elapsed_s"] = time.perf_counter() - began
+
+    table = format_table(results, sizes)
+    print(table)
+    print(f"\n(total {results['elapsed_s']:.0f}s)")
+    results["table"] = table
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+            file.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
