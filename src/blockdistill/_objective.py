@@ -185,11 +185,13 @@ class DistillationObjective(eqx.Module):
     - `injected_pass`: how the injected pass runs: `"vmap"` (one `jax.vmap` over the
       stacked layers, computing only the compared part of each block: the layer-parallel
       mode), `"scan"` (the student's own scanned stack with `inject` as scanned inputs),
-      or `"auto"` (default): `"vmap"` at `"layer"` level and `"scan"` at `"attention"`
-      level, the faster of the two in our CPU measurements (dim 256, 6 layers, seq 256,
-      batch 8: layer level vmap 1.03 s vs scan 1.26 s per step; attention level scan
-      0.69 s vs vmap 0.88 s; see `benchmarks/`). Both give the same losses and
-      gradients.
+      or `"auto"` (default): `"scan"`. Measured side by side (BENCHMARKS.md, dim 512,
+      8 layers, batch 8 x 512, CPU), the scan was 1.08x faster at layer level and 1.11x
+      at attention level, and only the scan honours `remat` (a checkpoint inside a vmap
+      over all layers saves nothing: 1118 MiB vs 165 MiB at depth 48). At small shapes
+      vmap won by up to 10%. On a mesh with a `layers` axis, choose `"vmap"`: each device
+      then computes its own blocks (the CLI does this for `auto`). Both give the same
+      losses and gradients.
 
     **Call:** `objective(student, teacher_out, tokens, mask=None, step=0) -> (loss, metrics)`
     on a batch: `tokens` is `Int[Array, "batch seq"]`, `teacher_out` the batched
@@ -343,7 +345,7 @@ class DistillationObjective(eqx.Module):
             target = teacher_out.states.layer_out[:, ends]
         injected_pass = self.injected_pass
         if injected_pass == "auto":
-            injected_pass = "vmap" if self.inject_at == "layer" else "scan"
+            injected_pass = "scan"
         if injected_pass == "vmap":
             predicted = jax.vmap(
                 lambda t, inj: student.blockwise_outputs(t, inj, inject_at=self.inject_at)
