@@ -162,7 +162,7 @@ class Run:
         folder = out if self.writer else out / f".process-{jax.process_index()}"
         self.metrics_path = folder / METRICS_FILE
         self.stop_requested = False
-        self.pending: list[tuple[int, dict, float]] = []
+        self.pending: list[tuple[int, dict]] = []
         self.last_checkpoint: int | None = None
 
     # --------------------------------------------------------------- resumption
@@ -206,11 +206,17 @@ class Run:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def flush(self, now: float, since: float, tokens_per_step: int) -> list[dict]:
-        """Fetch pending step metrics (one transfer), check them, append them."""
+    def flush(
+        self, now: float, since: float, tokens_per_step: int, last_fields: dict | None = None
+    ) -> list[dict]:
+        """Fetch pending step metrics (one transfer), check them, append them.
+
+        `last_fields` are merged into the last step's record before it is written (eval
+        results, the compile time); a field whose value is `None` is removed instead.
+        """
         if not self.pending:
             return []
-        steps, device_metrics, _ = zip(*self.pending)
+        steps, device_metrics = zip(*self.pending)
         host = jax.device_get(list(device_metrics))
         elapsed = max(now - since, 1e-9)
         tokens_per_s = tokens_per_step * len(steps) / elapsed
@@ -226,6 +232,12 @@ class Run:
             if not math.isfinite(record["loss"]):
                 bad_step = step
                 break
+        if bad_step is None:
+            for key, value in (last_fields or {}).items():
+                if value is None:
+                    records[-1].pop(key, None)
+                else:
+                    records[-1][key] = value
         self.pending = []
         self.write_lines(records)
         if bad_step is not None:
@@ -340,27 +352,20 @@ def train(
             tokens, mask = _place_batch(mesh, *next(batcher))
             model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, step)
             step += 1
-            if step == start + 1:  # the first step compiles: time it on its own
-                jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - since
-                run.pending.append((step, metrics, 0.0))
-                records = run.flush(time.perf_counter(), since, tokens_per_step)
-                # a compile-inclusive rate is meaningless: report the compile time instead
-                _rewrite_last(run, {"compile_s": compile_s, "tokens_per_s": None})
-                since = time.perf_counter()
-                last_record = records[-1]
-            else:
-                run.pending.append((step, metrics, 0.0))
+            run.pending.append((step, metrics))
+            first = step == start + 1
             is_eval = step % cfg.eval_every == 0 or step == cfg.steps
             is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or run.stop_requested
-            if step % cfg.log_every == 0 or is_eval or is_checkpoint:
-                if run.pending:
-                    records = run.flush(time.perf_counter(), since, tokens_per_step)
-                    last_record = records[-1]
+            if first or step % cfg.log_every == 0 or is_eval or is_checkpoint:
+                fields: dict = {}
+                if first:  # the first step compiles: a compile-inclusive rate means nothing
+                    jax.block_until_ready(metrics)
+                    fields = {"compile_s": time.perf_counter() - since, "tokens_per_s": None}
+                now = time.perf_counter()
                 if is_eval:
-                    evaluation = do_eval(step)
-                    _rewrite_last(run, evaluation)
-                    last_record = {**last_record, **evaluation}
+                    fields.update(do_eval(step))
+                records = run.flush(now, since, tokens_per_step, fields)
+                last_record = records[-1]
                 if is_checkpoint:
                     save(step)
                 since = time.perf_counter()
@@ -388,21 +393,6 @@ def train(
             "rerun the same command to resume"
         )
     return {"model": model, "step": step, "evals": _read_evals(run)}
-
-
-def _rewrite_last(run: Run, fields: dict) -> None:
-    """Merge `fields` into the last line of metrics.jsonl (eval results of that step)."""
-    lines = run.metrics_path.read_text().splitlines()
-    record = json.loads(lines[-1])
-    for key, value in fields.items():
-        if value is None:
-            record.pop(key, None)
-        else:
-            record[key] = value
-    lines[-1] = json.dumps(record, sort_keys=True)
-    tmp = run.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, run.metrics_path)
 
 
 def _read_evals(run: Run) -> dict[int, dict]:
