@@ -1,0 +1,383 @@
+"""Quality study: which distillation recipe recovers the shipped teacher fastest.
+
+Every run distils the shipped teacher on the default corpus with the main job's budget
+(150 steps of 8 x 256 bytes = 307,200 training tokens) and records the held-out loss every
+25 steps. Students: half the MLP width, half the layers (grouped) and half the KV heads,
+each pruned from the teacher and, as a control, from random init. Recipes: logit KD,
+blockwise only (attention level, the MaxText mode; layer level, the Puzzle mode, with
+cosine / l2 / nmse), a constant 50/50 mix, blockwise annealed into KD, and that anneal plus
+label cross-entropy.
+
+    python experiments/quality.py                 # run what is missing, then report
+    python experiments/quality.py --report-only   # rebuild the table and plots from the results
+
+Each run is an ordinary `blockdistill distill` run (in process) in `--out/<name>/`; a run
+that finished is skipped and a crashed one resumes from its checkpoint, so rerunning the
+command continues the study. The per-run results go to `experiments/quality_results.json`
+and the report (table and plots) into `docs/quality.md` between its generated-section
+markers and `docs/images/quality_*.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "quality_results.json"
+PAGE = ROOT / "docs" / "quality.md"
+IMAGES = ROOT / "docs" / "images"
+BEGIN = "<!-- quality-study:begin (written by experiments/quality.py; do not edit) -->"
+END = "<!-- quality-study:end -->"
+COMMAND = "python experiments/quality.py"
+DEFAULT_STEPS = 150  # the main job's budget (DistillConfig.steps)
+
+#: student shapes (DistillConfig fields); each is run pruned and from random init
+STUDENTS: dict[str, dict[str, Any]] = {
+    "mlp": {"mlp_ratio": 0.5},
+    "layers": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": 2},
+    "kv": {"mlp_ratio": 1.0, "kv_heads_ratio": 0.5},
+}
+STUDENT_LABELS = {
+    "mlp": "half MLP width",
+    "layers": "half the layers (grouped)",
+    "kv": "half the KV heads",
+}
+
+_BLOCKWISE = {"blockwise_weight": 1.0, "blockwise_schedule": "constant"}
+#: recipes (DistillConfig fields)
+RECIPES: dict[str, dict[str, Any]] = {
+    "kd": {"blockwise_weight": 0.0, "blockwise_schedule": "constant"},
+    "attn-cosine": {**_BLOCKWISE, "inject_at": "attention", "feature_loss": "cosine"},
+    "layer-cosine": {**_BLOCKWISE, "inject_at": "layer", "feature_loss": "cosine"},
+    "layer-l2": {**_BLOCKWISE, "inject_at": "layer", "feature_loss": "l2"},
+    "layer-nmse": {**_BLOCKWISE, "inject_at": "layer", "feature_loss": "nmse"},
+    "mix-0.5": {"blockwise_weight": 0.5, "blockwise_schedule": "constant",
+                "inject_at": "layer", "feature_loss": "cosine"},
+    "anneal": {"blockwise_weight": 1.0, "blockwise_weight_end": 0.0, "blockwise_schedule": "linear",
+               "inject_at": "layer", "feature_loss": "cosine"},
+    "anneal+ce": {"blockwise_weight": 1.0, "blockwise_weight_end": 0.0, "blockwise_schedule": "linear",
+                  "inject_at": "layer", "feature_loss": "cosine", "label_weight": 0.5},
+}
+RECIPE_LABELS = {
+    "kd": "KD only (w = 0)",
+    "attn-cosine": "blockwise, attention level, cosine",
+    "layer-cosine": "blockwise, layer level, cosine",
+    "layer-l2": "blockwise, layer level, l2",
+    "layer-nmse": "blockwise, layer level, nmse",
+    "mix-0.5": "constant mix w = 0.5 (layer, cosine)",
+    "anneal": "blockwise -> KD, linear 1 -> 0 (layer, cosine)",
+    "anneal+ce": "anneal + 0.5 label CE",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    student: str
+    init: str
+    recipe: str
+    seed: int
+    steps: int = DEFAULT_STEPS
+
+    @property
+    def name(self) -> str:
+        name = f"{self.student}-{self.init}/{self.recipe}/seed{self.seed}"
+        return name if self.steps == DEFAULT_STEPS else f"{name}/steps{self.steps}"
+
+
+def plan(seeds: tuple[int, ...], steps: int = DEFAULT_STEPS) -> list[Run]:
+    """The grid, most important first (a partial study still answers the main question).
+
+    The main job's student (half MLP, pruned) gets every recipe; the other pruned students
+    get the recipes that can differ for them (the attention-level mode needs the student's
+    depth to match the teacher's, so the half-depth student skips it); the random-init
+    controls get KD, layer-level blockwise and the anneal.
+    """
+    runs = [Run("mlp", "prune", r, s, steps) for s in seeds for r in RECIPES]
+    runs += [Run("kv", "prune", r, s, steps) for s in seeds
+             for r in ("kd", "attn-cosine", "layer-cosine", "mix-0.5", "anneal")]
+    runs += [Run("layers", "prune", r, s, steps) for s in seeds
+             for r in ("kd", "layer-cosine", "mix-0.5", "anneal")]
+    runs += [Run(st, "random", r, s, steps) for s in seeds for st in STUDENTS
+             for r in ("kd", "layer-cosine", "anneal")]
+    return runs
+
+
+def budget(steps: int, quick: bool) -> dict[str, Any]:
+    if quick:  # a smoke test of the machinery, never used for the docs' table
+        return {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "eval_batches": 2,
+                "batch_size": 2, "seq_len": 64, "calibration_batches": 1, "warmup_steps": 1}
+    # the main job's batches (DistillConfig defaults), evaluated 6 times per run
+    return {"steps": steps, "eval_every": max(1, steps // 6), "checkpoint_every": 50,
+            "eval_batches": 16, "batch_size": 8, "seq_len": 256}
+
+
+def config_for(run: Run, out: pathlib.Path, quick: bool):
+    from blockdistill._runconfig import DistillConfig
+
+    return DistillConfig(
+        out=str(out), seed=run.seed, student_init=run.init, progress=False, plots=False,
+        keep_checkpoints=1, **budget(run.steps, quick), **STUDENTS[run.student], **RECIPES[run.recipe],
+    )
+
+
+def execute(run: Run, root: pathlib.Path, quick: bool) -> dict[str, Any]:
+    """Run (or resume) one distillation and return its record."""
+    from blockdistill._loop import distill
+
+    out = root / run.name
+    cfg = config_for(run, out, quick)
+    resumed = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    start = time.perf_counter()
+    summary = distill(cfg)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [(r["step"], r["eval/student_loss"]) for r in records if "eval/student_loss" in r]
+    rates = sorted(r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    return {
+        **dataclasses.asdict(run), "name": run.name,
+        "steps": cfg.steps, "tokens_per_step": tokens_per_step,
+        "eval_steps": [s for s, _ in evals], "eval_loss": [v for _, v in evals],
+        "teacher_loss": summary["teacher_loss"],
+        "wall_s": None if resumed else wall,
+        "train_tokens_per_s": rates[len(rates) // 2] if rates else None,
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "progress", "plots")},
+    }
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def gap_curve(record: dict[str, Any]) -> list[float]:
+    """Fraction of the (initial student - teacher) gap closed at each evaluation."""
+    initial, teacher = record["eval_loss"][0], record["teacher_loss"]
+    gap = initial - teacher
+    return [(initial - loss) / gap if gap > 0 else math.nan for loss in record["eval_loss"]]
+
+
+def tokens_to(record: dict[str, Any], fraction: float) -> float | None:
+    """Training tokens until `fraction` of the gap is first closed, linearly interpolated
+    between the two evaluations around the crossing; None when it is never reached."""
+    closed = gap_curve(record)
+    tokens = [s * record["tokens_per_step"] for s in record["eval_steps"]]
+    for i in range(1, len(closed)):
+        if closed[i] >= fraction:
+            before, after = closed[i - 1], closed[i]
+            share = (fraction - before) / (after - before) if after > before else 1.0
+            return tokens[i - 1] + share * (tokens[i] - tokens[i - 1])
+    return None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Records by (student, init, recipe), in the order of `plan` (all of one budget)."""
+    order = {(r.student, r.init, r.recipe): i for i, r in enumerate(plan((0,)))}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for record in sorted(records, key=lambda r: (order.get((r["student"], r["init"], r["recipe"]), 10**6),
+                                                  r["seed"])):
+        groups.setdefault((record["student"], record["init"], record["recipe"]), []).append(record)
+    return groups
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (student, init, recipe), averaged over seeds (records of one budget)."""
+    rows = []
+    for (student, init, recipe), group in _groups(records).items():
+        finals = [g["eval_loss"][-1] for g in group]
+        t50 = [tokens_to(g, 0.5) for g in group]
+        t90 = [tokens_to(g, 0.9) for g in group]
+        walls = [g["wall_s"] for g in group if g["wall_s"] is not None]
+        rates = [g["train_tokens_per_s"] for g in group if g["train_tokens_per_s"]]
+        rows.append({
+            "student": student, "init": init, "recipe": recipe, "seeds": len(group),
+            "initial": _mean([g["eval_loss"][0] for g in group]),
+            "final": _mean(finals), "final_spread": max(finals) - min(finals),
+            "closed": _mean([gap_curve(g)[-1] for g in group]),
+            # "not reached" when any seed did not reach it
+            "tokens_50": None if None in t50 else _mean(t50),  # type: ignore[arg-type]
+            "tokens_90": None if None in t90 else _mean(t90),  # type: ignore[arg-type]
+            "wall_s": _mean(walls) if walls else None,
+            "tokens_per_s": _mean(rates) if rates else None,
+        })
+    return rows
+
+
+def _fmt_tokens(value: float | None) -> str:
+    return "not reached" if value is None else f"{value / 1000:.0f}k"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table; the best final loss of each student (and init) is in bold."""
+    lines = [
+        "| student | init | recipe | seeds | eval at step 0 | final eval | gap closed "
+        "| tokens to 50% | tokens to 90% | wall time | train tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    best: dict[tuple[str, str], float] = {}
+    for row in rows:
+        key = (row["student"], row["init"])
+        best[key] = min(best.get(key, math.inf), row["final"])
+    for row in rows:
+        final = f"{row['final']:.4f}"
+        if row["seeds"] > 1:
+            final += f" ± {row['final_spread'] / 2:.4f}"
+        if row["final"] == best[(row["student"], row["init"])]:
+            final = f"**{final}**"
+        wall = "-" if row["wall_s"] is None else f"{row['wall_s'] / 60:.1f} min"
+        rate = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}"
+        lines.append(
+            f"| {STUDENT_LABELS[row['student']]} | {row['init']} | {RECIPE_LABELS[row['recipe']]} "
+            f"| {row['seeds']} | {row['initial']:.4f} | {final} | {row['closed']:.1%} "
+            f"| {_fmt_tokens(row['tokens_50'])} | {_fmt_tokens(row['tokens_90'])} | {wall} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "") -> list[pathlib.Path]:
+    """`quality_pruned<suffix>.png` (one panel per pruned student) and
+    `quality_random<suffix>.png` (the random-init controls): held-out loss against training
+    tokens, averaged over seeds (records of one budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images.mkdir(parents=True, exist_ok=True)
+    colours = dict(zip(RECIPES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    groups = _groups(records)
+    written = []
+    for init in ("prune", "random"):
+        students = [s for s in STUDENTS if any(k[0] == s and k[1] == init for k in groups)]
+        if not students:
+            continue
+        fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students), 4.2), squeeze=False)
+        for ax, student in zip(axes[0], students):
+            for (s, i, recipe), group in groups.items():
+                if (s, i) != (student, init):
+                    continue
+                tokens = np.asarray(group[0]["eval_steps"]) * group[0]["tokens_per_step"] / 1000
+                loss = np.mean([g["eval_loss"] for g in group], axis=0)
+                ax.plot(tokens, loss, marker=".", label=recipe, color=colours[recipe])
+                teacher = group[0]["teacher_loss"]
+            ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            ax.set_title(f"{STUDENT_LABELS[student]}, {init}")
+            ax.set_xlabel("training tokens (thousands)")
+            ax.set_ylabel("held-out loss (nats/byte)")
+            if init == "random":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = images / f"quality_{'pruned' if init == 'prune' else 'random'}{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Path) -> str:
+    """Write a table and plots per budget; replace the generated section of `page`."""
+    body = [BEGIN, "", f"Produced by `{COMMAND}`; every run's curve is in `experiments/quality_results.json`.", ""]
+    budgets = sorted({r["steps"] for r in records}, key=lambda s: (s != DEFAULT_STEPS, s))
+    for steps in budgets:
+        chosen = [r for r in records if r["steps"] == steps]
+        first = chosen[0]
+        cfg = first["config"]
+        tokens = steps * first["tokens_per_step"]
+        if len(budgets) > 1:
+            body += [f"### {tokens:,} training tokens ({steps} steps)", ""]
+        body += [
+            f"Budget per run: {steps} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes = {tokens:,} "
+            f"training tokens; held-out loss (nats/byte) on {cfg['eval_batches']} fixed batches of "
+            f"{cfg['batch_size']} x {cfg['seq_len']} bytes every {cfg['eval_every']} steps; AdamW at "
+            f"{cfg['learning_rate']} with {cfg['warmup_steps']} warm-up steps and cosine decay. "
+            f"Teacher: {first['teacher_loss']:.4f}. {len(chosen)} runs"
+            + (f" (`--steps {steps}`)." if steps != DEFAULT_STEPS else "."),
+            "",
+            table(aggregate(chosen)),
+            "",
+        ]
+        suffix = "" if steps == DEFAULT_STEPS else f"_steps{steps}"
+        for path in plot(chosen, images, suffix):
+            body += [f"![{path.stem}](images/{path.name})", ""]
+    body.append(END)
+    section = "\n".join(body)
+    if page.exists():
+        text = page.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            text = head + section + tail
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+    else:
+        text = "# Quality study\n\n" + section + "\n"
+    page.write_text(text)
+    return section
+
+
+def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: pathlib.Path, results: dict[str, dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quality", help="folder of the runs (default runs/quality)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--only", default="*", help="comma-separated globs over run names, e.g. 'mlp-prune/*,kv-*/kd/*' (default all)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"training steps per run (default {DEFAULT_STEPS}, the main job's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny budget for testing the machinery; results go to --results only")
+    parser.add_argument("--results", default=None, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--page", default=None, help=f"page to write the report into (default {PAGE.relative_to(ROOT)})")
+    parser.add_argument("--images", default=None, help=f"folder for the plots (default {IMAGES.relative_to(ROOT)})")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the results")
+    args = parser.parse_args(argv)
+    if args.quick and (args.results is None or args.page is None or args.images is None):
+        parser.error("--quick needs --results, --page and --images (its numbers never go into the docs)")
+    results_path = pathlib.Path(args.results) if args.results else RESULTS
+    page = pathlib.Path(args.page) if args.page else PAGE
+    images = pathlib.Path(args.images) if args.images else IMAGES
+    results = load_results(results_path)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    if not args.report_only:
+        patterns = args.only.split(",")
+        todo = [r for r in plan(seeds, args.steps) if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
+        if not todo:
+            parser.error(f"--only {args.only!r} matches no run")
+        for i, run in enumerate(todo):
+            if run.name in results:
+                continue
+            print(f"[{i + 1}/{len(todo)}] {run.name}", file=sys.stderr, flush=True)
+            results[run.name] = execute(run, pathlib.Path(args.out), args.quick)
+            save_results(results_path, results)
+    if not results:
+        print("no results yet: run without --report-only first", file=sys.stderr)
+        return 1
+    print(report(list(results.values()), page, images))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

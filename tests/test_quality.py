@@ -1,0 +1,95 @@
+"""The quality-study script (experiments/quality.py): its machinery on a tiny budget.
+
+The study's numbers come from the full budget and live in docs/quality.md; here we check
+that the script runs recipes through the real main job, resumes, and reports correctly.
+"""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_study", ROOT / "experiments" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _record(losses, teacher=1.0, steps_between=10, tokens_per_step=100):
+    return {"eval_loss": losses, "teacher_loss": teacher, "tokens_per_step": tokens_per_step,
+            "eval_steps": [i * steps_between for i in range(len(losses))]}
+
+
+def test_gap_and_tokens_to(quality):
+    # initial 3.0, teacher 1.0: gap 2.0; closed 0, 0.25, 0.75, 0.95
+    record = _record([3.0, 2.5, 1.5, 1.1])
+    assert quality.gap_curve(record) == pytest.approx([0.0, 0.25, 0.75, 0.95])
+    # 50% lies halfway between the evals at steps 10 (25%) and 20 (75%): step 15 = 1500 tokens
+    assert quality.tokens_to(record, 0.5) == pytest.approx(1500.0)
+    # 90% between steps 20 (75%) and 30 (95%): 3/4 of the way, step 27.5
+    assert quality.tokens_to(record, 0.9) == pytest.approx(2750.0)
+    assert quality.tokens_to(_record([3.0, 2.9, 2.8]), 0.5) is None
+    # a student that starts no worse than the teacher has no gap to close
+    assert all(math.isnan(x) for x in quality.gap_curve(_record([1.0, 0.9])))
+
+
+def test_plan_covers_the_grid(quality):
+    runs = quality.plan((0, 1))
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    # the main job's student gets every recipe, first
+    assert [r.recipe for r in runs[: len(quality.RECIPES)]] == list(quality.RECIPES)
+    for student in quality.STUDENTS:
+        for init in ("prune", "random"):
+            assert any(r.student == student and r.init == init for r in runs), (student, init)
+    # every run's configuration is valid
+    for run in runs:
+        quality.config_for(run, pathlib.Path("unused"), quick=False)
+
+
+def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys):
+    args = ["--quick", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.json"),
+            "--page", str(tmp_path / "page.md"), "--images", str(tmp_path / "images"),
+            "--only", "mlp-prune/kd/*,mlp-prune/layer-cosine/*"]
+    (tmp_path / "page.md").write_text("# Study\n\nwritten by hand\n")
+    assert quality.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results) == ["mlp-prune/kd/seed0", "mlp-prune/layer-cosine/seed0"]
+    for record in results.values():
+        assert record["eval_steps"] == [0, 2, 4]
+        assert all(math.isfinite(x) for x in record["eval_loss"])
+        assert record["wall_s"] > 0
+    # the recipes really differ: KD and blockwise-only runs end at different losses
+    finals = {name: r["eval_loss"][-1] for name, r in results.items()}
+    assert finals["mlp-prune/kd/seed0"] != finals["mlp-prune/layer-cosine/seed0"]
+    kd_config = results["mlp-prune/kd/seed0"]["config"]
+    assert kd_config["blockwise_weight"] == 0.0 and kd_config["mlp_ratio"] == 0.5
+    page = (tmp_path / "page.md").read_text()
+    assert page.startswith("# Study\n\nwritten by hand\n")
+    assert page.count(quality.BEGIN) == 1 and page.count(quality.END) == 1
+    assert "blockwise, layer level, cosine" in page and "KD only" in page
+    (plot,) = (tmp_path / "images").glob("quality_pruned*.png")
+    assert plot.stat().st_size > 0 and f"images/{plot.name}" in page
+
+    # a second run finds every result and trains nothing; the report is rebuilt in place
+    before = (tmp_path / "results.json").read_text()
+    capsys.readouterr()
+    assert quality.main(args) == 0
+    assert "[1/" not in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == before
+    assert (tmp_path / "page.md").read_text() == page
+
+
+def test_quick_results_never_go_to_the_docs(quality):
+    with pytest.raises(SystemExit):
+        quality.main(["--quick"])
