@@ -39,6 +39,7 @@ BEGIN = "<!-- quality-study:begin (written by experiments/quality.py; do not edi
 END = "<!-- quality-study:end -->"
 COMMAND = "python experiments/quality.py"
 DEFAULT_STEPS = 150  # the main job's budget (DistillConfig.steps)
+DEFAULT_LR = 1e-3  # the main job's peak learning rate (DistillConfig.learning_rate)
 
 #: student shapes (DistillConfig fields); each is run pruned and from random init
 STUDENTS: dict[str, dict[str, Any]] = {
@@ -86,14 +87,19 @@ class Run:
     recipe: str
     seed: int
     steps: int = DEFAULT_STEPS
+    learning_rate: float = DEFAULT_LR
 
     @property
     def name(self) -> str:
         name = f"{self.student}-{self.init}/{self.recipe}/seed{self.seed}"
-        return name if self.steps == DEFAULT_STEPS else f"{name}/steps{self.steps}"
+        if self.steps != DEFAULT_STEPS:
+            name += f"-steps{self.steps}"
+        if self.learning_rate != DEFAULT_LR:
+            name += f"-lr{self.learning_rate:g}"
+        return name
 
 
-def plan(seeds: tuple[int, ...], steps: int = DEFAULT_STEPS) -> list[Run]:
+def plan(seeds: tuple[int, ...], steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LR) -> list[Run]:
     """The grid, most important first (a partial study still answers the main question).
 
     The main job's student (half MLP, pruned) gets every recipe; the other pruned students
@@ -101,12 +107,12 @@ def plan(seeds: tuple[int, ...], steps: int = DEFAULT_STEPS) -> list[Run]:
     depth to match the teacher's, so the half-depth student skips it); the random-init
     controls get KD, layer-level blockwise and the anneal.
     """
-    runs = [Run("mlp", "prune", r, s, steps) for s in seeds for r in RECIPES]
-    runs += [Run("kv", "prune", r, s, steps) for s in seeds
+    runs = [Run("mlp", "prune", r, s, steps, learning_rate) for s in seeds for r in RECIPES]
+    runs += [Run("kv", "prune", r, s, steps, learning_rate) for s in seeds
              for r in ("kd", "attn-cosine", "layer-cosine", "mix-0.5", "anneal")]
-    runs += [Run("layers", "prune", r, s, steps) for s in seeds
+    runs += [Run("layers", "prune", r, s, steps, learning_rate) for s in seeds
              for r in ("kd", "layer-cosine", "mix-0.5", "anneal")]
-    runs += [Run(st, "random", r, s, steps) for s in seeds for st in STUDENTS
+    runs += [Run(st, "random", r, s, steps, learning_rate) for s in seeds for st in STUDENTS
              for r in ("kd", "layer-cosine", "anneal")]
     return runs
 
@@ -125,7 +131,7 @@ def config_for(run: Run, out: pathlib.Path, quick: bool):
 
     return DistillConfig(
         out=str(out), seed=run.seed, student_init=run.init, progress=False, plots=False,
-        keep_checkpoints=1, **budget(run.steps, quick), **STUDENTS[run.student], **RECIPES[run.recipe],
+        keep_checkpoints=1, learning_rate=run.learning_rate, **budget(run.steps, quick), **STUDENTS[run.student], **RECIPES[run.recipe],
     )
 
 
@@ -291,26 +297,32 @@ def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "") 
 def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Path) -> str:
     """Write a table and plots per budget; replace the generated section of `page`."""
     body = [BEGIN, "", f"Produced by `{COMMAND}`; every run's curve is in `experiments/quality_results.json`.", ""]
-    budgets = sorted({r["steps"] for r in records}, key=lambda s: (s != DEFAULT_STEPS, s))
-    for steps in budgets:
-        chosen = [r for r in records if r["steps"] == steps]
+    def variant(record: dict[str, Any]) -> tuple[int, float]:
+        return record["steps"], record["config"]["learning_rate"]
+
+    variants = sorted({variant(r) for r in records},
+                      key=lambda v: (v != (DEFAULT_STEPS, DEFAULT_LR), v[0] != DEFAULT_STEPS, v))
+    for steps, lr in variants:
+        chosen = [r for r in records if variant(r) == (steps, lr)]
         first = chosen[0]
         cfg = first["config"]
         tokens = steps * first["tokens_per_step"]
-        if len(budgets) > 1:
-            body += [f"### {tokens:,} training tokens ({steps} steps)", ""]
+        flags = (f" --steps {steps}" if steps != DEFAULT_STEPS else "") + (
+            f" --learning-rate {lr:g}" if lr != DEFAULT_LR else "")
+        if len(variants) > 1:
+            body += [f"### {tokens:,} training tokens ({steps} steps), peak learning rate {lr:g}", ""]
         body += [
             f"Budget per run: {steps} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes = {tokens:,} "
             f"training tokens; held-out loss (nats/byte) on {cfg['eval_batches']} fixed batches of "
             f"{cfg['batch_size']} x {cfg['seq_len']} bytes every {cfg['eval_every']} steps; AdamW at "
             f"{cfg['learning_rate']} with {cfg['warmup_steps']} warm-up steps and cosine decay. "
             f"Teacher: {first['teacher_loss']:.4f}. {len(chosen)} runs"
-            + (f" (`--steps {steps}`)." if steps != DEFAULT_STEPS else "."),
+            + (f" (`{flags.strip()}`)." if flags else "."),
             "",
             table(aggregate(chosen)),
             "",
         ]
-        suffix = "" if steps == DEFAULT_STEPS else f"_steps{steps}"
+        suffix = flags.replace(" --", "_").replace("-", "").replace(" ", "")
         for path in plot(chosen, images, suffix):
             body += [f"![{path.stem}](images/{path.name})", ""]
     body.append(END)
@@ -347,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="*", help="comma-separated globs over run names, e.g. 'mlp-prune/*,kv-*/kd/*' (default all)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"training steps per run (default {DEFAULT_STEPS}, the main job's)")
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LR,
+                        help=f"peak learning rate (default {DEFAULT_LR:g}, the main job's)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny budget for testing the machinery; results go to --results only")
     parser.add_argument("--results", default=None, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
@@ -363,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
         patterns = args.only.split(",")
-        todo = [r for r in plan(seeds, args.steps) if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
+        todo = [r for r in plan(seeds, args.steps, args.learning_rate) if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
         if not todo:
             parser.error(f"--only {args.only!r} matches no run")
         for i, run in enumerate(todo):
