@@ -67,6 +67,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                "inject_at": "layer", "feature_loss": "cosine"},
     "anneal+ce": {"blockwise_weight": 1.0, "blockwise_weight_end": 0.0, "blockwise_schedule": "linear",
                   "inject_at": "layer", "feature_loss": "cosine", "label_weight": 0.5},
+    "kd+ce": {"blockwise_weight": 0.0, "blockwise_schedule": "constant", "label_weight": 0.5},
+    "layer-cosine+ce": {**_BLOCKWISE, "inject_at": "layer", "feature_loss": "cosine", "label_weight": 0.5},
 }
 RECIPE_LABELS = {
     "kd": "KD only (w = 0)",
@@ -77,6 +79,8 @@ RECIPE_LABELS = {
     "mix-0.5": "constant mix w = 0.5 (layer, cosine)",
     "anneal": "blockwise -> KD, linear 1 -> 0 (layer, cosine)",
     "anneal+ce": "anneal + 0.5 label CE",
+    "kd+ce": "KD + 0.5 label CE",
+    "layer-cosine+ce": "blockwise, layer level, cosine + 0.5 label CE",
 }
 
 
@@ -126,21 +130,23 @@ def budget(steps: int, quick: bool) -> dict[str, Any]:
             "eval_batches": 16, "batch_size": 8, "seq_len": 256}
 
 
-def config_for(run: Run, out: pathlib.Path, quick: bool):
+def config_for(run: Run, out: pathlib.Path, quick: bool, extra: dict[str, Any] | None = None):
+    """The run's `DistillConfig`; `extra` sets other fields (`teacher`, `data`)."""
     from blockdistill._runconfig import DistillConfig
 
     return DistillConfig(
         out=str(out), seed=run.seed, student_init=run.init, progress=False, plots=False,
-        keep_checkpoints=1, learning_rate=run.learning_rate, **budget(run.steps, quick), **STUDENTS[run.student], **RECIPES[run.recipe],
+        keep_checkpoints=1, learning_rate=run.learning_rate, **budget(run.steps, quick),
+        **STUDENTS[run.student], **RECIPES[run.recipe], **(extra or {}),
     )
 
 
-def execute(run: Run, root: pathlib.Path, quick: bool) -> dict[str, Any]:
+def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) one distillation and return its record."""
     from blockdistill._loop import distill
 
     out = root / run.name
-    cfg = config_for(run, out, quick)
+    cfg = config_for(run, out, quick, extra)
     resumed = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     start = time.perf_counter()
     summary = distill(cfg)
@@ -361,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training steps per run (default {DEFAULT_STEPS}, the main job's)")
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_LR,
                         help=f"peak learning rate (default {DEFAULT_LR:g}, the main job's)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher folder (blockdistill or Hugging Face; default: the shipped one)")
+    parser.add_argument("--data", default=None, help="training text (default: the default corpus)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny budget for testing the machinery; results go to --results only")
     parser.add_argument("--results", default=None, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
@@ -370,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick and (args.results is None or args.page is None or args.images is None):
         parser.error("--quick needs --results, --page and --images (its numbers never go into the docs)")
+    extra = {k: v for k, v in (("teacher", args.teacher), ("data", args.data)) if v is not None}
+    if extra and (args.results is None or args.page is None or args.images is None):
+        parser.error("--teacher and --data need --results, --page and --images "
+                     "(the default files hold the study of the shipped teacher)")
     results_path = pathlib.Path(args.results) if args.results else RESULTS
     page = pathlib.Path(args.page) if args.page else PAGE
     images = pathlib.Path(args.images) if args.images else IMAGES
@@ -384,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             if run.name in results:
                 continue
             print(f"[{i + 1}/{len(todo)}] {run.name}", file=sys.stderr, flush=True)
-            results[run.name] = execute(run, pathlib.Path(args.out), args.quick)
+            results[run.name] = execute(run, pathlib.Path(args.out), args.quick, extra)
             save_results(results_path, results)
     if not results:
         print("no results yet: run without --report-only first", file=sys.stderr)

@@ -90,6 +90,9 @@ def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys):
     assert (tmp_path / "page.md").read_text() == page
 
 
-def test_quick_results_never_go_to_the_docs(quality):
+@pytest.mark.parametrize("args", [["--quick"], ["--teacher", "some/teacher"], ["--data", "corpus.txt"]])
+def test_other_studies_never_go_to_the_docs(quality, args, capsys):
+    """A tiny budget, another teacher or other data need their own results and page."""
     with pytest.raises(SystemExit):
-        quality.main(["--quick"])
+        quality.main(args)
+    assert "--results" in capsys.readouterr().err
