@@ -165,7 +165,9 @@ class PretrainConfig(RunConfig):
 class DistillConfig(RunConfig):
     """Options of `blockdistill distill` (see the docs' CLI page for each)."""
 
-    # the main job's defaults: about 5 minutes on 2 CPU cores with the shipped teacher
+    # the main job's defaults: about 3 minutes on 2 CPU cores with the shipped teacher; the
+    # recipe (layer-level cosine blockwise + 0.5 label cross-entropy) is the best of the
+    # quality study for the default student (docs/quality.md)
     steps: int = 150
     eval_every: int = 50
     checkpoint_every: int = 50
@@ -178,13 +180,13 @@ class DistillConfig(RunConfig):
     kv_heads_ratio: float = 1.0
     calibration_batches: int = 4
     blockwise_weight: float = 1.0
-    blockwise_schedule: str = "linear"
+    blockwise_schedule: str = "constant"
     blockwise_weight_end: float = 0.0
     blockwise_steps: int | None = None
     temperature: float = 1.0
     feature_loss: str = "cosine"
     inject_at: str = "layer"
-    label_weight: float = 0.0
+    label_weight: float = 0.5
     injected_pass: str = "auto"
     trainable: str = "all"
     mesh: str | None = None
