@@ -519,6 +519,15 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
     return Teacher(teacher_model), student
 
 
+def _gap_line(closed: float, final: float, teacher_loss: float) -> str:
+    if not math.isfinite(closed):
+        return "gap closed: n/a (the initial student was not worse than the teacher)"
+    line = f"closed {closed:.1%} of the gap between the initial student and the teacher"
+    if closed > 1.0:  # label cross-entropy can teach the data beyond a weak teacher
+        line += f": the student ends {teacher_loss - final:.4f} below the teacher"
+    return line
+
+
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """The main job (`blockdistill distill`): see the docs' tutorial for what it writes."""
     out = _prepare_out(cfg, "runs/distill")
@@ -569,9 +578,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         f"({ratio:.0%} of the teacher's parameters)",
         f"eval loss (nats/token): teacher {teacher_loss:.4f} | student at step 0 {initial:.4f} "
         f"-> step {result['step']} {final:.4f}",
-        (f"closed {closed:.1%} of the gap between the initial student and the teacher"
-         if math.isfinite(closed) else
-         "gap closed: n/a (the initial student was not worse than the teacher)"),
+        _gap_line(closed, final, teacher_loss),
         f"student saved to {out / 'student'}; metrics in {run.metrics_path}; plots in {out}",
     ]
     summary = {"teacher_loss": teacher_loss, "initial_loss": initial, "final_loss": final,
