@@ -214,8 +214,9 @@ def cli_args(out, teacher, corpus, mesh=None, **extra):
         "out": out, "teacher": teacher, "data": corpus, "steps": 6, "seq-len": 32, "batch-size": 4,
         "eval-every": 3, "eval-batches": 2, "checkpoint-every": 3, "log-every": 1, "seed": 3,
         "learning-rate": 3e-3, "warmup-steps": 2, "student-init": "random",
-        # a schedule from blockwise into KD, so both passes are compared
-        "blockwise-schedule": "linear",
+        # a schedule from blockwise into KD without labels: at first only the blockwise
+        # pass runs, later both, and both are compared
+        "blockwise-schedule": "linear", "label-weight": 0,
     }
     if mesh is not None:
         args["mesh"] = mesh
