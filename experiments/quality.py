@@ -54,7 +54,8 @@ STUDENT_LABELS = {
 }
 
 _BLOCKWISE = {"blockwise_weight": 1.0, "blockwise_schedule": "constant"}
-#: recipes (DistillConfig fields)
+#: recipes (DistillConfig fields); `recipe()` pins every objective field that a recipe does
+#: not set, so that a change of the main job's defaults never changes a recipe
 RECIPES: dict[str, dict[str, Any]] = {
     "kd": {"blockwise_weight": 0.0, "blockwise_schedule": "constant"},
     "attn-cosine": {**_BLOCKWISE, "inject_at": "attention", "feature_loss": "cosine"},
@@ -70,6 +71,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "kd+ce": {"blockwise_weight": 0.0, "blockwise_schedule": "constant", "label_weight": 0.5},
     "layer-cosine+ce": {**_BLOCKWISE, "inject_at": "layer", "feature_loss": "cosine", "label_weight": 0.5},
 }
+_OBJECTIVE_BASE = {"blockwise_weight_end": 0.0, "blockwise_steps": None, "temperature": 1.0,
+                   "feature_loss": "cosine", "inject_at": "layer", "label_weight": 0.0}
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """Every objective field of recipe `name`."""
+    return {**_OBJECTIVE_BASE, **RECIPES[name]}
+
+
 RECIPE_LABELS = {
     "kd": "KD only (w = 0)",
     "attn-cosine": "blockwise, attention level, cosine",
@@ -137,7 +147,7 @@ def config_for(run: Run, out: pathlib.Path, quick: bool, extra: dict[str, Any] |
     return DistillConfig(
         out=str(out), seed=run.seed, student_init=run.init, progress=False, plots=False,
         keep_checkpoints=1, learning_rate=run.learning_rate, **budget(run.steps, quick),
-        **STUDENTS[run.student], **RECIPES[run.recipe], **(extra or {}),
+        **STUDENTS[run.student], **recipe(run.recipe), **(extra or {}),
     )
 
 
@@ -348,7 +358,15 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
 
 
 def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The recorded runs; each must have been run with its recipe's and student's fields."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name, record in results.items():
+        expected = {**recipe(record["recipe"]), **STUDENTS[record["student"]]}
+        wrong = {k: record["config"].get(k) for k, v in expected.items() if record["config"].get(k) != v}
+        if wrong:
+            raise ValueError(f"{path}: run {name} was not run with recipe {record['recipe']!r} "
+                             f"and student {record['student']!r}: it has {wrong}")
+    return results
 
 
 def save_results(path: pathlib.Path, results: dict[str, dict[str, Any]]) -> None:

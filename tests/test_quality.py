@@ -96,3 +96,17 @@ def test_other_studies_never_go_to_the_docs(quality, args, capsys):
     with pytest.raises(SystemExit):
         quality.main(args)
     assert "--results" in capsys.readouterr().err
+
+
+def test_results_must_match_their_recipe(quality, tmp_path):
+    """A recorded run whose config is not its recipe's (e.g. after the main job's defaults
+    changed under it) is refused, naming the run and the field."""
+    record = {"recipe": "kd", "student": "mlp",
+              "config": {**quality.recipe("kd"), **quality.STUDENTS["mlp"], "label_weight": 0.5}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"mlp-prune/kd/seed0": record}))
+    with pytest.raises(ValueError, match=r"mlp-prune/kd/seed0.*'label_weight': 0.5"):
+        quality.load_results(path)
+    record["config"]["label_weight"] = 0.0
+    path.write_text(json.dumps({"mlp-prune/kd/seed0": record}))
+    assert quality.load_results(path) == {"mlp-prune/kd/seed0": record}
