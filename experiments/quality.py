@@ -1,12 +1,12 @@
 """Quality study: which distillation recipe recovers the shipped teacher fastest.
 
 Every run distils the shipped teacher on the default corpus with the main job's budget
-(150 steps of 8 x 256 bytes = 307,200 training tokens) and records the held-out loss every
-25 steps. Students: half the MLP width, half the layers (grouped) and half the KV heads,
-each pruned from the teacher and, as a control, from random init. Recipes: logit KD,
+(150 steps of 8 x 256 bytes = 307,200 training tokens) and records the held-out loss six
+times per run. Students: half the MLP width, half the layers (grouped) and half the KV
+heads, each pruned from the teacher and, as a control, from random init. Recipes: logit KD,
 blockwise only (attention level, the MaxText mode; layer level, the Puzzle mode, with
-cosine / l2 / nmse), a constant 50/50 mix, blockwise annealed into KD, and that anneal plus
-label cross-entropy.
+cosine / l2 / nmse), a constant 50/50 mix, blockwise annealed into KD, and KD, the anneal
+and layer-level blockwise each plus label cross-entropy.
 
     python experiments/quality.py                 # run what is missing, then report
     python experiments/quality.py --report-only   # rebuild the table and plots from the results
@@ -325,6 +325,8 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
         tokens = steps * first["tokens_per_step"]
         flags = (f" --steps {steps}" if steps != DEFAULT_STEPS else "") + (
             f" --learning-rate {lr:g}" if lr != DEFAULT_LR else "")
+        suffix = (f"_steps{steps}" if steps != DEFAULT_STEPS else "") + (
+            f"_learningrate{lr:g}" if lr != DEFAULT_LR else "")
         if len(variants) > 1:
             body += [f"### {tokens:,} training tokens ({steps} steps), peak learning rate {lr:g}", ""]
         body += [
@@ -338,7 +340,6 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
             table(aggregate(chosen)),
             "",
         ]
-        suffix = flags.replace(" --", "_").replace("-", "").replace(" ", "")
         for path in plot(chosen, images, suffix):
             body += [f"![{path.stem}](images/{path.name})", ""]
     body.append(END)
@@ -369,12 +370,6 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     return results
 
 
-def save_results(path: pathlib.Path, results: dict[str, dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -395,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", default=None, help=f"folder for the plots (default {IMAGES.relative_to(ROOT)})")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the results")
     args = parser.parse_args(argv)
-    if args.quick and (args.results is None or args.page is None or args.images is None):
+    own_outputs = None not in (args.results, args.page, args.images)
+    if args.quick and not own_outputs:
         parser.error("--quick needs --results, --page and --images (its numbers never go into the docs)")
     extra = {k: v for k, v in (("teacher", args.teacher), ("data", args.data)) if v is not None}
-    if extra and (args.results is None or args.page is None or args.images is None):
+    if extra and not own_outputs:
         parser.error("--teacher and --data need --results, --page and --images "
                      "(the default files hold the study of the shipped teacher)")
     results_path = pathlib.Path(args.results) if args.results else RESULTS
@@ -407,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(results_path)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
+        from blockdistill._io import write_json  # atomic
+
         patterns = args.only.split(",")
         todo = [r for r in plan(seeds, args.steps, args.learning_rate) if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
         if not todo:
@@ -416,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[{i + 1}/{len(todo)}] {run.name}", file=sys.stderr, flush=True)
             results[run.name] = execute(run, pathlib.Path(args.out), args.quick, extra)
-            save_results(results_path, results)
+            write_json(results_path, results)
     if not results:
         print("no results yet: run without --report-only first", file=sys.stderr)
         return 1
