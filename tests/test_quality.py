@@ -110,3 +110,15 @@ def test_results_must_match_their_recipe(quality, tmp_path):
     record["config"]["label_weight"] = 0.0
     path.write_text(json.dumps({"mlp-prune/kd/seed0": record}))
     assert quality.load_results(path) == {"mlp-prune/kd/seed0": record}
+
+
+def test_default_budget_is_the_main_jobs(quality):
+    """The study pins its budget so that recorded runs stay comparable; it must still be
+    the main job's, as the docs say."""
+    from blockdistill._runconfig import DistillConfig
+
+    main_job = DistillConfig()
+    assert quality.DEFAULT_STEPS == main_job.steps
+    assert quality.DEFAULT_LR == main_job.learning_rate
+    full = quality.budget(quality.DEFAULT_STEPS, quick=False)
+    assert (full["batch_size"], full["seq_len"]) == (main_job.batch_size, main_job.seq_len)
