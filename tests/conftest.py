@@ -9,6 +9,41 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+def _monitoring_listeners() -> dict[str, list]:
+    from jax._src import monitoring
+
+    return {
+        kind: list(getattr(monitoring, f"get_{kind}_listeners")())
+        for kind in ("event", "event_duration", "event_time_span", "scalar")
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_monitoring_listeners():
+    """A test that registers a global `jax.monitoring` listener must remove it: a leaked
+    one keeps running (and growing its list) in every later test."""
+    before = _monitoring_listeners()
+    yield
+    after = _monitoring_listeners()
+    leaked = {kind: len(after[kind]) - len(before[kind]) for kind in after if after[kind] != before[kind]}
+    assert not leaked, f"the test left jax.monitoring listeners registered: {leaked}"
+
+
+@pytest.fixture
+def compile_events():
+    """Names of the backend compilations that happen while the test runs (a list that
+    grows); the listener is removed afterwards."""
+    events: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture
 def getkey():
     """A fresh, deterministic key every call: `getkey()`."""

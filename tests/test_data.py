@@ -37,9 +37,9 @@ def _take(batcher, count):
 
 def _assert_same_batches(left, right):
     assert len(left) == len(right)
-    for (tokens_a, mask_a), (tokens_b, mask_b) in zip(left, right, strict=True):
-        np.testing.assert_array_equal(tokens_a, tokens_b)
-        np.testing.assert_array_equal(mask_a, mask_b)
+    for batch_a, batch_b in zip(left, right, strict=True):
+        for array_a, array_b in zip(batch_a, batch_b, strict=True):
+            np.testing.assert_array_equal(array_a, array_b)
 
 
 # ----------------------------------------------------------------------- tokenizer
@@ -61,7 +61,7 @@ def test_byte_tokenizer_round_trip(text):
 def test_byte_tokenizer_properties():
     tokenizer = ByteTokenizer()
     assert isinstance(tokenizer, Tokenizer)
-    assert tokenizer.vocab_size == 256 and tokenizer.separator_id == 0
+    assert tokenizer.vocab_size == 256 and tokenizer.bos_id == 0 and tokenizer.pad_id == 0
     assert tokenizer.decode(tokenizer.encode("é")[:1]) == "\ufffd"  # cut, not raised
     with pytest.raises(ValueError, match="300"):
         tokenizer.decode([104, 300])
@@ -72,47 +72,64 @@ def test_byte_tokenizer_properties():
 # ----------------------------------------------------------------------- packing
 
 
+@pytest.mark.parametrize("bos_id", [9, None])
 @pytest.mark.parametrize("seq_len", [1, 4, 7, 16])
-def test_pack_tokens_preserves_stream(seq_len):
+def test_pack_tokens_preserves_stream(seq_len, bos_id):
     rng = np.random.default_rng(0)
-    separator = 9
     docs = [
         rng.integers(10, 50, size=size).astype(np.int32) for size in [5, 0, 12, 1, 8]
     ]
-    tokens, mask = pack_tokens(docs, seq_len, separator)
-    expected = np.concatenate(
-        [docs[0]] + [np.concatenate([[separator], doc]) for doc in docs[1:]]
-    )
-    assert tokens.dtype == np.int32 and mask.dtype == np.bool_
-    assert tokens.shape == mask.shape == (-(-expected.size // seq_len), seq_len)
-    # All tokens, in order, with one separator between consecutive documents.
+    tokens, mask, segment_ids = pack_tokens(docs, seq_len, bos_id=bos_id, pad_id=3)
+    starts = [] if bos_id is None else [bos_id]
+    pieces = [np.concatenate([starts, doc]).astype(np.int32) for doc in docs]
+    expected = np.concatenate(pieces)
+    owner = np.concatenate([np.full(len(piece), i) for i, piece in enumerate(pieces)])
+    assert tokens.dtype == np.int32 and mask.dtype == np.bool_ and segment_ids.dtype == np.int32
+    assert tokens.shape == mask.shape == segment_ids.shape == (-(-expected.size // seq_len), seq_len)
+    # All tokens, in order, every document starting with the BOS id when there is one.
     np.testing.assert_array_equal(tokens[mask], expected)
     np.testing.assert_array_equal(tokens.reshape(-1)[: expected.size], expected)
-    # The mask is True on a prefix of the flat stream, padding is the separator.
+    # The mask is True on a prefix of the flat stream, padding is pad_id and segment 0.
     flat_mask = mask.reshape(-1)
     assert flat_mask[: expected.size].all() and not flat_mask[expected.size :].any()
-    assert (tokens.reshape(-1)[expected.size :] == separator).all()
+    assert (tokens.reshape(-1)[expected.size :] == 3).all()
+    assert (segment_ids.reshape(-1)[expected.size :] == 0).all()
     # Only the last row may be partial.
     assert mask[:-1].all()
+    # Segments: numbered from 1 in each row, changing exactly where the document does.
+    flat_owner = np.concatenate([owner, np.full(flat_mask.size - owner.size, -1)]).reshape(tokens.shape)
+    for row_segments, row_owner, row_mask in zip(segment_ids, flat_owner, mask):
+        valid = row_segments[row_mask]
+        assert valid.size == 0 or valid[0] == 1
+        np.testing.assert_array_equal(np.diff(valid) != 0, np.diff(row_owner[row_mask]) != 0)
+        assert (np.diff(valid) >= 0).all() and (np.diff(valid) <= 1).all()
 
 
 def test_pack_tokens_exact_multiple_and_empty():
-    tokens, mask = pack_tokens([np.array([1, 2]), np.array([3])], 4, 0)
-    np.testing.assert_array_equal(tokens, [[1, 2, 0, 3]])
+    tokens, mask, segment_ids = pack_tokens([np.array([1, 2]), np.array([3])], 4, bos_id=0)
+    np.testing.assert_array_equal(tokens, [[0, 1, 2, 0], [3, 0, 0, 0]])
+    np.testing.assert_array_equal(segment_ids, [[1, 1, 1, 2], [1, 0, 0, 0]])
+    tokens, mask, segment_ids = pack_tokens([np.array([1, 2]), np.array([3])], 3)
+    np.testing.assert_array_equal(tokens, [[1, 2, 3]])
+    np.testing.assert_array_equal(segment_ids, [[1, 1, 2]])
     assert mask.all()
-    tokens, mask = pack_tokens([], 4, 0)
-    assert tokens.shape == mask.shape == (0, 4)
+    tokens, mask, segment_ids = pack_tokens([], 4)
+    assert tokens.shape == mask.shape == segment_ids.shape == (0, 4)
     with pytest.raises(ValueError, match="seq_len=0"):
-        pack_tokens([np.array([1])], 0, 0)
+        pack_tokens([np.array([1])], 0)
 
 
 def test_pack_documents_with_bytes():
     texts = ["alpha", "βeta", "", "gamma\n"]
     docs = [Document(name=str(i), text=text) for i, text in enumerate(texts)]
     tokenizer = ByteTokenizer()
-    tokens, mask = pack_documents(docs, tokenizer, 6)
-    assert tokenizer.decode(tokens[mask]) == "\0".join(texts)
-    assert not mask[-1, -1]  # 5 + 1 + 5 + 1 + 0 + 1 + 6 = 19 bytes -> 4 rows of 6
+    tokens, mask, segment_ids = pack_documents(docs, tokenizer, 6)
+    # every document starts with the byte tokenizer's BOS, the NUL byte
+    assert tokenizer.decode(tokens[mask]) == "".join("\0" + text for text in texts)
+    assert not mask[-1, -1]  # 1 + 5 + 1 + 5 + 1 + 0 + 1 + 6 = 20 bytes -> 4 rows of 6
+    np.testing.assert_array_equal(segment_ids[:2], np.ones((2, 6)))  # "alpha", "βeta"
+    np.testing.assert_array_equal(segment_ids[2], [1, 2, 2, 2, 2, 2])  # "", "gamm"
+    np.testing.assert_array_equal(segment_ids[3], [1, 1, 0, 0, 0, 0])  # "a\n", padding
 
 
 # ----------------------------------------------------------------------- splitting
@@ -147,9 +164,9 @@ def test_split_rejects_bad_fraction():
 
 def test_batcher_is_deterministic_per_seed():
     tokens, mask = _toy_arrays()
-    first = _take(Batcher(tokens, mask, 4, seed=3), 12)
-    again = _take(Batcher(tokens, mask, 4, seed=3), 12)
-    other = _take(Batcher(tokens, mask, 4, seed=4), 12)
+    first = _take(Batcher(tokens, mask, batch_size=4, seed=3), 12)
+    again = _take(Batcher(tokens, mask, batch_size=4, seed=3), 12)
+    other = _take(Batcher(tokens, mask, batch_size=4, seed=4), 12)
     _assert_same_batches(first, again)
     assert any(
         not np.array_equal(a[0], b[0]) for a, b in zip(first, other, strict=True)
@@ -158,17 +175,18 @@ def test_batcher_is_deterministic_per_seed():
 
 def test_batcher_epochs_are_permutations():
     tokens, mask = _toy_arrays(n=23)
-    batcher = Batcher(tokens, mask, 4, seed=0)
+    batcher = Batcher(tokens, mask, batch_size=4, seed=0)
     assert batcher.batches_per_epoch == 5
     epochs = []
     for _ in range(3):
         batches = _take(batcher, 5)
-        for batch_tokens, batch_mask in batches:
-            assert batch_tokens.shape == batch_mask.shape == (4, 5)
-        rows = np.concatenate([t[:, 0] // 5 for t, _ in batches])
+        for batch_tokens, batch_mask, batch_segments in batches:
+            assert batch_tokens.shape == batch_mask.shape == batch_segments.shape == (4, 5)
+            np.testing.assert_array_equal(batch_segments, np.ones((4, 5)))  # default: a row is a document
+        rows = np.concatenate([t[:, 0] // 5 for t, _, _ in batches])
         assert len(set(rows.tolist())) == 20  # no row twice within an epoch
         # every batch row is a row of the dataset
-        for batch_tokens, _ in batches:
+        for batch_tokens, _, _ in batches:
             np.testing.assert_array_equal(batch_tokens, tokens[batch_tokens[:, 0] // 5])
         epochs.append(rows)
     assert batcher.state_dict() == {"epoch": 3, "index": 0, "seed": 0}
@@ -178,12 +196,12 @@ def test_batcher_epochs_are_permutations():
 @pytest.mark.parametrize("taken", [0, 2, 5, 7, 13])  # start, mid, boundary, across
 def test_batcher_resumes_exactly(taken):
     tokens, mask = _toy_arrays(n=23)
-    uninterrupted = _take(Batcher(tokens, mask, 4, seed=11), taken + 9)
-    interrupted = Batcher(tokens, mask, 4, seed=11)
+    uninterrupted = _take(Batcher(tokens, mask, batch_size=4, seed=11), taken + 9)
+    interrupted = Batcher(tokens, mask, batch_size=4, seed=11)
     _take(interrupted, taken)
     state = json.loads(json.dumps(interrupted.state_dict()))
     assert state["epoch"] == taken // 5 and state["index"] == taken % 5
-    resumed = Batcher(tokens, mask, 4, seed=0)  # the seed comes from the state
+    resumed = Batcher(tokens, mask, batch_size=4, seed=0)  # the seed comes from the state
     resumed.load_state_dict(state)
     _assert_same_batches(_take(resumed, 9), uninterrupted[taken:])
 
@@ -191,8 +209,8 @@ def test_batcher_resumes_exactly(taken):
 def test_batcher_errors():
     tokens, mask = _toy_arrays(n=6)
     with pytest.raises(ValueError, match=r"batch_size=7.*\(6 sequences\)"):
-        Batcher(tokens, mask, 7)
-    batcher = Batcher(tokens, mask, 2)
+        Batcher(tokens, mask, batch_size=7)
+    batcher = Batcher(tokens, mask, batch_size=2)
     with pytest.raises(ValueError, match="index=3"):
         batcher.load_state_dict({"epoch": 0, "index": 3, "seed": 0})
     with pytest.raises(ValueError, match="epoch=None"):
@@ -201,16 +219,18 @@ def test_batcher_errors():
 
 def test_eval_batches_fixed_and_padded():
     tokens, mask = _toy_arrays(n=10)
-    batches = eval_batches(tokens, mask, 4)
+    segment_ids = np.where(np.arange(5) < 2, 1, 2).astype(np.int32)[None].repeat(10, 0)
+    batches = eval_batches(tokens, mask, segment_ids, batch_size=4)
     assert len(batches) == 3
-    _assert_same_batches(batches, eval_batches(tokens, mask, 4))
-    stacked = np.concatenate([t for t, _ in batches])
-    stacked_mask = np.concatenate([m for _, m in batches])
+    _assert_same_batches(batches, eval_batches(tokens, mask, segment_ids, batch_size=4))
+    stacked, stacked_mask, stacked_segments = (np.concatenate(arrays) for arrays in zip(*batches))
     np.testing.assert_array_equal(stacked[:10], tokens)  # in order, no shuffle
+    np.testing.assert_array_equal(stacked_segments[:10], segment_ids)
     assert stacked_mask[:10].all() and not stacked_mask[10:].any()
-    assert all(t.shape == (4, 5) for t, _ in batches)
-    _assert_same_batches(eval_batches(tokens, mask, 4, 2), batches[:2])
-    assert eval_batches(tokens[:0], mask[:0], 4) == []
+    assert not stacked_segments[10:].any()  # filler rows are padding: segment 0
+    assert all(t.shape == (4, 5) for t, _, _ in batches)
+    _assert_same_batches(eval_batches(tokens, mask, segment_ids, batch_size=4, max_batches=2), batches[:2])
+    assert eval_batches(tokens[:0], mask[:0], batch_size=4) == []
 
 
 # ----------------------------------------------------------------------- corpora
@@ -280,14 +300,14 @@ def test_load_dataset_from_folder(tmp_path):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}\n" * (i + 1))
     dataset = load_dataset(tmp_path, ByteTokenizer(), 32, val_fraction=0.2)
     assert dataset.num_documents == 60 and 0 < dataset.num_val_documents < 60
-    tokens, mask = dataset.train
+    tokens, mask, segment_ids = dataset.train
     assert tokens.shape[1] == dataset.val.tokens.shape[1] == 32
     total = int(dataset.train.mask.sum() + dataset.val.mask.sum())
     text_bytes = sum(len(p.read_bytes()) for p in tmp_path.iterdir())
-    # every byte once, plus one separator between documents within each split
-    assert total == text_bytes + (60 - dataset.num_val_documents - 1) + (
-        dataset.num_val_documents - 1
-    )
+    # every byte once, plus one BOS (NUL) before every document
+    assert total == text_bytes + 60
+    starts = (segment_ids[:, 1:] != segment_ids[:, :-1]) & mask[:, 1:]
+    assert starts.any() and (tokens[:, 1:][starts] == 0).all()  # a document starts at its BOS
     again = load_dataset(tmp_path, ByteTokenizer(), 32, val_fraction=0.2)
     np.testing.assert_array_equal(again.train.tokens, tokens)
     np.testing.assert_array_equal(again.val.tokens, dataset.val.tokens)
@@ -297,14 +317,14 @@ def test_load_dataset_single_file_falls_back_to_stream_split(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("x" * 1000)
     dataset = load_dataset(path, ByteTokenizer(), 100, val_fraction=0.05)
-    assert dataset.train.tokens.shape == (9, 100)
+    assert dataset.train.tokens.shape == (10, 100)  # BOS + 1000 bytes: 11 rows
     assert dataset.val.tokens.shape == (1, 100)
     assert dataset.num_val_documents == 0
     empty_val = load_dataset(path, ByteTokenizer(), 100, val_fraction=0.0)
-    assert empty_val.train.tokens.shape == (10, 100)
+    assert empty_val.train.tokens.shape == (11, 100)
     assert empty_val.val.tokens.shape == (0, 100)
     with pytest.raises(ValueError, match="too small"):
-        load_dataset(path, ByteTokenizer(), 1000, val_fraction=0.05)
+        load_dataset(path, ByteTokenizer(), 1001, val_fraction=0.05)  # one row
     with pytest.raises(ValueError, match="seq_len=0"):
         load_dataset(path, ByteTokenizer(), 0)
 
@@ -333,6 +353,6 @@ def test_default_dataset_split(default_docs, monkeypatch):
     n_train, n_val = dataset.train.tokens.shape[0], dataset.val.tokens.shape[0]
     assert 0.01 < n_val / (n_train + n_val) < 0.15
     assert dataset.train.tokens.max() < 256
-    batcher = Batcher(*dataset.train, 8, seed=0)
-    tokens, mask = next(batcher)
-    assert tokens.shape == mask.shape == (8, 256)
+    batcher = Batcher(*dataset.train, batch_size=8, seed=0)
+    tokens, mask, segment_ids = next(batcher)
+    assert tokens.shape == mask.shape == segment_ids.shape == (8, 256)

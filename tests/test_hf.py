@@ -142,6 +142,26 @@ def test_from_hf_matches_transformers(tmp_path, kind, tied):
     assert_matches_hf(model, hf_model)
 
 
+def test_packed_row_matches_transformers_per_document(llama_dir):
+    """A Hugging Face teacher on a packed row computes, for each document, what
+    `transformers` computes on that document alone (BOS first, positions from 0)."""
+    folder, hf_model = llama_dir
+    model = from_hf(folder)
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, SMALL["vocab_size"], size).astype(np.int32) for size in (9, 5, 6)]
+    tokens, mask, segment_ids = bd.pack_tokens(docs, SEQ, bos_id=1, pad_id=0)
+    assert tokens.shape == (1, SEQ) and not mask[0, -1]  # 24 slots, 24 - 1 used
+    packed = model(jnp.asarray(tokens[0]), segment_ids=jnp.asarray(segment_ids[0]))
+    start = 0
+    for doc in docs:
+        own = np.concatenate([[1], doc]).astype(np.int32)
+        hf_logits, hf_hidden = hf_forward(hf_model, own)
+        rows = slice(start, start + own.size)
+        assert_close(packed.logits[rows], hf_logits, what="packed logits")
+        assert_close(packed.states.layer_in[1, rows], hf_hidden[1], what="packed layer_in[1]")
+        start += own.size
+
+
 def test_overrides_and_explicit_head_dim(tmp_path, llama_dir):
     folder, hf_model = llama_dir
     unrolled = from_hf(folder, scan_layers=False, max_seq_len=32, remat="full")
@@ -411,22 +431,48 @@ def make_tokenizer_dir(folder):
 def test_hf_tokenizer(tmp_path):
     folder = make_tokenizer_dir(tmp_path / "tok")
     tokenizer = HFTokenizer(folder)
-    assert tokenizer.separator_id == 2  # "<|endoftext|>" from tokenizer_config.json
+    assert tokenizer.pad_id == 2  # "<|endoftext|>" from tokenizer_config.json
+    assert tokenizer.bos_id is None  # the tokenizer adds nothing before a text
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
     assert tokenizer.vocab_size == max(vocab.values()) + 1
     text = "def hello(x):\n    return x + 'ü'"
     ids = tokenizer.encode(text)
     assert ids.dtype == np.int32 and ids.ndim == 1
     assert 0 <= ids.min() and ids.max() < tokenizer.vocab_size
-    assert tokenizer.separator_id not in ids.tolist()  # no special tokens added
+    assert tokenizer.pad_id not in ids.tolist()  # no special tokens added
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode(jnp.asarray(ids)) == text
     assert tokenizer.decode(ids.tolist()) == text
     assert tokenizer.encode("").shape == (0,)
-    assert HFTokenizer(folder, separator_id=0).separator_id == 0
+    assert HFTokenizer(folder, pad_id=0, bos_id=1).pad_id == 0
     # config.json's eos_token_id comes first (the first one of a list)
     (folder / "config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
-    assert load_hf_tokenizer(folder).separator_id == 1
+    assert load_hf_tokenizer(folder).pad_id == 1
+    with pytest.raises(ValueError, match="bos_id=999 is outside the vocabulary"):
+        HFTokenizer(folder, bos_id=999)
+
+
+def test_hf_tokenizer_bos_is_what_the_tokenizer_adds(tmp_path):
+    folder = make_tokenizer_dir(tmp_path / "tok")
+    # a post-processor that prepends <|bos|> (id 1), as Llama's tokenizer.json does
+    raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    raw.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", 1)]
+    )
+    raw.save(str(folder / "tokenizer.json"))
+    tokenizer = HFTokenizer(folder)
+    assert tokenizer.bos_id == 1
+    assert tokenizer.encode("hello").tolist() == raw.encode("hello", add_special_tokens=False).ids
+    tokens, mask, segment_ids = bd.pack_documents(
+        [bd.Document("a", "hello"), bd.Document("b", "world")], tokenizer, 16
+    )
+    starts = tokens[0][np.flatnonzero(np.diff(segment_ids[0], prepend=0) > 0)]
+    assert starts.tolist() == [1, 1]  # every document begins with the BOS
+    assert HFTokenizer(folder, bos_id=None).bos_id is None
+    # tokenizer_config.json's add_bos_token + bos_token, when the post-processor is silent
+    folder2 = make_tokenizer_dir(tmp_path / "tok2")
+    edit_json(folder2 / "tokenizer_config.json", add_bos_token=True, bos_token="<|bos|>")
+    assert HFTokenizer(folder2).bos_id == 1
 
 
 def test_load_hf_tokenizer_without_tokenizer_json(tmp_path):
@@ -435,11 +481,10 @@ def test_load_hf_tokenizer_without_tokenizer_json(tmp_path):
         HFTokenizer(tmp_path)
 
 
-def test_hf_tokenizer_without_eos_raises(tmp_path):
+def test_hf_tokenizer_without_eos_pads_with_zero(tmp_path):
     folder = make_tokenizer_dir(tmp_path / "tok")
     (folder / "tokenizer_config.json").unlink()
-    with pytest.raises(ValueError, match="EOS"):
-        HFTokenizer(folder)
+    assert HFTokenizer(folder).pad_id == 0  # padding is masked out: any id will do
 
 
 def test_hf_tokenizer_without_tokenizers_package(tmp_path, monkeypatch):

@@ -148,6 +148,68 @@ def test_gqa_and_causality():
     assert np.abs(np.asarray(a[-1] - b[-1])).max() > 1e-4
 
 
+# ----------------------------------------------------------------------------- packed rows
+
+DOCS = (7, 1, 5)  # document lengths (BOS included) of a packed row, then 3 padding slots
+
+
+def packed_row():
+    rows = bd.pack_tokens(
+        [np.asarray(tokens(seed, n - 1)) for seed, n in enumerate(DOCS, start=11)], SEQ + 4, bos_id=0
+    )
+    return jnp.asarray(rows.tokens[0]), jnp.asarray(rows.segment_ids[0])
+
+
+def test_segment_positions():
+    positions = bd.segment_positions(jnp.array([1, 1, 1, 2, 3, 3, 0, 0]))
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_packed_row_equals_each_document(scan_layers):
+    """Every document of a packed row gets the logits and states it gets on its own."""
+    model = make(scan_layers)
+    row, segments = packed_row()
+    packed = model(row, segment_ids=segments)
+    mixed = model(row)  # without segment ids, documents see each other
+    start = 0
+    for n in DOCS:
+        own = model(row[start : start + n])
+        np.testing.assert_allclose(packed.logits[start : start + n], own.logits, atol=1e-5)
+        for name in ("attn_in", "attn_out", "layer_in", "layer_out"):
+            np.testing.assert_allclose(
+                getattr(packed.states, name)[:, start : start + n], getattr(own.states, name), atol=1e-5
+            )
+        start += n
+    assert np.abs(np.asarray(mixed.logits[DOCS[0]:start] - packed.logits[DOCS[0]:start])).max() > 1e-3
+
+
+@pytest.mark.parametrize("inject_at", ["attention", "layer"])
+def test_packed_injected_passes_equal_each_document(inject_at):
+    """The injected passes (scan and layer-parallel vmap) keep to each document too."""
+    teacher, student = make(seed=0), make(seed=3, mlp_dim=24)
+    row, segments = packed_row()
+    teacher_states = teacher(row, segment_ids=segments).states
+    inject = teacher_states.attn_in if inject_at == "attention" else teacher_states.layer_in
+    name = "attn_out" if inject_at == "attention" else "layer_out"
+    scanned = getattr(student(row, inject=inject, inject_at=inject_at, segment_ids=segments).states, name)
+    parallel = student.blockwise_outputs(row, inject, inject_at=inject_at, segment_ids=segments)
+    np.testing.assert_allclose(parallel, scanned, atol=1e-5)
+    start = 0
+    for n in DOCS:
+        doc = row[start : start + n]
+        own_inject = getattr(teacher(doc).states, "attn_in" if inject_at == "attention" else "layer_in")
+        own = getattr(student(doc, inject=own_inject, inject_at=inject_at).states, name)
+        np.testing.assert_allclose(scanned[:, start : start + n], own, atol=1e-5)
+        start += n
+
+
+def test_segment_ids_must_match_tokens():
+    model = make()
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
+        model(tokens(), segment_ids=jnp.ones((SEQ + 1,), jnp.int32))
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_same_values_and_grads(remat):
     plain, rematted = make(), make(remat=remat)
@@ -211,9 +273,10 @@ def test_teacher_outputs_and_zero_gradient():
 
     grads = eqx.filter_grad(through_teacher)(teacher)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
-    # the same loss through the bare model does have gradient
+    # wrapping the model in a Teacher inside the loss still blocks every gradient ...
     bare = eqx.filter_grad(lambda m: through_teacher(bd.Teacher(m)))(model)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(bare))
+    # ... while the same kind of loss on the bare model does have gradients
     direct = eqx.filter_grad(lambda m: jnp.sum(m(toks).logits ** 2))(model)
     assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(direct))
 

@@ -2,7 +2,11 @@
 
 import importlib.metadata
 
-from ._attention import Attention as Attention, RMSNorm as RMSNorm
+from ._attention import (
+    Attention as Attention,
+    RMSNorm as RMSNorm,
+    segment_positions as segment_positions,
+)
 from ._config import RopeScaling as RopeScaling, TransformerConfig as TransformerConfig
 from ._data import (
     Batcher as Batcher,
@@ -101,6 +105,7 @@ __all__ = [
     "read_corpus",
     "to_hf",
     "Attention",
+    "segment_positions",
     "DecoderLayer",
     "DistillStep",
     "DistillationObjective",

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from ._config import RopeScaling, TransformerConfig
-from ._types import Array, Float, Hidden
+from ._types import Array, Float, Hidden, Int, Segments
 
 
 def init_linear(
@@ -88,13 +88,37 @@ def rope_inverse_frequencies(
     return jnp.where(is_medium, smoothed, scaled)
 
 
+def segment_positions(segment_ids: Segments) -> Int[Array, " seq"]:
+    """Each token's position inside its own document segment (0 at every segment start).
+
+    A segment starts wherever `segment_ids` changes value (and at position 0), so the
+    positions of a packed row restart at every document, as they would if each document
+    were run on its own.
+
+    **Example:**
+
+    ```python
+    bd.segment_positions(jnp.array([1, 1, 1, 2, 2, 0]))  # [0, 1, 2, 0, 1, 0]
+    ```
+    """
+    index = jnp.arange(segment_ids.shape[0], dtype=jnp.int32)
+    previous = jnp.concatenate([segment_ids[:1] - 1, segment_ids[:-1]])
+    starts = jnp.where(segment_ids != previous, index, 0)
+    return index - jax.lax.cummax(starts)
+
+
 def apply_rope(
-    x: Float[Array, "seq heads head_dim"], inv_freq: Float[Array, " half"]
+    x: Float[Array, "seq heads head_dim"],
+    inv_freq: Float[Array, " half"],
+    positions: Int[Array, " seq"] | None = None,
 ) -> Float[Array, "seq heads head_dim"]:
-    """Rotate query/key heads by their position (the "rotate half" convention of HF)."""
-    seq_len = x.shape[0]
-    positions = jnp.arange(seq_len, dtype=jnp.float32)
-    angles = positions[:, None] * inv_freq[None, :]
+    """Rotate query/key heads by their position (the "rotate half" convention of HF).
+
+    `positions` defaults to `0, 1, ..., seq - 1`.
+    """
+    if positions is None:
+        positions = jnp.arange(x.shape[0], dtype=jnp.int32)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
     cos = jnp.cos(angles)[:, None, :]
     sin = jnp.sin(angles)[:, None, :]
@@ -111,13 +135,18 @@ class Attention(eqx.Module):
     backend). `inject`, when given, replaces `x` as the input of the q, k and v
     projections: this is how a student block consumes the teacher's attention input.
 
+    `segment_ids`, when given, says which document each position belongs to (a packed
+    row holds several): a position attends only to earlier positions of its own
+    segment, and rotary positions restart at 0 where each segment starts, so every
+    document of a packed row gets exactly the output it would get on its own.
+
     **Arguments:**
 
     - `config`: a [`blockdistill.TransformerConfig`][].
     - `key`: a `jax.random` key.
 
-    **Call:** `attention(x, *, inject=None) -> Float[Array, "seq dim"]`, the output after
-    the o-projection (before the residual add).
+    **Call:** `attention(x, *, inject=None, segment_ids=None) -> Float[Array, "seq dim"]`,
+    the output after the o-projection (before the residual add).
 
     **Example:**
 
@@ -126,6 +155,7 @@ class Attention(eqx.Module):
     x = jnp.ones((16, cfg.dim))
     y = attn(x)                      # uses x for q, k, v
     y2 = attn(x, inject=2 * x)       # uses the injected array instead
+    y3 = attn(x, segment_ids=jnp.array([1] * 8 + [2] * 8))  # two documents
     ```
     """
 
@@ -153,14 +183,21 @@ class Attention(eqx.Module):
         self.rope_theta = config.rope_theta
         self.rope_scaling = config.rope_scaling
 
-    def __call__(self, x: Hidden, *, inject: Hidden | None = None) -> Hidden:
+    def __call__(
+        self, x: Hidden, *, inject: Hidden | None = None, segment_ids: Segments | None = None
+    ) -> Hidden:
         attn_in = x if inject is None else inject.astype(x.dtype)
         seq_len = attn_in.shape[0]
         q = apply_linear(self.q_proj, attn_in).reshape(seq_len, self.n_heads, self.head_dim)
         k = apply_linear(self.k_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
         v = apply_linear(self.v_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
-        q = apply_rope(q, inv_freq)
-        k = apply_rope(k, inv_freq)
-        heads = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        if segment_ids is None:
+            positions, same_segment = None, None
+        else:
+            positions = segment_positions(segment_ids)
+            same_segment = (segment_ids[:, None] == segment_ids[None, :])[None]
+        q = apply_rope(q, inv_freq, positions)
+        k = apply_rope(k, inv_freq, positions)
+        heads = jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True)
         return apply_linear(self.o_proj, heads.reshape(seq_len, self.n_heads * self.head_dim))

@@ -46,9 +46,11 @@ class Tokenizer(Protocol):
     [`blockdistill.ByteTokenizer`][] implements it; so does the Hugging Face wrapper.
 
     - `vocab_size`: number of token ids; every id is in `[0, vocab_size)`.
-    - `separator_id`: the id placed between two documents when they are packed into one
-      stream, and used to pad the last, partial sequence.
-    - `encode(text)`: a 1-D integer array of token ids (no separator added).
+    - `bos_id`: the id that starts every document when documents are packed (the
+      tokenizer's beginning-of-sequence token, which a model trained with it expects at
+      the start of each document), or `None` when the tokenizer has none.
+    - `pad_id`: the id that fills the unused end of the last packed row (masked out).
+    - `encode(text)`: a 1-D integer array of token ids (no special tokens added).
     - `decode(ids)`: the text of a 1-D sequence of ids.
 
     **Example:**
@@ -63,7 +65,10 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
-    def separator_id(self) -> int: ...
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def pad_id(self) -> int: ...
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -73,10 +78,10 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """Byte-level tokenizer: the token ids of a text are its UTF-8 bytes.
 
-    `vocab_size` is 256 and `separator_id` is 0, the NUL byte, which practically never
-    occurs in text or source code; packed documents are separated by it. A text that
-    does contain NUL bytes still round-trips, but its NULs look like document boundaries
-    to the model.
+    `vocab_size` is 256. `bos_id` (and `pad_id`) is 0, the NUL byte, which practically
+    never occurs in text or source code: every packed document starts with it, so the
+    model knows where a document begins. A text that does contain NUL bytes still
+    round-trips, but its NULs look like document starts to the model.
 
     **Example:**
 
@@ -88,7 +93,8 @@ class ByteTokenizer:
     """
 
     vocab_size: int = 256
-    separator_id: int = 0
+    bos_id: int | None = 0
+    pad_id: int = 0
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -413,59 +419,75 @@ def _check_seq_len(seq_len: int) -> None:
 
 
 def pack_tokens(
-    token_ids: Sequence[np.ndarray], seq_len: int, separator_id: int
-) -> tuple[Int[np.ndarray, "n seq"], Bool[np.ndarray, "n seq"]]:
-    """Pack token id arrays into fixed-length sequences.
+    token_ids: Sequence[np.ndarray],
+    seq_len: int,
+    *,
+    bos_id: int | None = None,
+    pad_id: int = 0,
+) -> "Split":
+    """Pack token id arrays (one per document) into fixed-length rows with segment ids.
 
-    The arrays are concatenated into one stream with `separator_id` between consecutive
-    arrays (not before the first nor after the last), and the stream is cut into
-    consecutive, non-overlapping rows of `seq_len` tokens. The last, partial row is
-    padded with `separator_id` and its padding is masked out.
+    Each document, preceded by `bos_id` when it is not `None`, is appended to one
+    stream, and the stream is cut into consecutive, non-overlapping rows of `seq_len`
+    tokens; the last, partial row is padded with `pad_id`. `segment_ids` number the
+    documents of each row 1, 2, ... (a document cut at a row's end continues in the
+    next row as that row's first segment) and are 0 on padding. The model keeps each
+    segment to itself (attention within a segment, positions restarting at each one),
+    so a document in a packed row is computed as it would be on its own.
 
-    Each row is a complete model input: position `t` predicts token `t + 1` of the same
-    row from positions `<= t`. Distillation losses use every valid position; a
-    next-token loss uses `tokens[:, :-1]` as inputs and `tokens[:, 1:]` as targets, so
-    the last position of a row has no target (no token is duplicated across rows).
+    A next-token loss uses the pairs `(t, t + 1)` that lie in one segment: the last
+    token of a document predicts nothing.
 
     **Arguments:**
 
     - `token_ids`: one 1-D integer array per document.
     - `seq_len`: the length of a row.
-    - `separator_id`: the id put between documents and used as padding.
+    - `bos_id`: the id that starts each document, or `None` for none.
+    - `pad_id`: the id of padding.
 
     **Returns:**
 
-    `(tokens, mask)`: `tokens` is `int32 [n, seq_len]`; `mask` is `bool [n, seq_len]`,
-    `True` for stream tokens (separators included) and `False` for padding. With an
-    empty stream, `n` is 0.
+    A [`blockdistill.Split`][] `(tokens, mask, segment_ids)`: `int32 [n, seq_len]`,
+    `bool [n, seq_len]` (`False` on padding) and `int32 [n, seq_len]`. With an empty
+    stream, `n` is 0.
 
     **Example:**
 
     ```python
-    tokens, mask = bd.pack_tokens([np.array([1, 2, 3]), np.array([4])], 3, 0)
-    # tokens [[1, 2, 3], [0, 4, 0]]; mask [[T, T, T], [T, T, F]]
+    tokens, mask, segment_ids = bd.pack_tokens([np.array([5, 6, 7]), np.array([8])], 3, bos_id=1)
+    # tokens      [[1, 5, 6], [7, 1, 8]]
+    # mask        [[T, T, T], [T, T, T]]
+    # segment_ids [[1, 1, 1], [1, 2, 2]]
     ```
     """
     _check_seq_len(seq_len)
-    separator = np.array([separator_id], dtype=np.int32)
-    pieces = []
-    for index, ids in enumerate(token_ids):
-        if index:
-            pieces.append(separator)
-        pieces.append(np.asarray(ids, dtype=np.int32).reshape(-1))
+    pieces, owners = [], []
+    for ids in token_ids:
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        if bos_id is not None:
+            ids = np.concatenate([np.array([bos_id], np.int32), ids])
+        if ids.size:  # documents are numbered consecutively, empty ones skipped
+            pieces.append(ids)
+            owners.append(np.full(ids.shape, len(owners) + 1, np.int64))
     stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+    owner = np.concatenate(owners) if owners else np.zeros((0,), np.int64)
     n_rows = -(-stream.size // seq_len)
     padding = n_rows * seq_len - stream.size
-    tokens = np.concatenate([stream, np.full((padding,), separator_id, np.int32)])
+    tokens = np.concatenate([stream, np.full((padding,), pad_id, np.int32)]).reshape(n_rows, seq_len)
     mask = np.zeros((n_rows * seq_len,), dtype=bool)
     mask[: stream.size] = True
-    return tokens.reshape(n_rows, seq_len), mask.reshape(n_rows, seq_len)
+    mask = mask.reshape(n_rows, seq_len)
+    owner = np.concatenate([owner, np.zeros((padding,), np.int64)]).reshape(n_rows, seq_len)
+    # number the documents of each row from 1: documents are contiguous and in order
+    segment_ids = np.where(mask, owner - owner[:, :1] + 1, 0).astype(np.int32)
+    return Split(tokens, mask, segment_ids)
 
 
 def pack_documents(
     documents: Sequence[Document], tokenizer: Tokenizer, seq_len: int
-) -> tuple[Int[np.ndarray, "n seq"], Bool[np.ndarray, "n seq"]]:
-    """Tokenize documents and pack them into fixed-length sequences.
+) -> "Split":
+    """Tokenize documents and pack them into fixed-length rows, each document starting
+    with the tokenizer's `bos_id` (when it has one).
 
     See [`blockdistill.pack_tokens`][] for the layout.
 
@@ -477,18 +499,19 @@ def pack_documents(
 
     **Returns:**
 
-    `(tokens, mask)`, `int32 [n, seq_len]` and `bool [n, seq_len]`.
+    A [`blockdistill.Split`][] `(tokens, mask, segment_ids)`.
 
     **Example:**
 
     ```python
-    tokens, mask = bd.pack_documents(docs, bd.ByteTokenizer(), seq_len=256)
+    tokens, mask, segment_ids = bd.pack_documents(docs, bd.ByteTokenizer(), seq_len=256)
     ```
     """
     return pack_tokens(
         [tokenizer.encode(document.text) for document in documents],
         seq_len,
-        tokenizer.separator_id,
+        bos_id=tokenizer.bos_id,
+        pad_id=tokenizer.pad_id,
     )
 
 
@@ -509,17 +532,22 @@ class Batcher:
 
     - `tokens`: `int [n, seq_len]` sequences, e.g. `dataset.train.tokens`.
     - `mask`: `bool [n, seq_len]` validity mask.
-    - `batch_size`: rows per batch, at most `n`.
+    - `segment_ids`: `int [n, seq_len]` document ids of packed rows (see
+      [`blockdistill.pack_tokens`][]); `None`: each row is one document (its valid
+      positions segment 1, padding 0).
+    - `batch_size`: rows per batch, at most `n` (keyword).
     - `seed`: a non-negative integer that selects the permutations.
+
+    Each batch is a [`blockdistill.Split`][] `(tokens, mask, segment_ids)`.
 
     **Example:**
 
     ```python
     batcher = bd.Batcher(*dataset.train, batch_size=16, seed=0)
-    tokens, mask = next(batcher)          # int32 [16, seq_len], bool [16, seq_len]
-    state = batcher.state_dict()          # {"epoch": 0, "index": 1, "seed": 0}
+    tokens, mask, segment_ids = next(batcher)   # [16, seq_len] each
+    state = batcher.state_dict()                # {"epoch": 0, "index": 1, "seed": 0}
     resumed = bd.Batcher(*dataset.train, batch_size=16)
-    resumed.load_state_dict(state)        # continues with the same next batch
+    resumed.load_state_dict(state)              # continues with the same next batch
     ```
     """
 
@@ -527,8 +555,9 @@ class Batcher:
         self,
         tokens: Int[np.ndarray, "n seq"],
         mask: Bool[np.ndarray, "n seq"],
-        batch_size: int,
+        segment_ids: Int[np.ndarray, "n seq"] | None = None,
         *,
+        batch_size: int,
         seed: int = 0,
     ):
         if tokens.ndim != 2 or mask.shape != tokens.shape:
@@ -536,6 +565,7 @@ class Batcher:
                 f"tokens {tokens.shape} and mask {mask.shape} must be [n, seq_len] "
                 "arrays of the same shape"
             )
+        segment_ids = _segments_or_default(segment_ids, mask)
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} is invalid: must be positive")
         if batch_size > tokens.shape[0]:
@@ -547,6 +577,7 @@ class Batcher:
             raise ValueError(f"seed={seed!r} is invalid: must be non-negative")
         self.tokens = tokens
         self.mask = mask
+        self.segment_ids = segment_ids
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
@@ -569,9 +600,7 @@ class Batcher:
     def __iter__(self) -> "Batcher":
         return self
 
-    def __next__(
-        self,
-    ) -> tuple[Int[np.ndarray, "batch seq"], Bool[np.ndarray, "batch seq"]]:
+    def __next__(self) -> "Split":
         order = self._permutation(self.epoch)
         start = self.index * self.batch_size
         rows = order[start : start + self.batch_size]
@@ -579,7 +608,7 @@ class Batcher:
         if self.index == self.batches_per_epoch:
             self.epoch += 1
             self.index = 0
-        return self.tokens[rows], self.mask[rows]
+        return Split(self.tokens[rows], self.mask[rows], self.segment_ids[rows])
 
     def state_dict(self) -> dict[str, int]:
         """The position in the stream of batches.
@@ -632,36 +661,51 @@ class Batcher:
             self._order_epoch = -1
 
 
+def _segments_or_default(
+    segment_ids: Int[np.ndarray, "n seq"] | None, mask: Bool[np.ndarray, "n seq"]
+) -> Int[np.ndarray, "n seq"]:
+    """`segment_ids` checked against `mask`, or one document per row when `None`."""
+    if segment_ids is None:
+        return mask.astype(np.int32)
+    if segment_ids.shape != mask.shape:
+        raise ValueError(
+            f"segment_ids {segment_ids.shape} must have the shape of mask {mask.shape}"
+        )
+    return segment_ids
+
+
 def eval_batches(
     tokens: Int[np.ndarray, "n seq"],
     mask: Bool[np.ndarray, "n seq"],
+    segment_ids: Int[np.ndarray, "n seq"] | None = None,
+    *,
     batch_size: int,
     max_batches: int | None = None,
-    *,
     pad_id: int = 0,
-) -> list[tuple[Int[np.ndarray, "batch seq"], Bool[np.ndarray, "batch seq"]]]:
+) -> list["Split"]:
     """A fixed evaluation set: the first sequences, in order, in equal-sized batches.
 
     No shuffling: the same arrays give the same batches every time. All batches have
     exactly `batch_size` rows (so a jitted evaluation step compiles once); the last one
-    is filled up with rows of `pad_id` whose mask is all `False`, so every sequence is
-    evaluated and the filler counts for nothing in a masked mean.
+    is filled up with rows of `pad_id` whose mask is all `False` (segment 0), so every
+    sequence is evaluated and the filler counts for nothing in a masked mean.
 
     **Arguments:**
 
-    - `tokens`, `mask`: `[n, seq_len]` sequences and mask, e.g. `*dataset.val`.
+    - `tokens`, `mask`, `segment_ids`: `[n, seq_len]` rows, e.g. `*dataset.val`
+      (`segment_ids=None`: one document per row).
     - `batch_size`: rows per batch.
     - `max_batches`: keep only the first this many batches; `None` for all.
     - `pad_id`: the token id of filler rows.
 
     **Returns:**
 
-    A list of `(tokens, mask)` pairs, empty when `n` is 0.
+    A list of [`blockdistill.Split`][] `(tokens, mask, segment_ids)`, empty when `n` is 0.
 
     **Example:**
 
     ```python
-    for tokens, mask in bd.eval_batches(*dataset.val, batch_size=32, max_batches=8):
+    for tokens, mask, segment_ids in bd.eval_batches(*dataset.val, batch_size=32, max_batches=8):
         ...
     ```
     """
@@ -669,23 +713,23 @@ def eval_batches(
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be positive")
     if max_batches is not None and max_batches <= 0:
         raise ValueError(f"max_batches={max_batches!r} is invalid: must be positive")
+    segment_ids = _segments_or_default(segment_ids, mask)
     n_rows, seq_len = tokens.shape
     n_batches = -(-n_rows // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     batches = []
     for index in range(n_batches):
-        batch_tokens = tokens[index * batch_size : (index + 1) * batch_size]
-        batch_mask = mask[index * batch_size : (index + 1) * batch_size]
-        missing = batch_size - batch_tokens.shape[0]
+        rows = slice(index * batch_size, (index + 1) * batch_size)
+        batch = Split(tokens[rows], mask[rows], segment_ids[rows])
+        missing = batch_size - batch.tokens.shape[0]
         if missing:
-            batch_tokens = np.concatenate(
-                [batch_tokens, np.full((missing, seq_len), pad_id, batch_tokens.dtype)]
+            batch = Split(
+                np.concatenate([batch.tokens, np.full((missing, seq_len), pad_id, batch.tokens.dtype)]),
+                np.concatenate([batch.mask, np.zeros((missing, seq_len), bool)]),
+                np.concatenate([batch.segment_ids, np.zeros((missing, seq_len), batch.segment_ids.dtype)]),
             )
-            batch_mask = np.concatenate(
-                [batch_mask, np.zeros((missing, seq_len), bool)]
-            )
-        batches.append((batch_tokens, batch_mask))
+        batches.append(batch)
     return batches
 
 
@@ -693,22 +737,26 @@ def eval_batches(
 
 
 class Split(NamedTuple):
-    """Packed sequences of one split; unpacks as `tokens, mask = split`.
+    """Packed rows (of a split, or a batch); unpacks as
+    `tokens, mask, segment_ids = split`.
 
     **Arguments:**
 
     - `tokens`: `int32 [n, seq_len]` token ids.
     - `mask`: `bool [n, seq_len]`, `False` on padding.
+    - `segment_ids`: `int32 [n, seq_len]`, the documents of each row numbered from 1,
+      0 on padding (see [`blockdistill.pack_tokens`][]).
 
     **Example:**
 
     ```python
-    tokens, mask = dataset.train
+    tokens, mask, segment_ids = dataset.train
     ```
     """
 
     tokens: Int[np.ndarray, "n seq"]
     mask: Bool[np.ndarray, "n seq"]
+    segment_ids: Int[np.ndarray, "n seq"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -719,7 +767,7 @@ class Dataset:
 
     **Arguments:**
 
-    - `train`, `val`: [`blockdistill.Split`][] `(tokens, mask)` pairs.
+    - `train`, `val`: [`blockdistill.Split`][] `(tokens, mask, segment_ids)` rows.
     - `tokenizer`: the tokenizer used.
     - `seq_len`: the row length.
     - `source`: where the documents came from (a path, or `"default"`).
@@ -793,19 +841,20 @@ def load_dataset(
         documents, source = read_corpus(path, glob=glob), os.fspath(path)
     train_docs, val_docs = split_documents(documents, val_fraction)
     if val_fraction > 0.0 and (not train_docs or not val_docs):
-        tokens, mask = pack_documents(documents, tokenizer, seq_len)
-        n_val = int(np.ceil(val_fraction * tokens.shape[0]))
-        if tokens.shape[0] - n_val < 1:
+        packed = pack_documents(documents, tokenizer, seq_len)
+        n_rows = packed.tokens.shape[0]
+        n_val = int(np.ceil(val_fraction * n_rows))
+        if n_rows - n_val < 1:
             raise ValueError(
-                f"corpus {source!r} is too small to split: {tokens.shape[0]} "
+                f"corpus {source!r} is too small to split: {n_rows} "
                 f"sequence(s) of seq_len={seq_len}"
             )
-        train = Split(tokens[:-n_val], mask[:-n_val])
-        val = Split(tokens[-n_val:], mask[-n_val:])
+        train = Split(*(array[:-n_val] for array in packed))
+        val = Split(*(array[-n_val:] for array in packed))
         num_val_documents = 0
     else:
-        train = Split(*pack_documents(train_docs, tokenizer, seq_len))
-        val = Split(*pack_documents(val_docs, tokenizer, seq_len))
+        train = pack_documents(train_docs, tokenizer, seq_len)
+        val = pack_documents(val_docs, tokenizer, seq_len)
         num_val_documents = len(val_docs)
     return Dataset(
         train=train,

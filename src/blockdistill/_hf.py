@@ -14,7 +14,7 @@ import shutil
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -539,7 +539,7 @@ def _token_name(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _find_eos_id(folder: Path, tokenizer: Any) -> int:
+def _find_eos_id(folder: Path, tokenizer: Any) -> int | None:
     """The EOS id: `config.json`, then the tokenizer's own files, then generation config."""
     for file_name, key in (
         (_CONFIG_FILE, "eos_token_id"),
@@ -561,11 +561,29 @@ def _find_eos_id(folder: Path, tokenizer: Any) -> int:
             token_id = None if name is None else tokenizer.token_to_id(name)
             if token_id is not None:
                 return int(token_id)
-    raise ValueError(
-        f"cannot find the EOS token of the tokenizer in {folder}: none of config.json, "
-        "tokenizer_config.json, special_tokens_map.json or generation_config.json names "
-        "one; pass separator_id="
-    )
+    return None
+
+
+def _find_bos_id(folder: Path, tokenizer: Any) -> int | None:
+    """The id the tokenizer itself puts before a text, if any.
+
+    First the tokenizer's own post-processor (what `encode(text, add_special_tokens=True)`
+    prepends, as the model saw in training), then `tokenizer_config.json` when it says
+    `add_bos_token: true` and names its `bos_token`.
+    """
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    special = tokenizer.encode("a", add_special_tokens=True).ids
+    if len(special) > len(plain) and special[1 : 1 + len(plain)] == plain:
+        return int(special[0])
+    file = folder / "tokenizer_config.json"
+    if file.is_file():
+        config = json.loads(file.read_text())
+        name = _token_name(config.get("bos_token"))
+        if config.get("add_bos_token") is True and name is not None:
+            token_id = tokenizer.token_to_id(name)
+            if token_id is not None:
+                return int(token_id)
+    return None
 
 
 class HFTokenizer:
@@ -577,11 +595,15 @@ class HFTokenizer:
     **Arguments:**
 
     - `folder`: a folder holding `tokenizer.json`, typically a HF checkpoint.
-    - `separator_id`: the id put between packed documents; default the EOS id named by the
-      folder's `config.json` (`eos_token_id`, the first one if a list) or, failing that,
-      `tokenizer_config.json` / `special_tokens_map.json` (`eos_token`).
+    - `bos_id`: the id that starts every packed document. `"auto"` (default): the
+      beginning-of-sequence token the tokenizer itself adds before a text (its
+      post-processor, e.g. Llama's `<|begin_of_text|>`, or `add_bos_token` with
+      `bos_token` in `tokenizer_config.json`), or `None` when it adds none (e.g. Qwen2).
+    - `pad_id`: the id of padding (masked out everywhere); default the EOS id named by
+      the folder's `config.json` (`eos_token_id`, the first one if a list) or its
+      tokenizer files (`eos_token`), else the BOS id, else 0.
 
-    **Attributes:** `vocab_size` (ids, added tokens included) and `separator_id`.
+    **Attributes:** `vocab_size` (ids, added tokens included), `bos_id` and `pad_id`.
 
     **Example:**
 
@@ -593,9 +615,16 @@ class HFTokenizer:
     """
 
     vocab_size: int
-    separator_id: int
+    bos_id: int | None
+    pad_id: int
 
-    def __init__(self, folder: PathLike, *, separator_id: int | None = None):
+    def __init__(
+        self,
+        folder: PathLike,
+        *,
+        bos_id: int | None | Literal["auto"] = "auto",
+        pad_id: int | None = None,
+    ):
         tokenizers = _import_tokenizers()
         self.folder = Path(folder)
         file = self.folder / "tokenizer.json"
@@ -603,18 +632,24 @@ class HFTokenizer:
             raise FileNotFoundError(f"{self.folder} has no tokenizer.json")
         self.tokenizer = tokenizers.Tokenizer.from_file(str(file))
         self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
-        if separator_id is None:
-            separator_id = _find_eos_id(self.folder, self.tokenizer)
-        if not 0 <= separator_id < self.vocab_size:
-            raise ValueError(
-                f"separator_id={separator_id} is outside the vocabulary of {self.vocab_size} ids"
-            )
-        self.separator_id = separator_id
+        if bos_id == "auto":
+            bos_id = _find_bos_id(self.folder, self.tokenizer)
+        if pad_id is None:
+            pad_id = _find_eos_id(self.folder, self.tokenizer)
+        if pad_id is None:
+            pad_id = 0 if bos_id is None else bos_id
+        for name, value in (("bos_id", bos_id), ("pad_id", pad_id)):
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"HFTokenizer {name}={value} is outside the vocabulary of {self.vocab_size} ids"
+                )
+        self.bos_id = bos_id
+        self.pad_id = pad_id
 
     def __repr__(self) -> str:
         return (
             f"HFTokenizer({str(self.folder)!r}, vocab_size={self.vocab_size}, "
-            f"separator_id={self.separator_id})"
+            f"bos_id={self.bos_id}, pad_id={self.pad_id})"
         )
 
     def encode(self, text: str) -> Int[np.ndarray, " n"]:

@@ -8,7 +8,7 @@ from jaxtyping import PRNGKeyArray
 
 from ._attention import Attention, RMSNorm, apply_linear, init_linear
 from ._config import TransformerConfig
-from ._types import Hidden
+from ._types import Hidden, Segments
 
 InjectAt = Literal["attention", "layer"]
 INJECT_LEVELS = ("attention", "layer")
@@ -62,7 +62,10 @@ class DecoderLayer(eqx.Module):
     and v read the injected array while the residual stream stays the layer's own) or the
     layer's whole input (`inject_at="layer"`).
 
-    **Call:** `layer(layer_in, *, inject=None, inject_at="attention") -> LayerStep`.
+    `segment_ids` marks the documents of a packed row (see [`blockdistill.Attention`][]).
+
+    **Call:** `layer(layer_in, *, inject=None, inject_at="attention", segment_ids=None)
+    -> LayerStep`.
 
     **Example:**
 
@@ -91,13 +94,14 @@ class DecoderLayer(eqx.Module):
         *,
         inject: Hidden | None = None,
         inject_at: InjectAt = "attention",
+        segment_ids: Segments | None = None,
     ) -> LayerStep:
         if inject is not None and inject_at == "layer":
             layer_in = inject.astype(layer_in.dtype)
             inject = None
         normed = self.input_layernorm(layer_in)
         attn_in = normed if inject is None else inject.astype(layer_in.dtype)
-        attn_out = self.self_attn(normed, inject=inject)
+        attn_out = self.self_attn(normed, inject=inject, segment_ids=segment_ids)
         hidden = layer_in + attn_out
         layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return LayerStep(attn_in=attn_in, attn_out=attn_out, layer_in=layer_in, layer_out=layer_out)

@@ -25,10 +25,10 @@ from jax.sharding import Mesh
 
 from ._checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
 from ._config import TransformerConfig
-from ._data import Batcher, ByteTokenizer, Dataset, Tokenizer, eval_batches, load_dataset
+from ._data import Batcher, ByteTokenizer, Dataset, Split, Tokenizer, eval_batches, load_dataset
 from ._io import read_model_config, save_model, write_json
 from ._model import Transformer
-from ._objective import DistillationObjective, next_token_cross_entropy
+from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
 from ._parallel import (
     LAYERS_AXIS,
     check_mesh,
@@ -100,31 +100,38 @@ def load_tokenizer(model_path: str) -> Tokenizer:
 
 
 @eqx.filter_jit
-def _eval_sums(model: Transformer, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = jax.vmap(lambda t: model(t).logits)(tokens)
-    pairs = mask[:, :-1] & mask[:, 1:]
-    count = jnp.sum(pairs.astype(jnp.float32))
-    return next_token_cross_entropy(logits, tokens, mask) * count, count
+def _eval_sums(
+    model: Transformer, tokens: jax.Array, mask: jax.Array, segment_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    logits = jax.vmap(lambda t, seg: model(t, segment_ids=seg).logits)(tokens, segment_ids)
+    count = jnp.sum(next_token_pairs(mask, segment_ids).astype(jnp.float32))
+    return next_token_cross_entropy(logits, tokens, mask, segment_ids) * count, count
 
 
-def _place_batch(mesh: Mesh | None, tokens: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def _place_batch(mesh: Mesh | None, batch: Split) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A host batch on the device(s): split over the mesh's `data` axis when there is one."""
     if mesh is None:
-        return jnp.asarray(tokens), jnp.asarray(mask)
-    return shard_batch(mesh, tokens, mask)
+        return tuple(jnp.asarray(array) for array in batch)
+    return shard_batch(mesh, *batch)
 
 
-def evaluate(
-    model: Transformer, batches: list[tuple[np.ndarray, np.ndarray]], mesh: Mesh | None = None
-) -> float:
-    """Mean next-token cross-entropy (nats per token) of a model over fixed batches."""
+def evaluate(model: Transformer, batches: list[Split], mesh: Mesh | None = None) -> float:
+    """Mean next-token cross-entropy (nats per token) of a model over fixed batches of
+    packed rows (pairs within one document only)."""
     total, count = [], []
-    for tokens, mask in batches:
-        s, c = _eval_sums(model, *_place_batch(mesh, tokens, mask))
+    for batch in batches:
+        s, c = _eval_sums(model, *_place_batch(mesh, batch))
         total.append(s)
         count.append(c)
     total, count = jax.device_get((total, count))
     return float(np.sum(total) / max(np.sum(count), 1.0))
+
+
+def _val_batches(cfg: RunConfig | EvalConfig, dataset: Dataset) -> list[Split]:
+    return eval_batches(
+        *dataset.val, batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
+        pad_id=dataset.tokenizer.pad_id,
+    )
 
 
 def _batch_size_check(cfg: RunConfig, dataset: Dataset) -> None:
@@ -302,8 +309,8 @@ def train(
     is split over its `data` axis.
     """
     cfg = run.cfg
-    batcher = Batcher(dataset.train.tokens, dataset.train.mask, cfg.batch_size, seed=cfg.seed)
-    val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
+    batcher = Batcher(*dataset.train, batch_size=cfg.batch_size, seed=cfg.seed)
+    val = _val_batches(cfg, dataset)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     start = 0
     checkpoint = run.newest_checkpoint()
@@ -349,8 +356,8 @@ def train(
         step = start
         last_record: dict = {}
         while step < cfg.steps and not run.stop_requested:
-            tokens, mask = _place_batch(mesh, *next(batcher))
-            model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, step)
+            tokens, mask, segment_ids = _place_batch(mesh, next(batcher))
+            model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, segment_ids, step)
             step += 1
             run.pending.append((step, metrics))
             first = step == start + 1
@@ -438,8 +445,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
     step = eqx.filter_jit(_pretrain_step, donate="all-except-first")
 
-    def run_step(model, opt_state, tokens, mask, index):
-        return step((tokens, mask), model, opt_state, optimizer=optimizer)
+    def run_step(model, opt_state, tokens, mask, segment_ids, index):
+        return step((tokens, mask, segment_ids), model, opt_state, optimizer=optimizer)
 
     result = train(run, model, optimizer, _Stepper(run_step, None), dataset,
                    {"model_config": model_cfg.to_dict()})
@@ -459,11 +466,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _pretrain_step(batch, model, opt_state, *, optimizer):
-    tokens, mask = batch
+    tokens, mask, segment_ids = batch
 
     def loss_fn(model):
-        logits = jax.vmap(lambda t: model(t).logits)(tokens)
-        return next_token_cross_entropy(logits, tokens, mask)
+        logits = jax.vmap(lambda t, seg: model(t, segment_ids=seg).logits)(tokens, segment_ids)
+        return next_token_cross_entropy(logits, tokens, mask, segment_ids)
 
     loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
     with jax.numpy_dtype_promotion("standard"):
@@ -510,11 +517,12 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
         n_layers=cfg.student_n_layers, kv_heads_ratio=cfg.kv_heads_ratio, seed=cfg.seed,
     )
     n_calibration = min(cfg.calibration_batches * cfg.batch_size, dataset.train.tokens.shape[0])
-    calibration = jnp.asarray(dataset.train.tokens[:n_calibration])
-    calibration_mask = jnp.asarray(dataset.train.mask[:n_calibration])
+    calibration, calibration_mask, calibration_segments = (
+        jnp.asarray(array[:n_calibration]) for array in dataset.train
+    )
     student = make_student(
         teacher_model, student_cfg, calibration, calibration_mask=calibration_mask,
-        key=jax.random.key(cfg.seed),
+        calibration_segment_ids=calibration_segments, key=jax.random.key(cfg.seed),
     )
     return Teacher(teacher_model), student
 
@@ -551,12 +559,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = make_optimizer(
         lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
     )
-    distill_step = DistillStep(objective, optimizer, mesh=mesh)
+    distill_step = DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable)
 
-    def run_step(model, opt_state, tokens, mask, index):
-        return distill_step(model, opt_state, teacher, tokens, mask, index)
+    def run_step(model, opt_state, tokens, mask, segment_ids, index):
+        return distill_step(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
 
-    val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
+    val = _val_batches(cfg, dataset)
     teacher_loss = evaluate(teacher.model, val, mesh)
     result = train(run, student, optimizer, _Stepper(run_step, teacher_loss), dataset,
                    {"student_config": student.config.to_dict()}, mesh)
@@ -599,7 +607,7 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
     model = load_model(cfg.model, dtype=cfg.dtype)
     tokenizer = load_tokenizer(cfg.model)
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
-    val = eval_batches(dataset.val.tokens, dataset.val.mask, cfg.batch_size, cfg.eval_batches)
+    val = _val_batches(cfg, dataset)
     loss = evaluate(model, val)
     line = f"{cfg.model}: eval loss {loss:.4f} nats/token"
     if isinstance(tokenizer, ByteTokenizer):

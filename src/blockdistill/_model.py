@@ -10,7 +10,7 @@ from ._attention import RMSNorm, apply_linear, init_linear
 from ._config import TransformerConfig
 from ._layer import InjectAt, check_inject_at
 from ._stack import LayerStack, LayerStates
-from ._types import Array, Float, LayerHidden, Logits, Tokens
+from ._types import Array, Float, LayerHidden, Logits, Segments, Tokens
 
 
 class ModelOutput(eqx.Module):
@@ -45,7 +45,8 @@ class Transformer(eqx.Module):
     - `config`: a [`blockdistill.TransformerConfig`][].
     - `key`: a `jax.random` key for the initialisation.
 
-    **Call:** `model(tokens, *, inject=None, inject_at="attention") -> ModelOutput`
+    **Call:** `model(tokens, *, inject=None, inject_at="attention", segment_ids=None)
+    -> ModelOutput`
 
     - `tokens`: `Int[Array, "seq"]`.
     - `inject`: optional `Float[Array, "layers seq dim"]`, typically a teacher's
@@ -53,6 +54,10 @@ class Transformer(eqx.Module):
       of layer `l` read `inject[l]`, the residual stream stays the model's own) or
       `states.layer_in` (with `inject_at="layer"`: layer `l`'s whole input is
       `inject[l]`, so every layer is computed independently of the others).
+    - `segment_ids`: optional `Int[Array, "seq"]` for a row that packs several
+      documents: positions with equal ids form one document. Attention stays inside a
+      document and rotary positions restart at each one, so every document gets the
+      logits and states it would get on its own. `None`: the row is one document.
 
     **Returns:** a [`blockdistill.ModelOutput`][] with float32 logits and per-layer states.
 
@@ -67,6 +72,7 @@ class Transformer(eqx.Module):
     injected = model(tokens, inject=out.states.attn_in)            # attention level
     layered = model(tokens, inject=out.states.layer_in, inject_at="layer")
     batch = jax.vmap(model)(jnp.stack([tokens, tokens]))             # batched
+    packed = model(tokens, segment_ids=jnp.array([1] * 10 + [2] * 6))  # two documents
     ```
     """
 
@@ -111,11 +117,16 @@ class Transformer(eqx.Module):
             logits = apply_linear(self.lm_head, normed)
         return logits.astype(jnp.float32)
 
-    def _checked(self, tokens: Tokens) -> None:
+    def _checked(self, tokens: Tokens, segment_ids: Segments | None) -> None:
         if tokens.shape[0] > self.config.max_seq_len:
             raise ValueError(
                 f"tokens has length {tokens.shape[0]}, longer than "
                 f"max_seq_len={self.config.max_seq_len}"
+            )
+        if segment_ids is not None and segment_ids.shape != tokens.shape:
+            raise ValueError(
+                f"segment_ids has shape {tuple(segment_ids.shape)}, expected the shape of "
+                f"tokens {tuple(tokens.shape)}"
             )
 
     def __call__(
@@ -124,12 +135,13 @@ class Transformer(eqx.Module):
         *,
         inject: LayerHidden | None = None,
         inject_at: InjectAt = "attention",
+        segment_ids: Segments | None = None,
     ) -> ModelOutput:
         check_inject_at(inject_at)
-        self._checked(tokens)
+        self._checked(tokens, segment_ids)
         if inject is not None:
             self.check_inject(tokens.shape, inject)
-        return _forward(self, tokens, inject, inject_at)
+        return _forward(self, tokens, inject, inject_at, segment_ids)
 
     def blockwise_outputs(
         self,
@@ -137,6 +149,7 @@ class Transformer(eqx.Module):
         inject: LayerHidden,
         *,
         inject_at: InjectAt = "attention",
+        segment_ids: Segments | None = None,
     ) -> LayerHidden:
         """Every block's output on its injected input, all layers at once (`jax.vmap`).
 
@@ -152,9 +165,9 @@ class Transformer(eqx.Module):
         ```
         """
         check_inject_at(inject_at)
-        self._checked(tokens)
+        self._checked(tokens, segment_ids)
         self.check_inject(tokens.shape, inject)
-        return _blockwise_outputs(self, inject, inject_at)
+        return _blockwise_outputs(self, inject, inject_at, segment_ids)
 
 
 # The model's computations are compiled functions, so that calling a model outside `jit`
@@ -164,20 +177,26 @@ class Transformer(eqx.Module):
 
 @eqx.filter_jit
 def _forward(
-    model: Transformer, tokens: Tokens, inject: LayerHidden | None, inject_at: InjectAt
+    model: Transformer,
+    tokens: Tokens,
+    inject: LayerHidden | None,
+    inject_at: InjectAt,
+    segment_ids: Segments | None,
 ) -> ModelOutput:
     if model.config.dtype != "float32":
         model = _cast_floating(model, model.config.compute_dtype)
     hidden = model.embed(tokens)
-    hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at)
+    hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
     return ModelOutput(logits=model.head(hidden), states=states)
 
 
 @eqx.filter_jit
-def _blockwise_outputs(model: Transformer, inject: LayerHidden, inject_at: InjectAt) -> LayerHidden:
+def _blockwise_outputs(
+    model: Transformer, inject: LayerHidden, inject_at: InjectAt, segment_ids: Segments | None
+) -> LayerHidden:
     if model.config.dtype != "float32":
         model = _cast_floating(model, model.config.compute_dtype)
         inject = inject.astype(model.config.compute_dtype)
-    return model.layers.blockwise_outputs(inject, inject_at=inject_at)
+    return model.layers.blockwise_outputs(inject, inject_at=inject_at, segment_ids=segment_ids)
 
 

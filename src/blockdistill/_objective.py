@@ -10,7 +10,7 @@ import optax
 
 from ._layer import InjectAt, check_inject_at
 from ._model import ModelOutput, Transformer
-from ._types import Array, BatchMask, BatchTokens, Bool, Float
+from ._types import Array, BatchMask, BatchSegments, BatchTokens, Bool, Float
 
 FeatureLoss = Literal["cosine", "l2", "nmse"]
 FEATURE_LOSSES = ("cosine", "l2", "nmse")
@@ -23,33 +23,52 @@ _NMSE_EPS = 1e-12
 
 
 def feature_loss(
-    student: Float[Array, "*batch dim"],
-    teacher: Float[Array, "*batch dim"],
+    student: Float[Array, "*tokens dim"],
+    teacher: Float[Array, "*tokens dim"],
     kind: FeatureLoss = "cosine",
-) -> Float[Array, "*batch"]:
-    """Per-token feature loss between student and teacher features, in float32.
+    mask: Bool[Array, "*tokens"] | None = None,
+) -> Float[Array, ""]:
+    """Feature loss between student and teacher features over the valid tokens, in float32.
 
-    - `"cosine"`: `1 - cos(s, t)` (squared norms clipped at 1e-6),
-    - `"l2"`: mean over `dim` of `(s - t)^2`,
-    - `"nmse"`: `|s - t|^2 / |t|^2`, the normalized MSE of NVIDIA's Puzzle.
+    - `"cosine"`: the mean over valid tokens of `1 - cos(s, t)` (squared norms clipped
+      at 1e-6),
+    - `"l2"`: the mean over valid tokens of the mean over `dim` of `(s - t)^2`,
+    - `"nmse"`: NVIDIA Puzzle's normalized MSE, a ratio of sums over the valid tokens,
+      `sum |s - t|^2 / sum |t|^2`, i.e. `MSE(s, t) / MSE(0, t)`: tokens with a small
+      teacher norm weigh little instead of blowing up.
+
+    The objective applies it to each layer separately (all valid tokens of the batch at
+    once) and averages over layers.
+
+    **Arguments:**
+
+    - `student`, `teacher`: features of the same shape, `dim` last (any leading token
+      axes, e.g. `batch seq dim`).
+    - `kind`: `"cosine"`, `"l2"` or `"nmse"`.
+    - `mask`: optional `Bool` over the token axes; only `True` tokens count. Default:
+      every token.
 
     **Example:**
 
     ```python
     s, t = jnp.ones((4, 8)), 2 * jnp.ones((4, 8))
-    bd.feature_loss(s, t, "cosine")  # zeros: same direction
-    bd.feature_loss(s, t, "nmse")    # 0.25 per token
+    bd.feature_loss(s, t, "cosine")  # 0.0: same direction
+    bd.feature_loss(s, t, "nmse")    # 0.25 = sum |s - t|^2 / sum |t|^2
     ```
     """
     s = student.astype(jnp.float32)
     t = teacher.astype(jnp.float32)
+    if mask is None:
+        mask = jnp.ones(s.shape[:-1], dtype=bool)
     if kind == "cosine":
-        return optax.losses.cosine_distance(s, t, epsilon=_COSINE_EPS)
+        return masked_mean(optax.losses.cosine_distance(s, t, epsilon=_COSINE_EPS), mask)
     if kind == "l2":
-        return jnp.mean(optax.losses.squared_error(s, t), axis=-1)
+        return masked_mean(jnp.mean(optax.losses.squared_error(s, t), axis=-1), mask)
     if kind == "nmse":
-        error = jnp.sum(optax.losses.squared_error(s, t), axis=-1)
-        return error / (jnp.sum(jnp.square(t), axis=-1) + _NMSE_EPS)
+        weights = mask.astype(jnp.float32)
+        error = jnp.sum(jnp.sum(optax.losses.squared_error(s, t), axis=-1) * weights)
+        scale = jnp.sum(jnp.sum(jnp.square(t), axis=-1) * weights)
+        return error / (scale + _NMSE_EPS)
     raise ValueError(f"feature_loss={kind!r} is invalid: must be one of {FEATURE_LOSSES}")
 
 
@@ -81,10 +100,26 @@ def kl_divergence(
     return jnp.square(t) * masked_mean(per_token, mask)
 
 
+def next_token_pairs(mask: BatchMask, segment_ids: BatchSegments | None = None) -> Bool[Array, "batch seq-1"]:
+    """Which `(t, t + 1)` pairs are next-token targets: both positions valid and, with
+    `segment_ids`, in the same document (a document's last token does not predict the
+    next document's first)."""
+    pairs = mask[:, :-1] & mask[:, 1:]
+    if segment_ids is not None:
+        pairs = pairs & (segment_ids[:, :-1] == segment_ids[:, 1:])
+    return pairs
+
+
 def next_token_cross_entropy(
-    logits: Float[Array, "batch seq vocab"], tokens: BatchTokens, mask: BatchMask
+    logits: Float[Array, "batch seq vocab"],
+    tokens: BatchTokens,
+    mask: BatchMask,
+    segment_ids: BatchSegments | None = None,
 ) -> Float[Array, ""]:
     """Cross-entropy of predicting `tokens[:, t + 1]` at position `t`, over valid pairs.
+
+    A pair counts when both positions are valid (`mask`) and, given `segment_ids`,
+    belong to the same document.
 
     **Example:**
 
@@ -95,7 +130,7 @@ def next_token_cross_entropy(
     per_token = optax.losses.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), tokens[:, 1:]
     )
-    return masked_mean(per_token, mask[:, :-1] & mask[:, 1:])
+    return masked_mean(per_token, next_token_pairs(mask, segment_ids))
 
 
 def _evaluate(value: Schedule, step: Array | int) -> Array | float:
@@ -163,8 +198,9 @@ class DistillationObjective(eqx.Module):
     pass; `F` uses the injected pass, where every student block consumes the teacher's
     input to that block (`attn_in` at `"attention"` level, `layer_in` at `"layer"`
     level) and is compared with the teacher's output of that block (`attn_out` /
-    `layer_out`). `F` is the masked mean, over valid tokens and the selected layers, of
-    the per-token [`blockdistill.feature_loss`][].
+    `layer_out`). `F` is the mean over the selected layers of each layer's
+    [`blockdistill.feature_loss`][] over the batch's valid tokens (for `"nmse"` a ratio
+    of sums per layer, Puzzle's definition).
 
     A pass whose weight is the constant 0 is not computed at all; with a schedule, a
     pass whose weight is 0 at the current step is skipped at run time (`lax.cond`).
@@ -193,9 +229,12 @@ class DistillationObjective(eqx.Module):
       then computes its own blocks (the CLI does this for `auto`). Both give the same
       losses and gradients.
 
-    **Call:** `objective(student, teacher_out, tokens, mask=None, step=0) -> (loss, metrics)`
-    on a batch: `tokens` is `Int[Array, "batch seq"]`, `teacher_out` the batched
-    [`blockdistill.ModelOutput`][] of the teacher on `tokens`. `metrics` holds `loss`,
+    **Call:** `objective(student, teacher_out, tokens, mask=None, step=0, *,
+    segment_ids=None) -> (loss, metrics)` on a batch: `tokens` is
+    `Int[Array, "batch seq"]`, `teacher_out` the batched [`blockdistill.ModelOutput`][]
+    of the teacher on `tokens` (with the same `segment_ids`, for rows that pack several
+    documents: the student's passes then keep to each document too, and CE pairs do not
+    cross documents). `metrics` holds `loss`,
     `kl`, `feature`, `ce`, `blockwise_weight`, `temperature` (scalars) and
     `feature_per_layer` (`Float[Array, "layers"]`, every student layer).
 
@@ -332,7 +371,12 @@ class DistillationObjective(eqx.Module):
         self.resolve_layer_map(t_states.shape[1], cfg.n_layers)
 
     def _feature_terms(
-        self, student: Transformer, teacher_out: ModelOutput, tokens: BatchTokens, mask: BatchMask
+        self,
+        student: Transformer,
+        teacher_out: ModelOutput,
+        tokens: BatchTokens,
+        mask: BatchMask,
+        segment_ids: BatchSegments | None,
     ) -> tuple[Float[Array, ""], Float[Array, " layers"]]:
         spans = self.resolve_layer_map(teacher_out.states.layer_in.shape[1], student.config.n_layers)
         starts = jnp.array([a for a, _ in spans])
@@ -348,19 +392,21 @@ class DistillationObjective(eqx.Module):
             injected_pass = "scan"
         if injected_pass == "vmap":
             predicted = jax.vmap(
-                lambda t, inj: student.blockwise_outputs(t, inj, inject_at=self.inject_at)
-            )(tokens, inject)
+                lambda t, inj, seg: student.blockwise_outputs(
+                    t, inj, inject_at=self.inject_at, segment_ids=seg
+                )
+            )(tokens, inject, segment_ids)
         else:
             states = jax.vmap(
-                lambda t, inj: student(t, inject=inj, inject_at=self.inject_at).states
-            )(tokens, inject)
+                lambda t, inj, seg: student(
+                    t, inject=inj, inject_at=self.inject_at, segment_ids=seg
+                ).states
+            )(tokens, inject, segment_ids)
             predicted = states.attn_out if self.inject_at == "attention" else states.layer_out
-        per_token = feature_loss(predicted, target, self.feature_loss)  # batch layers seq
-        token_mask = jnp.broadcast_to(mask[:, None, :], per_token.shape)
-        weights = token_mask.astype(jnp.float32)
-        per_layer = jnp.sum(per_token * weights, axis=(0, 2)) / jnp.maximum(
-            jnp.sum(weights, axis=(0, 2)), 1.0
-        )
+        # predicted, target: batch layers seq dim; one loss per layer over the valid tokens
+        per_layer = jax.vmap(
+            lambda s, t: feature_loss(s, t, self.feature_loss, mask), in_axes=(1, 1)
+        )(predicted, target)
         if self.layer_indices is None:
             selected = jnp.mean(per_layer)
         else:
@@ -376,8 +422,15 @@ class DistillationObjective(eqx.Module):
         tokens: BatchTokens,
         mask: BatchMask | None = None,
         step: int | Array = 0,
+        *,
+        segment_ids: BatchSegments | None = None,
     ) -> tuple[Float[Array, ""], Metrics]:
         self.check_pair(student, teacher_out, tokens)
+        if segment_ids is not None and segment_ids.shape != tokens.shape:
+            raise ValueError(
+                f"segment_ids has shape {tuple(segment_ids.shape)}, expected the shape of "
+                f"tokens {tuple(tokens.shape)}"
+            )
         if mask is None:
             mask = jnp.ones(tokens.shape, dtype=bool)
         n_layers = student.config.n_layers
@@ -387,13 +440,13 @@ class DistillationObjective(eqx.Module):
         zero = jnp.zeros((), jnp.float32)
 
         def free_pass(student):
-            logits = jax.vmap(lambda t: student(t).logits)(tokens)
+            logits = jax.vmap(lambda t, seg: student(t, segment_ids=seg).logits)(tokens, segment_ids)
             kl = kl_divergence(logits, teacher_out.logits, mask, temperature)
-            ce = next_token_cross_entropy(logits, tokens, mask)
+            ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
             return kl, ce
 
         def feature_pass(student):
-            return self._feature_terms(student, teacher_out, tokens, mask)
+            return self._feature_terms(student, teacher_out, tokens, mask, segment_ids)
 
         kl_weight = 1.0 - w
         need_free = _maybe_nonzero(kl_weight) or _maybe_nonzero(label_weight)

@@ -277,7 +277,7 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     **Example:**
 
     ```python
-    tokens, mask = bd.shard_batch(mesh, tokens_np, mask_np)
+    tokens, mask, segment_ids = bd.shard_batch(mesh, tokens_np, mask_np, segments_np)
     ```
     """
     sharding = batch_sharding(mesh)

@@ -15,7 +15,7 @@ from ._layer import DecoderLayer
 from ._objective import default_layer_map
 from ._model import Transformer
 from ._teacher import Teacher
-from ._types import Array, BatchMask, BatchTokens, Float, Int
+from ._types import Array, BatchMask, BatchSegments, BatchTokens, Float, Int
 
 _INITS = ("prune", "random")
 _LAYER_SELECTIONS = ("all", "every-k", "group")
@@ -141,9 +141,10 @@ def _unwrap(teacher: Transformer | Teacher) -> Transformer:
 
 @eqx.filter_jit
 def _importance(
-    model: Transformer, tokens: BatchTokens, mask: BatchMask
+    model: Transformer, tokens: BatchTokens, mask: BatchMask, segment_ids: BatchSegments | None
 ) -> Float[Array, "layers mlp"]:
-    states = jax.vmap(model)(tokens).states  # every array: [batch, layers, seq, dim]
+    # every array: [batch, layers, seq, dim]
+    states = jax.vmap(lambda t, seg: model(t, segment_ids=seg))(tokens, segment_ids).states
     hidden = (states.layer_in + states.attn_out).astype(jnp.float32)
     hidden = jnp.moveaxis(hidden, 1, 0)  # [layers, batch, seq, dim]
     weights = mask.astype(jnp.float32)
@@ -168,6 +169,7 @@ def mlp_channel_importance(
     teacher: Transformer | Teacher,
     tokens_batch: Int[Array, "batch seq"],
     mask: BatchMask | None = None,
+    segment_ids: BatchSegments | None = None,
 ) -> Float[Array, "layers mlp"]:
     """Mean absolute activation of every MLP hidden channel, per layer.
 
@@ -181,6 +183,7 @@ def mlp_channel_importance(
     - `teacher`: a [`blockdistill.Transformer`][] or [`blockdistill.Teacher`][].
     - `tokens_batch`: the calibration batch, `Int[Array, "batch seq"]`.
     - `mask`: optional `Bool[Array, "batch seq"]`; only `True` positions are averaged.
+    - `segment_ids`: optional `Int[Array, "batch seq"]` document ids of packed rows.
 
     **Returns:** `Float[Array, "layers mlp"]`, the mean of `|activation|` over valid tokens.
 
@@ -199,7 +202,12 @@ def mlp_channel_importance(
             f"mask has shape {tuple(mask.shape)} but tokens_batch has "
             f"{tuple(tokens_batch.shape)}"
         )
-    return _importance(model, tokens_batch, mask)
+    if segment_ids is not None and segment_ids.shape != tokens_batch.shape:
+        raise ValueError(
+            f"segment_ids has shape {tuple(segment_ids.shape)} but tokens_batch has "
+            f"{tuple(tokens_batch.shape)}"
+        )
+    return _importance(model, tokens_batch, mask, segment_ids)
 
 
 def _student_depth(config: StudentConfig, teacher_layers: int) -> tuple[int, ...]:
@@ -294,6 +302,7 @@ def make_student(
     calibration_tokens: Int[Array, "batch seq"] | None = None,
     *,
     calibration_mask: BatchMask | None = None,
+    calibration_segment_ids: BatchSegments | None = None,
     key: PRNGKeyArray | None = None,
 ) -> Transformer:
     """A smaller [`blockdistill.Transformer`][] derived from a teacher.
@@ -325,6 +334,8 @@ def make_student(
     - `calibration_tokens`: `Int[Array, "batch seq"]`, needed to prune MLP channels
       (`init="prune"` with `mlp_ratio < 1`).
     - `calibration_mask`: optional `Bool[Array, "batch seq"]` of valid calibration tokens.
+    - `calibration_segment_ids`: optional `Int[Array, "batch seq"]` document ids of the
+      calibration rows (packed documents).
     - `key`: a `jax.random` key; defaults to `jax.random.key(student_config.seed)`.
 
     **Returns:** a [`blockdistill.Transformer`][] with the reduced config.
@@ -353,7 +364,9 @@ def make_student(
                 f"{student_config.mlp_ratio}: MLP channels are ranked by their activations "
                 "on a calibration batch"
             )
-        importance = mlp_channel_importance(teacher, calibration_tokens, calibration_mask)
+        importance = mlp_channel_importance(
+            teacher, calibration_tokens, calibration_mask, calibration_segment_ids
+        )
     return _prune(teacher, importance, kept_layers, new_cfg)
 
 

@@ -12,7 +12,7 @@ from jaxtyping import Array, Key, PRNGKeyArray
 
 from ._config import TransformerConfig
 from ._layer import DecoderLayer, InjectAt, LayerStep, check_inject_at
-from ._types import Hidden, LayerHidden
+from ._types import Hidden, LayerHidden, Segments
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -70,8 +70,10 @@ class LayerStack(eqx.Module):
     slices of the same parameters (same outputs, longer compiles, sometimes faster
     steps). `remat` wraps each layer in `jax.checkpoint`.
 
-    **Call:** `stack(x, *, inject=None, inject_at="attention") -> (x_out, LayerStates)`.
-    `inject[l]` is given to layer `l` (see [`blockdistill.DecoderLayer`][]).
+    **Call:** `stack(x, *, inject=None, inject_at="attention", segment_ids=None)
+    -> (x_out, LayerStates)`. `inject[l]` is given to layer `l` (see
+    [`blockdistill.DecoderLayer`][]); `segment_ids` (the documents of a packed row) are
+    the same for every layer.
 
     **Example:**
 
@@ -95,9 +97,9 @@ class LayerStack(eqx.Module):
     def _layer_fn(self, inject_at: InjectAt):
         static = eqx.filter(self.layers, eqx.is_array, inverse=True)
 
-        def run(layer_params, layer_in, inject):
+        def run(layer_params, layer_in, inject, segment_ids):
             layer = eqx.combine(layer_params, static)
-            return layer(layer_in, inject=inject, inject_at=inject_at)
+            return layer(layer_in, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
 
         if self.remat != "none":
             run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.remat])
@@ -109,6 +111,7 @@ class LayerStack(eqx.Module):
         *,
         inject: LayerHidden | None = None,
         inject_at: InjectAt = "attention",
+        segment_ids: Segments | None = None,
     ) -> tuple[Hidden, LayerStates]:
         check_inject_at(inject_at)
         if inject is not None and inject.shape[0] != self.n_layers:
@@ -122,7 +125,7 @@ class LayerStack(eqx.Module):
 
             def body(carry, xs):
                 layer_params, layer_inject = xs
-                step = run(layer_params, carry, layer_inject)
+                step = run(layer_params, carry, layer_inject, segment_ids)
                 return step.layer_out, step
 
             x_out, steps = jax.lax.scan(body, x, (params, inject))
@@ -131,14 +134,18 @@ class LayerStack(eqx.Module):
         for index in range(self.n_layers):
             layer_params = jax.tree.map(lambda p: p[index], params)
             layer_inject = None if inject is None else inject[index]
-            step = run(layer_params, x, layer_inject)
+            step = run(layer_params, x, layer_inject, segment_ids)
             steps.append(step)
             x = step.layer_out
         stacked = jax.tree.map(lambda *rows: jnp.stack(rows), *steps)
         return x, _states(stacked)
 
     def blockwise_outputs(
-        self, inject: LayerHidden, *, inject_at: InjectAt = "attention"
+        self,
+        inject: LayerHidden,
+        *,
+        inject_at: InjectAt = "attention",
+        segment_ids: Segments | None = None,
     ) -> LayerHidden:
         """Every block's output on its own injected input, all layers at once.
 
@@ -169,8 +176,9 @@ class LayerStack(eqx.Module):
         def block(layer_params, layer_inject):
             layer = eqx.combine(layer_params, static)
             if inject_at == "attention":
-                return layer.self_attn(layer_inject)
-            return layer(layer_inject, inject=layer_inject, inject_at="layer").layer_out
+                return layer.self_attn(layer_inject, segment_ids=segment_ids)
+            step = layer(layer_inject, inject=layer_inject, inject_at="layer", segment_ids=segment_ids)
+            return step.layer_out
 
         if self.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])

@@ -5,7 +5,7 @@ import jax
 
 from ._config import TransformerConfig
 from ._model import ModelOutput, Transformer
-from ._types import Tokens
+from ._types import Segments, Tokens
 
 
 class Teacher(eqx.Module):
@@ -13,7 +13,8 @@ class Teacher(eqx.Module):
     `jax.lax.stop_gradient` applied to its parameters and to everything it returns.
 
     Pass it to a training step as a separate argument from the student: no gradient
-    ever reaches it.
+    ever reaches it. `teacher(tokens, segment_ids=...)` runs a packed row of several
+    documents (see [`blockdistill.Transformer`][]).
 
     **Arguments:**
 
@@ -38,7 +39,7 @@ class Teacher(eqx.Module):
         """The wrapped model's configuration."""
         return self.model.config
 
-    def __call__(self, tokens: Tokens) -> ModelOutput:
+    def __call__(self, tokens: Tokens, *, segment_ids: Segments | None = None) -> ModelOutput:
         params, static = eqx.partition(self.model, eqx.is_array)
         model = eqx.combine(jax.lax.stop_gradient(params), static)
-        return jax.lax.stop_gradient(model(tokens))
+        return jax.lax.stop_gradient(model(tokens, segment_ids=segment_ids))

@@ -13,7 +13,7 @@ from ._model import Transformer
 from ._objective import DistillationObjective, Metrics
 from ._parallel import DATA_AXIS, LAYERS_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
 from ._teacher import Teacher
-from ._types import Array, BatchMask, BatchTokens
+from ._types import Array, BatchMask, BatchSegments, BatchTokens
 
 Trainable = Literal["all", "attention", "mlp", "attention+mlp"]
 TRAINABLE = ("all", "attention", "mlp", "attention+mlp")
@@ -101,33 +101,52 @@ def make_optimizer(
     )
 
 
+def trainable_filter(student: eqx.Module, trainable: Trainable | Callable[[list[str]], bool]) -> Any:
+    """A pytree of bools over `student`'s leaves: `True` for the arrays that train."""
+    labels = trainable_labels(student, trainable)
+    return jax.tree.map(lambda leaf, label: eqx.is_array(leaf) and label == "train", student, labels)
+
+
 def _distill_step(
-    frozen: tuple[Teacher, BatchTokens, BatchMask, Array],
+    frozen: tuple[Teacher, BatchTokens, BatchMask, Array, BatchSegments | None],
     student: Transformer,
     opt_state: optax.OptState,
     *,
     objective: DistillationObjective,
     optimizer: optax.GradientTransformation,
+    trainable: Trainable | Callable[[list[str]], bool] = "all",
     mesh: Mesh | None = None,
 ) -> tuple[Transformer, optax.OptState, Metrics]:
-    teacher, tokens, mask, step = frozen
+    teacher, tokens, mask, step, segment_ids = frozen
     tokens, mask = constrain(tokens, DATA_AXIS), constrain(mask, DATA_AXIS)
-    teacher_out = jax.vmap(teacher)(tokens)
+    if segment_ids is not None:
+        segment_ids = constrain(segment_ids, DATA_AXIS)
+    teacher_out = jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
     if mesh is not None and teacher.config.n_layers == student.config.n_layers:
         # one teacher layer per student layer: every device keeps only its own layers of
         # the teacher's states (a local slice of the replicated teacher's output). With a
         # layer map, the objective's selection slices them locally instead.
         states = jax.tree.map(lambda x: constrain(x, DATA_AXIS, LAYERS_AXIS), teacher_out.states)
         teacher_out = eqx.tree_at(lambda out: out.states, teacher_out, states)
-    grad_fn = eqx.filter_value_and_grad(objective, has_aux=True)
-    (_, metrics), grads = grad_fn(student, teacher_out, tokens, mask, step)
+    # differentiate only the groups that train: frozen ones get zero updates anyway, so
+    # their gradients would be wasted work and would inflate the reported grad_norm
+    train_params, rest = eqx.partition(student, trainable_filter(student, trainable))
+
+    def loss_fn(train_params):
+        model = eqx.combine(train_params, rest)
+        return objective(model, teacher_out, tokens, mask, step, segment_ids=segment_ids)
+
+    (_, metrics), train_grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(train_params)
+    grad_norm = optax.tree.norm(train_grads)
     params = eqx.filter(student, eqx.is_array)
+    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(rest, eqx.is_array))
+    grads = eqx.combine(train_grads, zeros)
     # optax mixes int32 step counts with float32 internally; keep our own code under
     # whatever promotion the caller set, but let the optimizer use the standard rules
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
     student = eqx.apply_updates(student, updates)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**metrics, "grad_norm": grad_norm}
     if mesh is not None:
         # outputs keep the sharding of the donated inputs; metrics are replicated
         n_layers = student.config.n_layers
@@ -155,10 +174,17 @@ class DistillStep(eqx.Module):
       [`blockdistill.shard_model`][] / [`blockdistill.shard_opt_state`][] (stacked layers
       over `layers`); metrics come back replicated. Place the arguments with those
       functions first. `None` (default): one device.
+    - `trainable`: the parameter groups that train, the same value as given to
+      [`blockdistill.make_optimizer`][] (`"all"`, `"attention"`, `"mlp"`,
+      `"attention+mlp"` or a predicate, see [`blockdistill.trainable_labels`][]): only
+      their gradients are computed, and the `grad_norm` metric is theirs.
 
-    **Call:** `step(student, opt_state, teacher, tokens, mask, step_index)
-    -> (student, opt_state, metrics)` with `tokens` `Int[Array, "batch seq"]`, `mask`
-    `Bool[Array, "batch seq"]` and `step_index` an int32 scalar (the schedules' step).
+    **Call:** `step(student, opt_state, teacher, tokens, mask, step_index, *,
+    segment_ids=None) -> (student, opt_state, metrics)` with `tokens`
+    `Int[Array, "batch seq"]`, `mask` `Bool[Array, "batch seq"]` (the positions that
+    count in the losses), `step_index` an int32 scalar (the schedules' step) and
+    `segment_ids` optional `Int[Array, "batch seq"]` document ids of packed rows (see
+    [`blockdistill.Transformer`][]); teacher and student both keep to each document.
 
     **Example:**
 
@@ -173,11 +199,12 @@ class DistillStep(eqx.Module):
     objective: DistillationObjective = eqx.field(static=True)
     optimizer: optax.GradientTransformation = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True, default=None)
+    trainable: Trainable | Callable[[list[str]], bool] = eqx.field(static=True, default="all", kw_only=True)
 
-    def _run(self, how, student, opt_state, teacher, tokens, mask, step):
+    def _run(self, how, student, opt_state, teacher, tokens, mask, step, segment_ids):
         step = jnp.asarray(step, jnp.int32)
-        frozen = (teacher, tokens, mask, step)
-        options = dict(objective=self.objective, optimizer=self.optimizer)
+        frozen = (teacher, tokens, mask, step, segment_ids)
+        options = dict(objective=self.objective, optimizer=self.optimizer, trainable=self.trainable)
         if self.mesh is None:
             return how(frozen, student, opt_state, **options)
         check_mesh(self.mesh, batch_size=tokens.shape[0], n_layers=student.config.n_layers)
@@ -192,8 +219,10 @@ class DistillStep(eqx.Module):
         tokens: BatchTokens,
         mask: BatchMask,
         step: int | Array = 0,
+        *,
+        segment_ids: BatchSegments | None = None,
     ) -> tuple[Transformer, optax.OptState, Metrics]:
-        return self._run(_jitted_step, student, opt_state, teacher, tokens, mask, step)
+        return self._run(_jitted_step, student, opt_state, teacher, tokens, mask, step, segment_ids)
 
     def lower(
         self,
@@ -203,11 +232,15 @@ class DistillStep(eqx.Module):
         tokens: BatchTokens,
         mask: BatchMask,
         step: int | Array = 0,
+        *,
+        segment_ids: BatchSegments | None = None,
     ) -> jax.stages.Lowered:
         """The step lowered for these arguments, without running it: `.as_text()` is
         its StableHLO, `.compile().as_text()` the optimized, partitioned HLO (on a mesh,
         with the collectives XLA inserted; see [`blockdistill.hlo_collectives`][])."""
-        return self._run(_jitted_step.lower, student, opt_state, teacher, tokens, mask, step).lowered
+        return self._run(
+            _jitted_step.lower, student, opt_state, teacher, tokens, mask, step, segment_ids
+        ).lowered
 
 
 _jitted_step = eqx.filter_jit(_distill_step, donate="all-except-first")

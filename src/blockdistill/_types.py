@@ -6,6 +6,11 @@ from jaxtyping import Array, Bool, Float, Int
 Tokens = Int[Array, "seq"]
 #: Token ids of a batch.
 BatchTokens = Int[Array, "batch seq"]
+#: Document segment ids of one example: positions with equal ids belong to one document
+#: of a packed row (0 marks padding).
+Segments = Int[Array, "seq"]
+#: Document segment ids of a batch.
+BatchSegments = Int[Array, "batch seq"]
 #: A validity mask of a batch (``True`` where a position counts in the loss).
 BatchMask = Bool[Array, "batch seq"]
 #: The residual stream (or any per-token feature) of one example.
@@ -20,6 +25,7 @@ Scalar = Float[Array, ""]
 __all__ = [
     "Array",
     "BatchMask",
+    "BatchSegments",
     "BatchTokens",
     "Bool",
     "Float",
@@ -28,5 +34,6 @@ __all__ = [
     "LayerHidden",
     "Logits",
     "Scalar",
+    "Segments",
     "Tokens",
 ]
