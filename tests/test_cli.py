@@ -35,7 +35,10 @@ def base_args(out, teacher, corpus, **extra):
     args.update(extra)
     flat = ["distill", "--no-progress", "--no-plots"]
     for key, value in args.items():
-        flat += [f"--{key}", str(value)]
+        if isinstance(value, bool):  # a switch: --key / --no-key
+            flat.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            flat += [f"--{key}", str(value)]
     return flat
 
 
@@ -155,6 +158,57 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes(tmp_path, teacher, corpus, capsy
     assert f"interrupted at step {step}" in err.decode()
 
 
+def test_resume_with_other_steps_is_refused_and_extend_keeps_the_schedules(tmp_path, teacher, corpus, capsys):
+    out = tmp_path / "run"
+    extra = {"blockwise-schedule": "linear", "label-weight": 0.5, "checkpoint-every": 4, "eval-every": 4}
+    assert run_main(base_args(out, teacher, corpus, steps=8, **extra), capsys)[0] == 0
+    before = snapshot(out)
+    # more steps or fewer: either would rebuild the schedules of the steps already run
+    for steps in (12, 4):
+        code, _, err = run_main(base_args(out, teacher, corpus, steps=steps, **extra), capsys)
+        assert code == 1, err
+        assert f"steps: 8 -> {steps}" in err and "learning-rate schedule" in err and "--extend" in err
+        assert snapshot(out) == before  # nothing written
+    # --extend trains on with the saved schedules: equal to a run whose schedules were
+    # built for 8 steps from the start
+    code, _, err = run_main(base_args(out, teacher, corpus, steps=12, extend=True, **extra), capsys)
+    assert code == 0, err
+    assert "resuming from" in err
+    reference = tmp_path / "reference"
+    args = base_args(reference, teacher, corpus, steps=12, **{"schedule-steps": 8}, **extra)
+    assert run_main(args, capsys)[0] == 0
+    extended, expected = read_metrics(out), read_metrics(reference)
+    assert_metrics_close(extended, expected)
+    weights = [r["blockwise_weight"] for r in extended if r["step"] > 0]
+    assert weights[8:] == [0.0] * 4  # the linear schedule reached 0 at index 8 and stays there
+    # extending to fewer steps than were run is refused
+    code, _, err = run_main(base_args(out, teacher, corpus, steps=6, extend=True, **extra), capsys)
+    assert code == 1 and "already at step 12" in err
+
+
+def test_tokens_per_s_covers_the_training_time(tmp_path, teacher, corpus, capsys, monkeypatch):
+    """The reported rate agrees with the wall time between two logged windows."""
+    from blockdistill import _loop
+
+    stamps = {}
+    write_lines = _loop.Run.write_lines
+
+    def timed_write(self, records):
+        write_lines(self, records)
+        stamps[records[-1]["step"]] = time.perf_counter()
+
+    monkeypatch.setattr(_loop.Run, "write_lines", timed_write)
+    out = tmp_path / "run"
+    extra = {"steps": 49, "log-every": 16, "eval-every": 1000, "checkpoint-every": 1000, "batch-size": 8}
+    assert run_main(base_args(out, teacher, corpus, **extra), capsys)[0] == 0
+    records = {r["step"]: r for r in read_metrics(out)}
+    tokens_per_window = 16 * 8 * 64
+    for end in (32, 48):  # whole windows of training only (no evaluation, no checkpoint)
+        reported = tokens_per_window / records[end]["tokens_per_s"]
+        wall = stamps[end] - stamps[end - 16]
+        assert 0.8 < reported / wall < 1.2, (end, reported, wall)
+
+
 # ------------------------------------------------------------------ bad inputs
 
 
@@ -218,7 +272,7 @@ def test_corrupt_checkpoint(tmp_path, teacher, corpus, capsys, damage):
         victim = newest / "state.json"
         victim.write_text(victim.read_text()[:20])
     before = snapshot(out)
-    code, _, err = run_main(base_args(out, teacher, corpus, steps=6, **{"checkpoint-every": 2}), capsys)
+    code, _, err = run_main(args, capsys)  # the same command resumes (and reads the checkpoint)
     assert_one_line_error(code, err, str(victim), "corrupt or truncated")
     assert snapshot(out) == before
 

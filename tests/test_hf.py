@@ -492,3 +492,55 @@ def test_hf_tokenizer_without_tokenizers_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match=r'pip install "blockdistill\[hf\]"'):
         HFTokenizer(folder)
+
+
+# ----------------------------------------------------------------------------- tokenizer provenance
+
+
+def test_distilled_student_keeps_the_teachers_tokenizer(tmp_path, corpus, capsys):
+    """A student of a Hugging Face teacher is saved with the teacher's tokenizer, so
+    `blockdistill eval` scores it on the same tokens as the run did."""
+    from blockdistill.cli import main
+
+    teacher_dir = save_hf(make_hf("llama", vocab_size=320), tmp_path / "teacher")
+    make_tokenizer_dir(teacher_dir)  # its 300-id tokenizer.json next to the weights
+    out = tmp_path / "run"
+    data = ["--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--eval-batches", "2"]
+    args = ["distill", "--no-progress", "--no-plots", "--out", str(out), "--teacher", str(teacher_dir),
+            "--steps", "4", "--eval-every", "4", "--checkpoint-every", "2", *data]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "eval/student_loss" in r][-1]["eval/student_loss"]
+    student = out / "student"
+    assert (student / "tokenizer.json").read_bytes() == (teacher_dir / "tokenizer.json").read_bytes()
+    assert json.loads((student / "config.json").read_text())["tokenizer"]["kind"] == "hf"
+    capsys.readouterr()
+    assert main(["eval", str(student), *data]) == 0
+    assert f"eval loss {final:.4f} nats/token" in capsys.readouterr().out
+    # export-hf of the run and of a checkpoint carry the tokenizer along
+    for source in (out, out / "checkpoints" / "2"):
+        exported = tmp_path / f"hf-{source.name}"
+        assert main(["export-hf", str(source), str(exported)]) == 0
+        assert (exported / "tokenizer.json").is_file()
+    # rerunning (resuming) the run with another tokenizer is refused
+    raw = tokenizers.Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
+    raw.post_processor = tokenizers.processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 1)])
+    raw.save(str(teacher_dir / "tokenizer.json"))
+    assert main(args) == 1
+    assert "another tokenizer" in capsys.readouterr().err
+    # a folder that recorded no tokenizer is not silently taken as byte-level
+    config = json.loads((student / "config.json").read_text())
+    del config["tokenizer"]
+    (student / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(student), *data]) == 1
+    assert "vocabulary of 320 ids is not the byte tokenizer's 256" in capsys.readouterr().err
+
+
+def test_tokenizer_bigger_than_the_vocabulary_is_an_error(tmp_path):
+    model = random_model(bd.TransformerConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2))
+    tokenizer = HFTokenizer(make_tokenizer_dir(tmp_path / "tok"))  # 300 ids
+    with pytest.raises(ValueError, match="300 ids.*vocab_size is 128"):
+        bd.save_model(model, tmp_path / "model", tokenizer=tokenizer)
+    bd.save_model(model, tmp_path / "model")
+    with pytest.raises(ValueError, match="300 ids but the model .* vocabulary of 128"):
+        bd.load_tokenizer(tmp_path / "model", tmp_path / "tok")

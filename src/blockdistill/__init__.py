@@ -30,7 +30,7 @@ from ._hf import (
     load_hf_tokenizer as load_hf_tokenizer,
     to_hf as to_hf,
 )
-from ._io import load_model as load_model, save_model as save_model
+from ._io import load_model as load_model, load_tokenizer as load_tokenizer, save_model as save_model
 from ._layer import MLP as MLP, DecoderLayer as DecoderLayer
 from ._model import ModelOutput as ModelOutput, Transformer as Transformer
 from ._objective import (
@@ -87,6 +87,7 @@ __all__ = [
     "Split",
     "StudentConfig",
     "load_model",
+    "load_tokenizer",
     "make_student",
     "mlp_channel_importance",
     "save_model",

@@ -1,5 +1,7 @@
-"""Saving and loading models: atomic folders, the blockdistill format, the shipped teacher."""
+"""Saving and loading models and their tokenizers: atomic folders, the blockdistill
+format, the shipped teacher."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -13,6 +15,7 @@ import equinox as eqx
 import jax
 
 from ._config import TransformerConfig
+from ._data import ByteTokenizer, Tokenizer
 from ._model import Transformer
 
 PathLike = str | os.PathLike
@@ -65,15 +68,172 @@ def write_json(path: PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model: Transformer, path: PathLike, *, extra: dict[str, Any] | None = None) -> pathlib.Path:
-    """Save a model as a folder: `config.json` and `model.eqx` (`eqx.tree_serialise_leaves`).
+# ----------------------------------------------------------------------------- tokenizers
 
-    Written atomically. `extra` (JSON-able) is stored in `config.json` too.
+TOKENIZER_KEY = "tokenizer"
+
+
+def _hf_files(tokenizer: Any) -> list[pathlib.Path]:
+    from ._hf import _TOKENIZER_FILES
+
+    return [tokenizer.folder / name for name in _TOKENIZER_FILES if (tokenizer.folder / name).is_file()]
+
+
+def tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a saved folder records about its tokenizer: `{"kind": "byte"}`, or for a
+    Hugging Face tokenizer its BOS and padding ids, vocabulary size and the SHA-256 of its
+    `tokenizer.json` (the files themselves are copied next to it)."""
+    from ._hf import HFTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "byte"}
+    if isinstance(tokenizer, HFTokenizer):
+        digest = hashlib.sha256((tokenizer.folder / "tokenizer.json").read_bytes()).hexdigest()
+        return {"kind": "hf", "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id,
+                "vocab_size": tokenizer.vocab_size, "sha256": digest}
+    raise ValueError(
+        f"cannot record tokenizer {tokenizer!r}: only ByteTokenizer and HFTokenizer can be saved"
+    )
+
+
+def write_tokenizer(tokenizer: Tokenizer, folder: pathlib.Path) -> dict[str, Any]:
+    """Copy a tokenizer's files into `folder` (nothing for bytes); return its record."""
+    record = tokenizer_record(tokenizer)
+    if record["kind"] == "hf":
+        for file in _hf_files(tokenizer):
+            shutil.copyfile(file, folder / file.name)
+    return record
+
+
+def read_tokenizer_record(folder: PathLike) -> dict[str, Any]:
+    """The tokenizer record of a saved folder (`{}` when it records none)."""
+    meta = json.loads((pathlib.Path(folder) / CONFIG_FILE).read_text())
+    return meta.get(TOKENIZER_KEY, {})
+
+
+def _tokenizer_from_record(folder: pathlib.Path, record: dict[str, Any]) -> Tokenizer:
+    if record.get("kind") == "byte":
+        return ByteTokenizer()
+    if record.get("kind") == "hf":
+        from ._hf import HFTokenizer
+
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} records a Hugging Face tokenizer but its tokenizer.json is missing"
+            )
+        return HFTokenizer(folder, bos_id=record.get("bos_id"), pad_id=record.get("pad_id"))
+    raise ValueError(f"{folder / CONFIG_FILE}: unknown tokenizer record {record!r}")
+
+
+TOKENIZER_FORMAT = "blockdistill-tokenizer"
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: PathLike) -> pathlib.Path:
+    """Write a tokenizer folder (its record in `config.json`, and a Hugging Face
+    tokenizer's files), atomically; [`blockdistill.load_tokenizer`][] reads it back."""
+
+    def write(folder: pathlib.Path) -> None:
+        meta = {"format": TOKENIZER_FORMAT, TOKENIZER_KEY: write_tokenizer(tokenizer, folder)}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    return write_folder_atomically(path, write)
+
+
+def _vocab_size_of(path: pathlib.Path, meta: dict[str, Any]) -> int | None:
+    if meta.get("format") == TOKENIZER_FORMAT:
+        return None
+    if meta.get("format") == FORMAT:
+        return int(meta["config"]["vocab_size"])
+    size = meta.get("vocab_size", meta.get("text_config", {}).get("vocab_size"))
+    return int(size) if isinstance(size, int) else None
+
+
+def load_tokenizer(path: PathLike, tokenizer: PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a model folder.
+
+    - a blockdistill folder ([`blockdistill.save_model`][], or a run's `tokenizer/`
+      folder) uses the tokenizer it recorded (the byte tokenizer, or the Hugging Face tokenizer whose files were copied
+      into it); a folder saved before tokenizers were recorded is taken as byte-level
+      only if its vocabulary has 256 ids, and is an error otherwise;
+    - a Hugging Face checkpoint folder uses its `tokenizer.json`.
+
+    `tokenizer` (a folder with `tokenizer.json`, or `"byte"`) overrides that. In every
+    case a tokenizer with more ids than the model's vocabulary is a `ValueError` naming
+    both sizes.
+
+    **Arguments:**
+
+    - `path`: the model folder; `"shipped"` for the shipped teacher.
+    - `tokenizer`: optional override.
+
+    **Returns:** a [`blockdistill.Tokenizer`][].
+
+    **Example:**
+
+    ```python
+    bd.load_tokenizer("shipped")  # ByteTokenizer()
+    ```
+    """
+    path = SHIPPED_TEACHER if str(path) == "shipped" else pathlib.Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model folder {path} has no {CONFIG_FILE}")
+    meta = json.loads(config_file.read_text())
+    vocab_size = _vocab_size_of(path, meta)
+    if tokenizer is not None:
+        if str(tokenizer) == "byte":
+            found: Tokenizer = ByteTokenizer()
+        else:
+            from ._hf import HFTokenizer
+
+            found = HFTokenizer(tokenizer)
+        source = f"tokenizer {tokenizer}"
+    elif meta.get("format") in (FORMAT, TOKENIZER_FORMAT) and TOKENIZER_KEY in meta:
+        found, source = _tokenizer_from_record(path, meta[TOKENIZER_KEY]), f"the tokenizer recorded in {path}"
+    elif meta.get("format") != FORMAT and (path / "tokenizer.json").is_file():
+        from ._hf import HFTokenizer
+
+        found, source = HFTokenizer(path), f"the tokenizer.json of {path}"
+    elif vocab_size == ByteTokenizer.vocab_size:
+        found, source = ByteTokenizer(), f"the byte tokenizer (the 256-id vocabulary of {path})"
+    else:
+        raise ValueError(
+            f"{path} records no tokenizer and its vocabulary of {vocab_size} ids is not the "
+            f"byte tokenizer's {ByteTokenizer.vocab_size}: pass the tokenizer's folder "
+            "(--tokenizer FOLDER)"
+        )
+    if vocab_size is not None and found.vocab_size > vocab_size:
+        raise ValueError(
+            f"{source} has {found.vocab_size} ids but the model {path} has a vocabulary of "
+            f"{vocab_size}: it is not this model's tokenizer"
+        )
+    return found
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def save_model(
+    model: Transformer,
+    path: PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> pathlib.Path:
+    """Save a model as a folder: `config.json` and `model.eqx` (`eqx.tree_serialise_leaves`),
+    with its tokenizer.
+
+    Written atomically. The tokenizer is recorded in `config.json` (and a Hugging Face
+    tokenizer's files are copied into the folder), so that [`blockdistill.load_tokenizer`][]
+    and `blockdistill eval` / `export-hf` use the right one. `extra` (JSON-able) is
+    stored in `config.json` too.
 
     **Arguments:**
 
     - `model`: the [`blockdistill.Transformer`][] to save.
     - `path`: the folder to (re)write.
+    - `tokenizer`: the model's tokenizer; `None` records none (the folder then only
+      loads as byte-level when its vocabulary has 256 ids).
     - `extra`: optional metadata, e.g. the eval loss.
 
     **Returns:** the folder's path.
@@ -81,13 +241,20 @@ def save_model(model: Transformer, path: PathLike, *, extra: dict[str, Any] | No
     **Example:**
 
     ```python
-    bd.save_model(student, "runs/demo/student")
+    bd.save_model(student, "runs/demo/student", tokenizer=bd.ByteTokenizer())
     student = bd.load_model("runs/demo/student")
     ```
     """
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+            f"{model.config.vocab_size}: it is not this model's tokenizer"
+        )
 
     def write(folder: pathlib.Path) -> None:
         meta = {"format": FORMAT, "config": model.config.to_dict(), **(extra or {})}
+        if tokenizer is not None:
+            meta[TOKENIZER_KEY] = write_tokenizer(tokenizer, folder)
         with open(folder / CONFIG_FILE, "w") as handle:
             json.dump(meta, handle, indent=2, sort_keys=True)
         eqx.tree_serialise_leaves(folder / MODEL_FILE, model)

@@ -26,7 +26,15 @@ from jax.sharding import Mesh
 from ._checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
 from ._config import TransformerConfig
 from ._data import Batcher, ByteTokenizer, Dataset, Split, Tokenizer, eval_batches, load_dataset
-from ._io import read_model_config, save_model, write_json
+from ._io import (
+    load_tokenizer,
+    read_model_config,
+    read_tokenizer_record,
+    save_model,
+    save_tokenizer,
+    tokenizer_record,
+    write_json,
+)
 from ._model import Transformer
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
 from ._parallel import (
@@ -41,7 +49,7 @@ from ._parallel import (
 )
 from ._runconfig import ConfigError, DistillConfig, EvalConfig, PretrainConfig, RunConfig
 from ._teacher import Teacher
-from ._train import DistillStep, make_optimizer
+from ._train import DistillStep, compiled_step, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
 TIMING_KEYS = ("tokens_per_s", "time_s", "compile_s")
@@ -55,10 +63,13 @@ class TrainingError(RuntimeError):
 
 
 def lr_schedule(cfg: RunConfig) -> optax.Schedule:
-    """Linear warm-up to `learning_rate`, then cosine decay to a tenth of it."""
-    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    """Linear warm-up to `learning_rate`, then cosine decay to a tenth of it over the
+    run's schedule horizon (`steps`, or `schedule_steps`); past it the rate stays at its
+    final value."""
+    horizon = cfg.horizon
+    warmup = min(cfg.warmup_steps, max(horizon - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1),
+        0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(horizon, warmup + 1),
         end_value=0.1 * cfg.learning_rate,
     )
 
@@ -67,7 +78,7 @@ def blockwise_schedule(cfg: DistillConfig):
     """The mixing weight `w` of the objective: a float or an optax schedule."""
     if cfg.blockwise_schedule == "constant" or cfg.blockwise_weight == cfg.blockwise_weight_end:
         return cfg.blockwise_weight
-    steps = cfg.blockwise_steps or cfg.steps
+    steps = cfg.blockwise_steps or cfg.horizon
     if cfg.blockwise_schedule == "linear":
         return optax.linear_schedule(cfg.blockwise_weight, cfg.blockwise_weight_end, steps)
     alpha = cfg.blockwise_weight_end / cfg.blockwise_weight if cfg.blockwise_weight else 0.0
@@ -90,13 +101,22 @@ def make_objective(cfg: DistillConfig) -> DistillationObjective:
     )
 
 
-def load_tokenizer(model_path: str) -> Tokenizer:
-    """The HF tokenizer of a HF model folder that has one, else the byte tokenizer."""
-    if model_path != "shipped" and (pathlib.Path(model_path) / "tokenizer.json").is_file():
-        from ._hf import load_hf_tokenizer
-
-        return load_hf_tokenizer(model_path)
-    return ByteTokenizer()
+def run_tokenizer(out: pathlib.Path, tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer of a run folder: recorded in `out/tokenizer/` when the run starts;
+    a resumed run must find the same one (its data and checkpoints depend on it)."""
+    folder = out / "tokenizer"
+    if not (folder / "config.json").is_file():
+        if jax.process_index() == 0:
+            save_tokenizer(tokenizer, folder)
+        return tokenizer
+    recorded = read_tokenizer_record(folder)
+    current = tokenizer_record(tokenizer)
+    if recorded != current:
+        raise ConfigError(
+            f"{out} was started with another tokenizer ({recorded}) than the one given now "
+            f"({current}); use another --out, or the tokenizer the run started with"
+        )
+    return tokenizer
 
 
 @eqx.filter_jit
@@ -178,19 +198,50 @@ class Run:
         found = list_checkpoints(self.out)
         return found[-1] if found else None
 
-    def check_resumable(self, checkpoint: pathlib.Path) -> None:
-        saved = read_state(checkpoint).get("config", {})
-        current = self.cfg.to_dict()
+    def check_resumable(self, checkpoint: pathlib.Path) -> RunConfig:
+        """The config to resume with: the current one, unless it would change what the
+        saved run trains (an error that names each change). With `extend`, `steps` may
+        grow and the saved run's schedule horizon is kept."""
+        state = read_state(checkpoint)
+        saved = state.get("config", {})
+        cfg = self.cfg
+        saved_horizon = saved.get("schedule_steps") or saved.get("steps", cfg.steps)
+        if cfg.extend:
+            if cfg.steps < state["step"]:
+                raise ConfigError(
+                    f"--extend to steps={cfg.steps} is invalid: {checkpoint} is already at "
+                    f"step {state['step']}"
+                )
+            if cfg.schedule_steps not in (None, saved_horizon):
+                raise ConfigError(
+                    f"--extend keeps the saved run's schedules (schedule_steps={saved_horizon}); "
+                    f"schedule_steps={cfg.schedule_steps} would change them"
+                )
+            cfg = dataclasses.replace(cfg, schedule_steps=saved_horizon)
+        current = cfg.to_dict()
+        ignored = RunConfig.RESUMABLE_CHANGES | ({"steps"} if cfg.extend else set())
         changed = sorted(
-            k for k in current
-            if k not in RunConfig.RESUMABLE_CHANGES and saved.get(k, current[k]) != current[k]
+            k for k in current if k not in ignored and saved.get(k, current[k]) != current[k]
         )
+        # a run saved before `schedule_steps` existed had its schedules built from steps
+        if "schedule_steps" in changed and cfg.horizon == saved_horizon:
+            changed.remove("schedule_steps")
         if changed:
             pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise ConfigError(
-                f"{self.out} holds a run with other settings ({pairs}); use another --out "
-                "or the same settings to resume it"
-            )
+            message = f"{self.out} holds a run with other settings ({pairs}); "
+            if "steps" in changed:
+                message += (
+                    f"steps: the learning-rate schedule (warm-up, cosine decay over "
+                    f"{saved_horizon} steps) and the blockwise-weight schedule are built from it, "
+                    f"so changing it would change the training of the steps already run. Rerun "
+                    f"with --steps {saved.get('steps')} to resume as it was, or add --extend to "
+                    f"train on to {cfg.steps} steps with the schedules of the saved run (past "
+                    f"step {saved_horizon} they stay at their final values); or use another --out"
+                )
+            else:
+                message += "use another --out or the same settings to resume it"
+            raise ConfigError(message)
+        return cfg
 
     def truncate_metrics(self, step: int) -> None:
         """Keep the metrics of steps up to `step` (those after it are replayed)."""
@@ -364,11 +415,14 @@ def train(
             is_eval = step % cfg.eval_every == 0 or step == cfg.steps
             is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or run.stop_requested
             if first or step % cfg.log_every == 0 or is_eval or is_checkpoint:
+                # the window ends when the device has finished its steps (dispatch is
+                # asynchronous), and the next one starts after evaluation, logging and
+                # checkpointing: windows cover all training time and nothing else
+                jax.block_until_ready(metrics)
+                now = time.perf_counter()
                 fields: dict = {}
                 if first:  # the first step compiles: a compile-inclusive rate means nothing
-                    jax.block_until_ready(metrics)
-                    fields = {"compile_s": time.perf_counter() - since, "tokens_per_s": None}
-                now = time.perf_counter()
+                    fields = {"compile_s": now - since, "tokens_per_s": None}
                 if is_eval:
                     fields.update(do_eval(step))
                 records = run.flush(now, since, tokens_per_step, fields)
@@ -440,20 +494,21 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     )
     run = Run(cfg, out, "pretrain")
     if (checkpoint := run.newest_checkpoint()) is not None:
-        run.check_resumable(checkpoint)
+        cfg = run.cfg = run.check_resumable(checkpoint)
+    run_tokenizer(out, tokenizer)
     model = Transformer(model_cfg, key=jax.random.key(cfg.seed))
     optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-    step = eqx.filter_jit(_pretrain_step, donate="all-except-first")
+    step = compiled_step(_pretrain_step, optimizer=optimizer)
 
     def run_step(model, opt_state, tokens, mask, segment_ids, index):
-        return step((tokens, mask, segment_ids), model, opt_state, optimizer=optimizer)
+        return step((tokens, mask, segment_ids), model, opt_state)
 
     result = train(run, model, optimizer, _Stepper(run_step, None), dataset,
                    {"model_config": model_cfg.to_dict()})
     model = result["model"]
     evals = result["evals"]
     final = evals[max(evals)]["eval/student_loss"]
-    save_model(model, out / "model", extra={"eval_loss_nats_per_token": final,
+    save_model(model, out / "model", tokenizer=tokenizer, extra={"eval_loss_nats_per_token": final,
                                             "eval_bits_per_byte": final / math.log(2)})
     lines = [
         f"pretrained {model_cfg.n_layers} layers x {model_cfg.dim} wide "
@@ -543,11 +598,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size)
     tokenizer = load_tokenizer(cfg.teacher)
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
-    _batch_size_check(cfg, dataset)
     run = Run(cfg, out, "distill")
     if (checkpoint := run.newest_checkpoint()) is not None:
-        run.check_resumable(checkpoint)
+        cfg = run.cfg = run.check_resumable(checkpoint)
+    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    _batch_size_check(cfg, dataset)
     teacher, student = load_teacher_and_student(cfg, dataset)
     objective = make_objective(cfg)
     objective.resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
@@ -564,6 +619,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     def run_step(model, opt_state, tokens, mask, segment_ids, index):
         return distill_step(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
 
+    run_tokenizer(out, tokenizer)
     val = _val_batches(cfg, dataset)
     teacher_loss = evaluate(teacher.model, val, mesh)
     result = train(run, student, optimizer, _Stepper(run_step, teacher_loss), dataset,
@@ -575,7 +631,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     gap = initial - teacher_loss
     closed = (initial - final) / gap if gap > 0 else float("nan")
     if run.writer:
-        save_model(student, out / "student", extra={
+        save_model(student, out / "student", tokenizer=tokenizer, extra={
             "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
         })
     scfg, tcfg = student.config, teacher.config
@@ -605,7 +661,7 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
     from ._io import load_model
 
     model = load_model(cfg.model, dtype=cfg.dtype)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
     val = _val_batches(cfg, dataset)
     loss = evaluate(model, val)

@@ -120,17 +120,26 @@ class RunConfig:
     dtype: str = "float32"
     progress: bool = True
     plots: bool = True
+    schedule_steps: int | None = None
+    extend: bool = False
 
     #: fields that may change between a run and its resumption (they do not change
-    #: what is trained)
+    #: what is trained). `steps` is not one of them: the learning-rate and blockwise
+    #: schedules are built from it; `extend` resumes with more steps explicitly.
     RESUMABLE_CHANGES = frozenset(
-        {"steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-         "log_every", "progress", "plots", "out", "mesh"}
+        {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+         "log_every", "progress", "plots", "out", "mesh", "extend"}
     )
+
+    @property
+    def horizon(self) -> int:
+        """The number of steps the schedules are built for (`schedule_steps`, else `steps`)."""
+        return self.schedule_steps or self.steps
 
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size", "steps", "eval_every", "eval_batches",
-                  "checkpoint_every", "keep_checkpoints", "log_every", "learning_rate")
+                  "checkpoint_every", "keep_checkpoints", "log_every", "learning_rate",
+                  "schedule_steps")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -224,6 +233,7 @@ class EvalConfig:
     """Options of `blockdistill eval`."""
 
     model: str = "shipped"
+    tokenizer: str | None = None
     data: str | None = None
     data_glob: str | None = None
     val_fraction: float = 0.05

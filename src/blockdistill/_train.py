@@ -1,5 +1,7 @@
 """The jitted distillation step and optimizer helpers."""
 
+import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -201,15 +203,19 @@ class DistillStep(eqx.Module):
     mesh: Mesh | None = eqx.field(static=True, default=None)
     trainable: Trainable | Callable[[list[str]], bool] = eqx.field(static=True, default="all", kw_only=True)
 
-    def _run(self, how, student, opt_state, teacher, tokens, mask, step, segment_ids):
+    def _run(self, lower, student, opt_state, teacher, tokens, mask, step, segment_ids):
         step = jnp.asarray(step, jnp.int32)
         frozen = (teacher, tokens, mask, step, segment_ids)
-        options = dict(objective=self.objective, optimizer=self.optimizer, trainable=self.trainable)
+        compiled = compiled_step(
+            _distill_step, objective=self.objective, optimizer=self.optimizer,
+            trainable=self.trainable, mesh=self.mesh,
+        )
+        how = compiled.lower if lower else compiled
         if self.mesh is None:
-            return how(frozen, student, opt_state, **options)
+            return how(frozen, student, opt_state)
         check_mesh(self.mesh, batch_size=tokens.shape[0], n_layers=student.config.n_layers)
         with jax.set_mesh(self.mesh):
-            return how(frozen, student, opt_state, mesh=self.mesh, **options)
+            return how(frozen, student, opt_state)
 
     def __call__(
         self,
@@ -222,7 +228,7 @@ class DistillStep(eqx.Module):
         *,
         segment_ids: BatchSegments | None = None,
     ) -> tuple[Transformer, optax.OptState, Metrics]:
-        return self._run(_jitted_step, student, opt_state, teacher, tokens, mask, step, segment_ids)
+        return self._run(False, student, opt_state, teacher, tokens, mask, step, segment_ids)
 
     def lower(
         self,
@@ -238,9 +244,41 @@ class DistillStep(eqx.Module):
         """The step lowered for these arguments, without running it: `.as_text()` is
         its StableHLO, `.compile().as_text()` the optimized, partitioned HLO (on a mesh,
         with the collectives XLA inserted; see [`blockdistill.hlo_collectives`][])."""
-        return self._run(
-            _jitted_step.lower, student, opt_state, teacher, tokens, mask, step, segment_ids
-        ).lowered
+        return self._run(True, student, opt_state, teacher, tokens, mask, step, segment_ids)
 
 
-_jitted_step = eqx.filter_jit(_distill_step, donate="all-except-first")
+class _AsyncStep:
+    """`step(frozen, model, opt_state)` compiled with `jax.jit`, the model and optimizer
+    state donated.
+
+    Not `eqx.filter_jit`: it waits for every call to finish on the device (to surface
+    runtime errors), which would make each training step a host sync; a step dispatched
+    with `jax.jit` returns at once, so the host prepares the next batch while the device
+    computes. Every leaf of the arguments is an array (Equinox keeps the rest in the
+    pytree structure, which `jax.jit` treats as static).
+    """
+
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self._jitted = jax.jit(functools.partial(fn, **options), donate_argnums=(1, 2))
+
+    def __call__(self, frozen, model, opt_state):
+        with warnings.catch_warnings():
+            # buffers of a different shape or dtype (e.g. the optimizer's step count) cannot
+            # be reused; that is expected, and the others are
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return self._jitted(frozen, model, opt_state)
+
+    def lower(self, frozen, model, opt_state) -> jax.stages.Lowered:
+        return self._jitted.lower(frozen, model, opt_state)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_step(fn: Callable, options: tuple[tuple[str, Any], ...]) -> _AsyncStep:
+    return _AsyncStep(fn, dict(options))
+
+
+def compiled_step(fn: Callable, **options: Any) -> _AsyncStep:
+    """The asynchronous compiled form of a training step `fn(frozen, model, opt_state,
+    **options)`, one per `fn` and (hashable) options, so that repeated calls reuse the
+    compilation."""
+    return _cached_step(fn, tuple(sorted(options.items())))

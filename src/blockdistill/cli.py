@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                      "a checkpoint folder or a model folder")
     sub.add_argument("out", help="the folder to write (config.json + model.safetensors)")
     sub.add_argument("--architecture", default=None, help="LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
+    sub.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                     help="the tokenizer to export with (default: the one the source recorded)")
     return parser
 
 
@@ -49,16 +51,15 @@ def _export(args) -> None:
     from ._checkpoint import MODEL_FILE as CKPT_MODEL, list_checkpoints, read_state
     from ._config import TransformerConfig
     from ._hf import to_hf
-    from ._io import deserialise, load_model
+    from ._io import deserialise, load_model, load_tokenizer, tokenizer_record
 
     source = pathlib.Path(args.source)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
-    tokenizer_from = None
     if (source / "student").is_dir():  # a finished run
         model_dir = source / "student"
         model = load_model(model_dir)
-        run_config = source / "config.json"
+        tokenizer_dir = model_dir
     else:
         checkpoint = None
         if (source / CKPT_MODEL).is_file():
@@ -76,18 +77,27 @@ def _export(args) -> None:
                                                  else state["model_config"])
             like = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
             model = deserialise(checkpoint / CKPT_MODEL, like)
-            run_config = checkpoint.parent.parent / "config.json"
+            tokenizer_dir = checkpoint.parent.parent / "tokenizer"  # the run's
+            if not tokenizer_dir.is_dir():
+                raise FileNotFoundError(
+                    f"{checkpoint.parent.parent} has no tokenizer/ folder (a run started "
+                    "before tokenizers were recorded): export its student folder instead"
+                )
         else:
             model = load_model(source)
-            run_config = None
-    if run_config is not None and run_config.is_file():
-        import json
-
-        teacher = json.loads(run_config.read_text()).get("teacher")
-        if teacher and teacher != "shipped" and (pathlib.Path(teacher) / "tokenizer.json").is_file():
-            tokenizer_from = teacher
+            tokenizer_dir = source
+    tokenizer = load_tokenizer(tokenizer_dir, args.tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer of {tokenizer_dir} has {tokenizer.vocab_size} ids but the model's "
+            f"vocab_size is {model.config.vocab_size}"
+        )
+    tokenizer_from = None
+    if tokenizer_record(tokenizer)["kind"] == "hf":
+        tokenizer_from = tokenizer.folder
     path = to_hf(model, args.out, architecture=args.architecture, tokenizer_from=tokenizer_from)
-    print(f"wrote {path} ({model.config.n_layers} layers, dim {model.config.dim})")
+    print(f"wrote {path} ({model.config.n_layers} layers, dim {model.config.dim}; tokenizer: "
+          f"{'copied from ' + str(tokenizer_from) if tokenizer_from else 'byte-level, no files'})")
 
 
 def main(argv: list[str] | None = None) -> int:
