@@ -37,7 +37,7 @@ def feature_loss(
 
     ```python
     s, t = jnp.ones((4, 8)), 2 * jnp.ones((4, 8))
-    bd.feature_loss(s, t, "cosine")  # zeros: same direction
+    bd.feature_loss(s, t, "cosine")  # about 0 per token: same direction
     bd.feature_loss(s, t, "nmse")    # 0.25 per token
     ```
     """
@@ -89,7 +89,8 @@ def next_token_cross_entropy(
     **Example:**
 
     ```python
-    ce = bd.next_token_cross_entropy(out.logits[None], tokens[None], jnp.ones((1, 16), bool))
+    logits = jax.vmap(model)(batch_tokens).logits
+    ce = bd.next_token_cross_entropy(logits, batch_tokens, mask)
     ```
     """
     per_token = optax.losses.softmax_cross_entropy_with_integer_labels(
