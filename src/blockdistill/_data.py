@@ -58,6 +58,8 @@ class Tokenizer(Protocol):
     ```python
     def check(tokenizer: bd.Tokenizer) -> None:
         assert tokenizer.decode(tokenizer.encode("def f():")) == "def f():"
+
+    check(bd.ByteTokenizer())
     ```
     """
 
@@ -268,7 +270,7 @@ def read_corpus(path: str | os.PathLike, glob: str | None = None) -> list[Docume
 
     ```python
     docs = bd.read_corpus("my_project/", glob="**/*.py")
-    docs[0].name  # e.g. "my_project_module/__init__.py"
+    docs[0].name  # e.g. "__init__.py": names are relative to my_project/
     ```
     """
     text_path = os.fspath(path)
@@ -621,7 +623,7 @@ class Batcher:
         **Example:**
 
         ```python
-        json.dumps(batcher.state_dict())  # '{"epoch": 2, "index": 7, "seed": 0}'
+        json.dumps(batcher.state_dict())  # e.g. '{"epoch": 2, "index": 7, "seed": 0}'
         ```
         """
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}

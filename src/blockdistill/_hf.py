@@ -465,6 +465,8 @@ def to_hf(
     **Example:**
 
     ```python
+    import transformers
+
     bd.to_hf(student, "out/student-hf", tokenizer_from="checkpoints/SmolLM2-135M")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained("out/student-hf")
     ```

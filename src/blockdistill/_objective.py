@@ -52,7 +52,7 @@ def feature_loss(
 
     ```python
     s, t = jnp.ones((4, 8)), 2 * jnp.ones((4, 8))
-    bd.feature_loss(s, t, "cosine")  # 0.0: same direction
+    bd.feature_loss(s, t, "cosine")  # about 0: same direction
     bd.feature_loss(s, t, "nmse")    # 0.25 = sum |s - t|^2 / sum |t|^2
     ```
     """
@@ -124,7 +124,8 @@ def next_token_cross_entropy(
     **Example:**
 
     ```python
-    ce = bd.next_token_cross_entropy(out.logits[None], tokens[None], jnp.ones((1, 16), bool))
+    logits = jax.vmap(model)(batch_tokens).logits
+    ce = bd.next_token_cross_entropy(logits, batch_tokens, mask)
     ```
     """
     per_token = optax.losses.softmax_cross_entropy_with_integer_labels(

@@ -135,7 +135,7 @@ def check_mesh(mesh: Mesh, *, batch_size: int | None = None, n_layers: int | Non
     **Example:**
 
     ```python
-    bd.check_mesh(mesh, batch_size=8, n_layers=4)   # fine on data=2,layers=4
+    bd.check_mesh(mesh, batch_size=8, n_layers=4)   # fine on data=2,layers=4 and on data=4,layers=2
     ```
     """
     data, layers = mesh.shape[DATA_AXIS], mesh.shape[LAYERS_AXIS]
@@ -229,7 +229,7 @@ def shard_model(model: eqx.Module, mesh: Mesh, *, shard_layers: bool = True) -> 
     **Example:**
 
     ```python
-    mesh = bd.make_mesh("data=2,layers=4")
+    mesh = bd.make_mesh("data=4,layers=2")   # 8 devices; layers=2 divides the depth
     student = bd.shard_model(student, mesh)
     teacher = bd.shard_model(teacher, mesh, shard_layers=False)   # replicated
     ```
@@ -277,7 +277,9 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     **Example:**
 
     ```python
-    tokens, mask, segment_ids = bd.shard_batch(mesh, tokens_np, mask_np, segments_np)
+    tokens_np, mask_np = np.asarray(batch_tokens), np.asarray(mask)   # a global host batch
+    segments_np = mask_np.astype(np.int32)                             # one document a row
+    tokens, mask, segment_ids = bd.shard_batch(mesh, tokens_np, mask_np, segments_np)  # over "data"
     ```
     """
     sharding = batch_sharding(mesh)
@@ -366,6 +368,8 @@ class Collective:
     **Example:**
 
     ```python
+    forward = jax.jit(lambda model: model(tokens).logits)
+    text = forward.lower(bd.shard_model(student, mesh)).compile().as_text()
     gathers = [c for c in bd.hlo_collectives(text, mesh) if c.kind == "all-gather"]
     sum(c.bytes for c in gathers if "layers" in c.axes)  # bytes gathered across layers
     ```
@@ -444,9 +448,13 @@ def hlo_collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
     **Example:**
 
     ```python
+    def f(model):
+        return model(tokens).logits
+
+    x = bd.shard_model(student, mesh)   # stacked layers split over "layers"
     text = jax.jit(f).lower(x).compile().as_text()
     moving = [c for c in bd.hlo_collectives(text, mesh)
-              if c.kind == "all-gather" and "layers" in c.axes]
+              if c.kind == "all-gather" and "layers" in c.axes]   # the scan gathers them
     ```
     """
     coords = np.stack(np.unravel_index(np.arange(mesh.devices.size), mesh.devices.shape), axis=-1)

@@ -190,7 +190,7 @@ def mlp_channel_importance(
     **Example:**
 
     ```python
-    importance = bd.mlp_channel_importance(model, calibration_tokens)
+    importance = bd.mlp_channel_importance(teacher, batch_tokens)
     importance.shape  # (cfg.n_layers, cfg.mlp_dim)
     ```
     """
@@ -266,7 +266,7 @@ def student_config_for(
 
     ```python
     small = bd.student_config_for(cfg, bd.StudentConfig(mlp_ratio=0.5))
-    small.mlp_dim == cfg.mlp_dim // 2
+    small.mlp_dim == cfg.mlp_dim // 2  # True
     ```
     """
     return teacher_config.replace(
@@ -343,10 +343,10 @@ def make_student(
     **Example:**
 
     ```python
-    student = bd.make_student(teacher_model,
-                              bd.StudentConfig(mlp_ratio=0.5, layers="group", n_layers=2),
-                              calibration_tokens, key=jax.random.key(1))
-    student.config.mlp_dim, student.config.n_layers
+    student = bd.make_student(teacher,   # a 2-layer teacher with mlp_dim=128
+                              bd.StudentConfig(mlp_ratio=0.5, layers="group", n_layers=1),
+                              batch_tokens, key=jax.random.key(1))   # calibration batch
+    student.config.mlp_dim, student.config.n_layers  # (64, 1)
     ```
     """
     teacher = _unwrap(teacher_model)

@@ -160,6 +160,7 @@ class LayerStack(eqx.Module):
         **Example:**
 
         ```python
+        teacher_states = teacher(tokens).states   # a teacher of the stack's depth and width
         out = stack.blockwise_outputs(teacher_states.layer_in, inject_at="layer")
         out.shape  # (cfg.n_layers, seq, cfg.dim)
         ```

@@ -194,7 +194,7 @@ class DistillStep(eqx.Module):
     optimizer = bd.make_optimizer(1e-3)
     opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
     distill = bd.DistillStep(objective, optimizer)
-    student, opt_state, metrics = distill(student, opt_state, teacher, tokens, mask, 0)
+    student, opt_state, metrics = distill(student, opt_state, teacher, batch_tokens, mask, 0)
     ```
     """
 
