@@ -40,8 +40,6 @@ import blockdistill as bd
 import blockdistill._attention as attention_module
 import blockdistill._layer as layer_module
 import blockdistill._model as model_module
-from blockdistill._objective import masked_mean
-from blockdistill._train import _jitted_step
 
 # ----------------------------------------------------------------------------- patches
 
@@ -163,7 +161,7 @@ def fused_blockwise_step(frozen, student, opt_state, *, optimizer, level):
             else:
                 predicted = jax.vmap(block.self_attn)(teacher_step.attn_in)
                 target = teacher_step.attn_out
-            return masked_mean(bd.feature_loss(predicted, target, "cosine"), mask)
+            return bd.feature_loss(predicted, target, "cosine", mask)
 
         loss, grads = jax.value_and_grad(block_loss)(student_layer_params)
         return teacher_step.layer_out, (loss, grads)
@@ -205,22 +203,14 @@ class CompiledStep:
         self.student = fresh(student)
         self.opt_state = self.optimizer.init(eqx.filter(self.student, eqx.is_array))
         self.frozen = (teacher, tokens, mask)
-        self.compiled = _jitted_step.lower(
-            (*self.frozen, jnp.int32(0)),
-            self.student,
-            self.opt_state,
-            objective=self.objective,
-            optimizer=self.optimizer,
+        self.compiled = bd.DistillStep(self.objective, self.optimizer).lower(
+            self.student, self.opt_state, teacher, tokens, mask, 0
         ).compile()
         self.index = 0
 
     def __call__(self):
         self.student, self.opt_state, metrics = self.compiled(
-            (*self.frozen, jnp.int32(self.index)),
-            self.student,
-            self.opt_state,
-            objective=self.objective,
-            optimizer=self.optimizer,
+            (*self.frozen, jnp.int32(self.index), None), self.student, self.opt_state
         )
         self.loss = float(metrics["loss"].block_until_ready())
         self.index += 1
