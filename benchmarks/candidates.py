@@ -96,9 +96,9 @@ def patched_linear(linear, x):
     )
 
 
-def patched_attention_call(self, x, *, inject=None):
-    if "attn" not in VARIANT["name"]:
-        return ORIGINAL_ATTENTION_CALL(self, x, inject=inject)
+def patched_attention_call(self, x, *, inject=None, segment_ids=None):
+    if "attn" not in VARIANT["name"] or segment_ids is not None:  # the candidate has no segments
+        return ORIGINAL_ATTENTION_CALL(self, x, inject=inject, segment_ids=segment_ids)
     attn_in = x if inject is None else inject.astype(x.dtype)
     seq_len = attn_in.shape[0]
     q = patched_linear(self.q_proj, attn_in).reshape(

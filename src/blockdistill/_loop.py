@@ -410,6 +410,11 @@ def train(
             tokens, mask, segment_ids = _place_batch(mesh, next(batcher))
             model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, segment_ids, step)
             step += 1
+            if run.pending:
+                # steps are dispatched asynchronously: keep one step queued behind the
+                # running one (the host prepares the next batch meanwhile) rather than
+                # racing ahead, so the progress bar and Ctrl-C follow the device
+                jax.block_until_ready(run.pending[-1][1]["loss"])
             run.pending.append((step, metrics))
             first = step == start + 1
             is_eval = step % cfg.eval_every == 0 or step == cfg.steps
