@@ -619,7 +619,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = make_optimizer(
         lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
     )
-    distill_step = DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable)
+    fused = {"auto": "auto", "on": True, "off": False}[cfg.fused]
+    distill_step = DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
 
     def run_step(model, opt_state, tokens, mask, segment_ids, index):
         return distill_step(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)

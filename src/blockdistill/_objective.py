@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from ._layer import InjectAt, check_inject_at
+from ._config import TransformerConfig
 from ._model import ModelOutput, Transformer
 from ._types import Array, BatchMask, BatchSegments, BatchTokens, Bool, Float
 
@@ -347,29 +348,39 @@ class DistillationObjective(eqx.Module):
 
     def check_pair(self, student: Transformer, teacher_out: ModelOutput, tokens: Array) -> None:
         """Raise a `ValueError` naming both values when student and teacher do not fit."""
-        cfg = student.config
-        t_states = teacher_out.states.layer_in
-        if t_states.shape[-1] != cfg.dim:
-            raise ValueError(
-                f"teacher width {t_states.shape[-1]} != student width {cfg.dim}: "
-                "blockwise distillation needs equal dim"
-            )
-        if teacher_out.logits.shape[-1] != cfg.vocab_size:
-            raise ValueError(
-                f"teacher vocab_size {teacher_out.logits.shape[-1]} != student vocab_size "
-                f"{cfg.vocab_size}: KL distillation needs the same vocabulary"
-            )
         if teacher_out.logits.shape[:-1] != tokens.shape:
             raise ValueError(
                 f"teacher_out.logits has shape {tuple(teacher_out.logits.shape)}, which does not "
                 f"match tokens of shape {tuple(tokens.shape)}"
             )
-        if self.layer_indices is not None and max(self.layer_indices) >= cfg.n_layers:
+        self.check_shapes(
+            student.config,
+            teacher_dim=teacher_out.states.layer_in.shape[-1],
+            teacher_vocab=teacher_out.logits.shape[-1],
+            teacher_layers=teacher_out.states.layer_in.shape[1],
+        )
+
+    def check_shapes(
+        self, student: TransformerConfig, *, teacher_dim: int, teacher_vocab: int, teacher_layers: int
+    ) -> tuple[tuple[int, int], ...]:
+        """Check that a student fits a teacher of these sizes (a `ValueError` naming both
+        values otherwise); returns the layer map's spans."""
+        if teacher_dim != student.dim:
+            raise ValueError(
+                f"teacher width {teacher_dim} != student width {student.dim}: "
+                "blockwise distillation needs equal dim"
+            )
+        if teacher_vocab != student.vocab_size:
+            raise ValueError(
+                f"teacher vocab_size {teacher_vocab} != student vocab_size "
+                f"{student.vocab_size}: KL distillation needs the same vocabulary"
+            )
+        if self.layer_indices is not None and max(self.layer_indices) >= student.n_layers:
             raise ValueError(
                 f"DistillationObjective.layer_indices={self.layer_indices} is invalid for a "
-                f"student of {cfg.n_layers} layers"
+                f"student of {student.n_layers} layers"
             )
-        self.resolve_layer_map(t_states.shape[1], cfg.n_layers)
+        return self.resolve_layer_map(teacher_layers, student.n_layers)
 
     def _feature_terms(
         self,
@@ -408,11 +419,7 @@ class DistillationObjective(eqx.Module):
         per_layer = jax.vmap(
             lambda s, t: feature_loss(s, t, self.feature_loss, mask), in_axes=(1, 1)
         )(predicted, target)
-        if self.layer_indices is None:
-            selected = jnp.mean(per_layer)
-        else:
-            selected = jnp.mean(per_layer[jnp.array(self.layer_indices)])
-        return selected, per_layer
+        return self.selected_mean(per_layer), per_layer
 
     # ------------------------------------------------------------------ the loss
 
@@ -435,9 +442,8 @@ class DistillationObjective(eqx.Module):
         if mask is None:
             mask = jnp.ones(tokens.shape, dtype=bool)
         n_layers = student.config.n_layers
-        w = _evaluate(self.blockwise_weight, step)
-        temperature = _evaluate(self.temperature, step)
-        label_weight = _evaluate(self.label_weight, step)
+        _, temperature, _ = self.weights(step)
+        need_free, need_block, free_active, block_active = self.passes(step)
         zero = jnp.zeros((), jnp.float32)
 
         def free_pass(student):
@@ -449,29 +455,54 @@ class DistillationObjective(eqx.Module):
         def feature_pass(student):
             return self._feature_terms(student, teacher_out, tokens, mask, segment_ids)
 
-        kl_weight = 1.0 - w
-        need_free = _maybe_nonzero(kl_weight) or _maybe_nonzero(label_weight)
+        # a pass whose weight is statically zero is not traced; one whose scheduled
+        # weight is zero at this step is skipped at run time
         if not need_free:
             kl, ce = zero, zero
-        elif callable(self.blockwise_weight) or callable(self.label_weight):
-            active = (jnp.asarray(kl_weight) != 0) | (jnp.asarray(label_weight) != 0)
-            kl, ce = jax.lax.cond(active, free_pass, lambda _: (zero, zero), student)
-        else:
+        elif isinstance(free_active, bool):
             kl, ce = free_pass(student)
+        else:
+            kl, ce = jax.lax.cond(free_active, free_pass, lambda _: (zero, zero), student)
 
-        if not _maybe_nonzero(w):
+        if not need_block:
             feature, per_layer = zero, jnp.zeros((n_layers,), jnp.float32)
-        elif callable(self.blockwise_weight):
+        elif isinstance(block_active, bool):
+            feature, per_layer = feature_pass(student)
+        else:
             feature, per_layer = jax.lax.cond(
-                jnp.asarray(w) != 0,
+                block_active,
                 feature_pass,
                 lambda _: (zero, jnp.zeros((n_layers,), jnp.float32)),
                 student,
             )
-        else:
-            feature, per_layer = feature_pass(student)
 
-        loss = kl_weight * kl + w * feature + label_weight * ce
+        return self.mix(kl, ce, feature, per_layer, step)
+
+    def weights(self, step: int | Array) -> tuple[Array | float, Array | float, Array | float]:
+        """`(w, T, label_weight)` at `step` (floats, or arrays for schedules)."""
+        return (
+            _evaluate(self.blockwise_weight, step),
+            _evaluate(self.temperature, step),
+            _evaluate(self.label_weight, step),
+        )
+
+    def selected_mean(self, per_layer: Float[Array, " layers"]) -> Float[Array, ""]:
+        """`F`: the mean of the per-layer feature losses over the selected layers."""
+        if self.layer_indices is None:
+            return jnp.mean(per_layer)
+        return jnp.mean(per_layer[jnp.array(self.layer_indices)])
+
+    def mix(
+        self,
+        kl: Float[Array, ""],
+        ce: Float[Array, ""],
+        feature: Float[Array, ""],
+        per_layer: Float[Array, " layers"],
+        step: int | Array,
+    ) -> tuple[Float[Array, ""], Metrics]:
+        """The loss `(1 - w) KL + w F + label_weight CE` at `step`, and the metrics."""
+        w, temperature, label_weight = self.weights(step)
+        loss = (1.0 - w) * kl + w * feature + label_weight * ce
         loss = jnp.asarray(loss, jnp.float32)
         metrics = {
             "loss": loss,
@@ -483,6 +514,22 @@ class DistillationObjective(eqx.Module):
             "feature_per_layer": per_layer,
         }
         return loss, metrics
+
+    def passes(self, step: int | Array) -> tuple[bool, bool, Array | bool, Array | bool]:
+        """Which passes a step needs: `(free, blockwise)` as static bools (False only when
+        the weight is statically zero) and, for each, whether it counts at `step` (an
+        array under a schedule, else the same bool)."""
+        w, _, label_weight = self.weights(step)
+        kl_weight = 1.0 - w
+        need_free = _maybe_nonzero(kl_weight) or _maybe_nonzero(label_weight)
+        need_block = _maybe_nonzero(w)
+        free_active: Array | bool = need_free
+        if need_free and (callable(self.blockwise_weight) or callable(self.label_weight)):
+            free_active = (jnp.asarray(kl_weight) != 0) | (jnp.asarray(label_weight) != 0)
+        block_active: Array | bool = need_block
+        if need_block and callable(self.blockwise_weight):
+            block_active = jnp.asarray(w) != 0
+        return need_free, need_block, free_active, block_active
 
 
 def _maybe_nonzero(value: Array | float) -> bool:

@@ -128,7 +128,7 @@ class RunConfig:
     #: schedules are built from it; `extend` resumes with more steps explicitly.
     RESUMABLE_CHANGES = frozenset(
         {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-         "log_every", "progress", "plots", "out", "mesh", "extend"}
+         "log_every", "progress", "plots", "out", "mesh", "extend", "fused"}
     )
 
     @property
@@ -197,6 +197,7 @@ class DistillConfig(RunConfig):
     inject_at: str = "layer"
     label_weight: float = 0.5
     injected_pass: str = "auto"
+    fused: str = "auto"
     trainable: str = "all"
     mesh: str | None = None
 
@@ -215,6 +216,7 @@ class DistillConfig(RunConfig):
             "feature_loss": FEATURE_LOSSES,
             "inject_at": INJECT_LEVELS,
             "injected_pass": ("auto", "vmap", "scan"),
+            "fused": ("auto", "on", "off"),
             "trainable": TRAINABLE,
             "student_layers": ("all", "group", "every-k"),
         }

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from ._fused import fused_value_and_grad, fusion_blocker
 from ._model import Transformer
 from ._objective import DistillationObjective, Metrics
 from ._parallel import DATA_AXIS, LAYERS_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
@@ -118,31 +119,44 @@ def _distill_step(
     optimizer: optax.GradientTransformation,
     trainable: Trainable | Callable[[list[str]], bool] = "all",
     mesh: Mesh | None = None,
+    fused: bool = False,
 ) -> tuple[Transformer, optax.OptState, Metrics]:
     teacher, tokens, mask, step, segment_ids = frozen
     tokens, mask = constrain(tokens, DATA_AXIS), constrain(mask, DATA_AXIS)
     if segment_ids is not None:
         segment_ids = constrain(segment_ids, DATA_AXIS)
-    teacher_out = jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
-    if mesh is not None and teacher.config.n_layers == student.config.n_layers:
-        # one teacher layer per student layer: every device keeps only its own layers of
-        # the teacher's states (a local slice of the replicated teacher's output). With a
-        # layer map, the objective's selection slices them locally instead.
-        states = jax.tree.map(lambda x: constrain(x, DATA_AXIS, LAYERS_AXIS), teacher_out.states)
-        teacher_out = eqx.tree_at(lambda out: out.states, teacher_out, states)
-    # differentiate only the groups that train: frozen ones get zero updates anyway, so
-    # their gradients would be wasted work and would inflate the reported grad_norm
-    train_params, rest = eqx.partition(student, trainable_filter(student, trainable))
+    spec = trainable_filter(student, trainable)
+    if fused:
+        (_, metrics), train_grads = fused_value_and_grad(
+            objective, student, teacher.model, tokens, mask, step, segment_ids, spec
+        )
+        rest = eqx.filter(student, spec, inverse=True)
+    else:
+        teacher_out = jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
+        if mesh is not None and teacher.config.n_layers == student.config.n_layers:
+            # one teacher layer per student layer: every device keeps only its own layers
+            # of the teacher's states (a local slice of the replicated teacher's output).
+            # With a layer map, the objective's selection slices them locally instead.
+            states = jax.tree.map(lambda x: constrain(x, DATA_AXIS, LAYERS_AXIS), teacher_out.states)
+            teacher_out = eqx.tree_at(lambda out: out.states, teacher_out, states)
+        # differentiate only the groups that train: frozen ones get zero updates anyway,
+        # so their gradients would be wasted work and would inflate the reported grad_norm
+        train_params, rest = eqx.partition(student, spec)
 
-    def loss_fn(train_params):
-        model = eqx.combine(train_params, rest)
-        return objective(model, teacher_out, tokens, mask, step, segment_ids=segment_ids)
+        def loss_fn(train_params):
+            model = eqx.combine(train_params, rest)
+            return objective(model, teacher_out, tokens, mask, step, segment_ids=segment_ids)
 
-    (_, metrics), train_grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(train_params)
+        (_, metrics), train_grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(train_params)
     grad_norm = optax.tree.norm(train_grads)
-    params = eqx.filter(student, eqx.is_array)
     zeros = jax.tree.map(jnp.zeros_like, eqx.filter(rest, eqx.is_array))
     grads = eqx.combine(train_grads, zeros)
+    return _apply(student, opt_state, grads, grad_norm, metrics, optimizer=optimizer, mesh=mesh)
+
+
+def _apply(student, opt_state, grads, grad_norm, metrics, *, optimizer, mesh):
+    """The optimizer update, and the placement of the results on a mesh."""
+    params = eqx.filter(student, eqx.is_array)
     # optax mixes int32 step counts with float32 internally; keep our own code under
     # whatever promotion the caller set, but let the optimizer use the standard rules
     with jax.numpy_dtype_promotion("standard"):
@@ -181,6 +195,23 @@ class DistillStep(eqx.Module):
       `"attention+mlp"` or a predicate, see [`blockdistill.trainable_labels`][]): only
       their gradients are computed, and the `grad_norm` metric is theirs.
 
+    - `fused`: `"auto"` (default), `True` or `False`. The fused step runs teacher and
+      student layer by layer in one `lax.scan`: each scan step computes the teacher's
+      layer (or span of layers, for a grouped student), the student's block on the
+      teacher's input with its feature loss and that block's gradient, and, when KD or
+      label CE is not statically zero, the student's own layer on its own residual
+      stream; the heads, KL and CE run once after the scan. No `[layers, batch, seq,
+      dim]` teacher state outlives its scan step, so memory stays flat in depth (only
+      the free pass keeps per-layer activations; `remat` applies to them). It gives the
+      same losses, metrics and updates as the unfused path (`objective(student,
+      teacher_out, ...)`), which runs the teacher's whole forward first. `"auto"` fuses
+      wherever it applies and helps: not for a recipe without a blockwise term (plain
+      KD: the unfused teacher forward keeps no states then, and fusing measured no
+      faster), not for a layer map of unequal or partial spans, and not on a
+      mesh with a `layers` axis (a scan would gather every layer to every device, where
+      the unfused layer-parallel pass keeps each block on its own device). `True` where
+      fusion cannot run is a `ValueError` that says why.
+
     **Call:** `step(student, opt_state, teacher, tokens, mask, step_index, *,
     segment_ids=None) -> (student, opt_state, metrics)` with `tokens`
     `Int[Array, "batch seq"]`, `mask` `Bool[Array, "batch seq"]` (the positions that
@@ -202,13 +233,37 @@ class DistillStep(eqx.Module):
     optimizer: optax.GradientTransformation = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True, default=None)
     trainable: Trainable | Callable[[list[str]], bool] = eqx.field(static=True, default="all", kw_only=True)
+    # `str | bool`, not Literal: a wrong value is the ValueError of __check_init__, naming the field
+    fused: str | bool = eqx.field(static=True, default="auto", kw_only=True)
+
+    def __check_init__(self):
+        if self.fused not in ("auto", True, False):
+            raise ValueError(f"DistillStep.fused={self.fused!r} is invalid: must be 'auto', True or False")
+
+    def uses_fusion(self, teacher: Teacher, student: Transformer) -> bool:
+        """Whether this step runs fused for this teacher and student (see `fused`);
+        `fused=True` where fusion cannot run is a `ValueError` that says why."""
+        if self.fused is False:
+            return False
+        if self.fused == "auto" and not self.objective.passes(0)[1]:
+            return False  # no blockwise term (w statically 0): nothing to fuse
+        blocker = fusion_blocker(self.objective, teacher.model, student)
+        if blocker is None and self.mesh is not None and self.mesh.shape.get(LAYERS_AXIS, 1) > 1:
+            blocker = (
+                "the mesh shards the layers: a scan over layers would gather every layer "
+                "to every device, while the unfused layer-parallel pass keeps each block on "
+                "its own device"
+            )
+        if blocker is not None and self.fused is True:
+            raise ValueError(f"DistillStep(fused=True) cannot fuse this step: {blocker}")
+        return blocker is None
 
     def _run(self, lower, student, opt_state, teacher, tokens, mask, step, segment_ids):
         step = jnp.asarray(step, jnp.int32)
         frozen = (teacher, tokens, mask, step, segment_ids)
         compiled = compiled_step(
             _distill_step, objective=self.objective, optimizer=self.optimizer,
-            trainable=self.trainable, mesh=self.mesh,
+            trainable=self.trainable, mesh=self.mesh, fused=self.uses_fusion(teacher, student),
         )
         how = compiled.lower if lower else compiled
         if self.mesh is None:

@@ -1,0 +1,189 @@
+"""The fused distillation step: teacher and student layer by layer in one `lax.scan`.
+
+Each scan step runs the teacher's layer (or span of layers, for a grouped student), the
+student's block on the teacher's input to it, with that block's feature loss and its
+gradient taken right there (the blocks are independent, so nothing later needs them),
+and, when the recipe needs the student's free-running pass, the student's own layer on
+its own residual stream (the carry). No `[layers, batch, seq, dim]` teacher state
+outlives its scan step: the teacher's states are consumed where they are made. The
+heads, KL and cross-entropy run once after the scan; the free pass is differentiated by
+ordinary reverse-mode autodiff through the scan (its activations are the only per-layer
+residuals, and `remat` applies to them).
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._model import Transformer, _cast_floating
+from ._objective import DistillationObjective, Metrics, feature_loss, kl_divergence, next_token_cross_entropy
+from ._stack import _REMAT_POLICIES
+from ._types import Array, BatchMask, BatchSegments, BatchTokens, Float
+
+
+def fusion_blocker(objective: DistillationObjective, teacher: Transformer, student: Transformer) -> str | None:
+    """Why the fused step cannot run this pair, or `None` when it can.
+
+    Fusion needs every scan step to hold the same amount of work: one student layer per
+    teacher layer, or a layer map of equal contiguous spans that covers the whole teacher
+    (the default grouping).
+    """
+    spans = objective.check_shapes(
+        student.config,
+        teacher_dim=teacher.config.dim,
+        teacher_vocab=teacher.config.vocab_size,
+        teacher_layers=teacher.config.n_layers,
+    )
+    teacher_layers, student_layers = teacher.config.n_layers, student.config.n_layers
+    if teacher_layers % student_layers:
+        return f"the layer map {spans} has spans of different lengths"
+    group = teacher_layers // student_layers
+    if spans != tuple((j * group, (j + 1) * group) for j in range(student_layers)):
+        return f"the layer map {spans} is not equal contiguous spans covering the teacher's {teacher_layers} layers"
+    return None
+
+
+def _compute(model: Transformer) -> Transformer:
+    if model.config.dtype == "float32":
+        return model
+    return _cast_floating(model, model.config.compute_dtype)
+
+
+def _stack_params(model: Transformer) -> tuple[Any, Any]:
+    return eqx.partition(model.layers.layers, eqx.is_array)
+
+
+def fused_value_and_grad(
+    objective: DistillationObjective,
+    student: Transformer,
+    teacher: Transformer,
+    tokens: BatchTokens,
+    mask: BatchMask,
+    step: Array,
+    segment_ids: BatchSegments | None,
+    trainable: Any,
+) -> tuple[tuple[Float[Array, ""], Metrics], Any]:
+    """`((loss, metrics), grads)` of `objective` for `student`, equal to differentiating
+    `objective(student, teacher_out, ...)` with respect to the arrays that `trainable`
+    (a bool pytree over `student`) marks; the other leaves of `grads` are zeros."""
+    blocker = fusion_blocker(objective, teacher, student)
+    if blocker is not None:
+        raise ValueError(f"the fused step cannot run this teacher and student: {blocker}")
+    n_layers = student.config.n_layers
+    group = teacher.config.n_layers // n_layers
+    w, temperature, label_weight = objective.weights(step)
+    need_free, need_block, free_active, block_active = objective.passes(step)
+    layer_level = objective.inject_at == "layer"
+
+    # the teacher, frozen, its stacked layers grouped into one span per student layer
+    teacher = _compute(jax.lax.stop_gradient(teacher))
+    teacher_params, teacher_static = _stack_params(teacher)
+    teacher_params = jax.tree.map(lambda p: p.reshape(n_layers, group, *p.shape[1:]), teacher_params)
+
+    train, rest = eqx.partition(student, trainable)
+    layer_spec = trainable.layers.layers
+    # the blocks' own copies of the student's layers (their gradients are taken inside
+    # the scan, not by the outer autodiff): trainable leaves and the rest
+    block_train, block_rest = eqx.partition(eqx.filter(student.layers.layers, eqx.is_array), layer_spec)
+    student_static = eqx.filter(student.layers.layers, eqx.is_array, inverse=True)
+    compute_dtype = student.config.compute_dtype
+
+    def block_loss(train_params, rest_params, block_in, target):
+        params = eqx.combine(train_params, rest_params)
+        if student.config.dtype != "float32":
+            params = _cast_floating(params, compute_dtype)
+        layer = eqx.combine(params, student_static)
+        if layer_level:
+            predicted = jax.vmap(
+                lambda x, seg: layer(x, inject=x, inject_at="layer", segment_ids=seg).layer_out
+            )(block_in, segment_ids)
+        else:
+            predicted = jax.vmap(lambda x, seg: layer.self_attn(x, segment_ids=seg))(block_in, segment_ids)
+        return feature_loss(predicted, target, objective.feature_loss, mask)
+
+    def teacher_layer(hidden, layer_params):
+        layer = eqx.combine(layer_params, teacher_static)
+        out = jax.vmap(lambda x, seg: layer(x, segment_ids=seg))(hidden, segment_ids)
+        return out.layer_out, out
+
+    def run(train: Any) -> tuple[Float[Array, ""], tuple]:
+        model = _compute(eqx.combine(train, rest))
+        own_params, own_static = _stack_params(model)
+
+        def own_layer(hidden, layer_params):
+            layer = eqx.combine(layer_params, own_static)
+            return jax.vmap(lambda x, seg: layer(x, segment_ids=seg).layer_out)(hidden, segment_ids)
+
+        if model.config.remat != "none":
+            own_layer = jax.checkpoint(own_layer, policy=_REMAT_POLICIES[model.config.remat])
+
+        def body(carry, xs):
+            teacher_hidden, own_hidden = carry
+            span_params, own_layer_params, block_train_params, block_rest_params = xs
+            span_in = teacher_hidden
+            teacher_hidden, span = jax.lax.scan(teacher_layer, teacher_hidden, span_params)
+            if need_block:
+                if layer_level:
+                    block_in, target = span_in, teacher_hidden
+                else:  # one teacher layer per student layer
+                    block_in, target = span.attn_in[0], span.attn_out[0]
+                layer_loss, layer_grads = jax.value_and_grad(block_loss)(
+                    block_train_params, block_rest_params, block_in, target
+                )
+            else:
+                layer_loss, layer_grads = jnp.zeros((), jnp.float32), None
+            if need_free:
+                own_hidden = own_layer(own_hidden, own_layer_params)
+            return (teacher_hidden, own_hidden), (layer_loss, layer_grads)
+
+        teacher_hidden = jax.vmap(teacher.embed)(tokens)
+        own_hidden = jax.vmap(model.embed)(tokens) if need_free else None
+        frozen_blocks = jax.lax.stop_gradient((block_train, block_rest))
+        (teacher_hidden, own_hidden), (per_layer, layer_grads) = jax.lax.scan(
+            body,
+            (teacher_hidden, own_hidden),
+            (teacher_params, own_params if need_free else None, *frozen_blocks),
+        )
+        if need_free:  # KL is computed even at weight 0, as the unfused path logs it
+            logits = jax.vmap(model.head)(own_hidden)
+            teacher_logits = jax.vmap(teacher.head)(teacher_hidden)
+            kl = kl_divergence(logits, teacher_logits, mask, temperature)
+            ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
+        else:
+            kl = ce = jnp.zeros((), jnp.float32)
+        free_loss = (1.0 - w) * kl + label_weight * ce
+        return jnp.asarray(free_loss, jnp.float32), (kl, ce, per_layer, layer_grads)
+
+    if need_free:
+        (_, (kl, ce, per_layer, layer_grads)), grads = jax.value_and_grad(run, has_aux=True)(train)
+    else:
+        _, (kl, ce, per_layer, layer_grads) = run(train)
+        grads = jax.tree.map(jnp.zeros_like, train)
+    if need_block:
+        # F is the mean of the selected layers' losses: layer l's gradient is its own
+        # block's, times w / (number of selected layers) when l is selected
+        selected = jnp.zeros((n_layers,), jnp.float32)
+        indices = jnp.arange(n_layers) if objective.layer_indices is None else jnp.array(objective.layer_indices)
+        selected = selected.at[indices].set(1.0 / indices.shape[0])
+        scale = jnp.asarray(w, jnp.float32) * selected
+        if not isinstance(block_active, bool):
+            scale = jnp.where(block_active, scale, 0.0)
+        block_grads = jax.tree.map(lambda g: g * scale.reshape((n_layers,) + (1,) * (g.ndim - 1)), layer_grads)
+        grads = eqx.tree_at(
+            lambda g: g.layers.layers, grads, jax.tree.map(jnp.add, grads.layers.layers, block_grads)
+        )
+        feature = objective.selected_mean(per_layer)
+    else:
+        per_layer = jnp.zeros((n_layers,), jnp.float32)
+        feature = jnp.zeros((), jnp.float32)
+    # the metrics of a pass that the unfused path skips at this step (its scheduled
+    # weight is zero) read zero there: report the same
+    if not isinstance(free_active, bool):
+        kl, ce = jnp.where(free_active, kl, 0.0), jnp.where(free_active, ce, 0.0)
+    if not isinstance(block_active, bool):
+        feature = jnp.where(block_active, feature, 0.0)
+        per_layer = jnp.where(block_active, per_layer, 0.0)
+    loss, metrics = objective.mix(kl, ce, feature, per_layer, step)
+    return (loss, metrics), grads
