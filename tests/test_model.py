@@ -51,6 +51,7 @@ def assert_states_close(a, b, atol=1e-5):
         (dict(mlp_dim=-1), "mlp_dim"),
         (dict(dtype="float64x"), "dtype"),
         (dict(remat="sometimes"), "remat"),
+        (dict(attention_impl="flash"), "attention_impl"),
     ],
 )
 def test_config_rejects_invalid(changes, field):
@@ -208,6 +209,58 @@ def test_segment_ids_must_match_tokens():
     model = make()
     with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
         model(tokens(), segment_ids=jnp.ones((SEQ + 1,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- attention kernels
+
+
+@pytest.mark.parametrize("seq_len", [5, 128, 200])  # below, at and across the 128-row block
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_attention_equals_xla(seq_len, packed):
+    from blockdistill._attention import blocked_attention
+
+    kq, kk, kv = jax.random.split(jax.random.key(seq_len), 3)
+    q = jax.random.normal(kq, (seq_len, 8, 16))
+    k, v = jax.random.normal(kk, (seq_len, 2, 16)), jax.random.normal(kv, (seq_len, 2, 16))  # GQA
+    segments = jnp.asarray(np.arange(seq_len) * 3 // seq_len + 1) if packed else None
+    mask = None if segments is None else (segments[:, None] == segments[None, :])[None]
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+    def blocked(q, k, v):
+        return blocked_attention(q, k, v, segments)
+
+    np.testing.assert_allclose(blocked(q, k, v), xla(q, k, v), atol=1e-5)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v) for f in (xla, blocked)]
+    for reference, ours in zip(*grads):
+        np.testing.assert_allclose(ours, reference, atol=1e-5 * float(jnp.max(jnp.abs(reference))))
+
+
+@pytest.mark.parametrize("inject_at", ["attention", "layer"])
+def test_models_agree_across_attention_kernels(inject_at):
+    xla, blocked = make(attention_impl="xla"), make(attention_impl="blocked")
+    row, segments = packed_row()
+    out_x, out_b = xla(row, segment_ids=segments), blocked(row, segment_ids=segments)
+    np.testing.assert_allclose(out_b.logits, out_x.logits, atol=1e-5)
+    inject = out_x.states.attn_in if inject_at == "attention" else out_x.states.layer_in
+
+    def loss(model):
+        out = model(row, inject=inject, inject_at=inject_at, segment_ids=segments)
+        return jnp.mean(out.states.layer_out**2) + jnp.mean(jax.nn.log_softmax(out.logits))
+
+    g_x, g_b = eqx.filter_grad(loss)(xla), eqx.filter_grad(loss)(blocked)
+    for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_b)):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_auto_attention_is_blocked_on_cpu():
+    from blockdistill._attention import resolve_attention_impl
+
+    assert jax.default_backend() == "cpu"
+    assert resolve_attention_impl("auto", jnp.float32) == "blocked"
+    assert resolve_attention_impl("auto", jnp.bfloat16) == "blocked"
+    assert resolve_attention_impl("xla", jnp.float32) == "xla"
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

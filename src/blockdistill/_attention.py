@@ -1,6 +1,7 @@
 """RMSNorm, rotary position embeddings and grouped-query causal attention."""
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -107,6 +108,65 @@ def segment_positions(segment_ids: Segments) -> Int[Array, " seq"]:
     return index - jax.lax.cummax(starts)
 
 
+
+#: query rows per block of the blocked kernel (measured on CPU in benchmarks/candidates.py)
+ATTENTION_BLOCK = 128
+
+
+def resolve_attention_impl(impl: str, dtype: Any) -> str:
+    """The kernel `impl` stands for on the current backend: `"auto"` is `"blocked"` on
+    CPU, `"cudnn"` on an NVIDIA GPU with bfloat16/float16, and `"xla"` elsewhere."""
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "blocked"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
+def blocked_attention(
+    q: Float[Array, "seq heads head_dim"],
+    k: Float[Array, "seq kv_heads head_dim"],
+    v: Float[Array, "seq kv_heads head_dim"],
+    segment_ids: Segments | None = None,
+    *,
+    block: int = ATTENTION_BLOCK,
+) -> Float[Array, "seq heads head_dim"]:
+    """Causal grouped-query attention computed heads-first, one block of queries at a
+    time, each against only the keys up to its own end (causal key-block skipping).
+
+    The same numbers as `jax.nn.dot_product_attention(q, k, v, is_causal=True)` (with a
+    same-segment mask when `segment_ids` is given): scores in the input dtype, softmax in
+    float32. On CPU it avoids the `[heads, seq, seq]` scores that XLA's kernel builds,
+    masks and transposes whole, and about halves the work of long sequences.
+    """
+    seq_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    # [kv_heads, group, seq, head_dim] and [kv_heads, seq, head_dim]
+    q_heads = q.reshape(seq_len, n_kv, group, head_dim).transpose(1, 2, 0, 3)
+    k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+    scale = jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    outputs = []
+    for start in range(0, seq_len, block):
+        end = min(start + block, seq_len)
+        rows = end - start
+        q_block = q_heads[:, :, start:end].reshape(n_kv, group * rows, head_dim)
+        scores = jnp.einsum("kqd,ksd->kqs", q_block, k_heads[:, :end]) * scale
+        allowed = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[start:end, None] == segment_ids[None, :end])
+        allowed = jnp.tile(allowed, (group, 1))[None]
+        scores = jnp.where(allowed, scores.astype(jnp.float32), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("kqs,ksd->kqd", probs, v_heads[:, :end])
+        outputs.append(out.reshape(n_kv, group, rows, head_dim))
+    heads = jnp.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
+    return heads.transpose(2, 0, 1, 3).reshape(seq_len, n_heads, head_dim)
+
+
 def apply_rope(
     x: Float[Array, "seq heads head_dim"],
     inv_freq: Float[Array, " half"],
@@ -131,9 +191,12 @@ def apply_rope(
 class Attention(eqx.Module):
     """Causal grouped-query self-attention with rotary embeddings.
 
-    Computed with `jax.nn.dot_product_attention` (which picks the fused kernel of the
-    backend). `inject`, when given, replaces `x` as the input of the q, k and v
-    projections: this is how a student block consumes the teacher's attention input.
+    The kernel is the config's `attention_impl` (see
+    [`blockdistill.TransformerConfig`][]): `jax.nn.dot_product_attention` (`"xla"`, or
+    `"cudnn"` on NVIDIA GPUs in bf16/fp16) or the heads-first blocked kernel
+    (`"blocked"`, the CPU default); all compute the same attention. `inject`, when
+    given, replaces `x` as the input of the q, k and v projections: this is how a
+    student block consumes the teacher's attention input.
 
     `segment_ids`, when given, says which document each position belongs to (a packed
     row holds several): a position attends only to earlier positions of its own
@@ -168,6 +231,7 @@ class Attention(eqx.Module):
     head_dim: int = eqx.field(static=True)
     rope_theta: float = eqx.field(static=True)
     rope_scaling: RopeScaling | None = eqx.field(static=True)
+    attention_impl: str = eqx.field(static=True, default="auto")
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
@@ -182,6 +246,7 @@ class Attention(eqx.Module):
         self.head_dim = hd
         self.rope_theta = config.rope_theta
         self.rope_scaling = config.rope_scaling
+        self.attention_impl = config.attention_impl
 
     def __call__(
         self, x: Hidden, *, inject: Hidden | None = None, segment_ids: Segments | None = None
@@ -192,12 +257,17 @@ class Attention(eqx.Module):
         k = apply_linear(self.k_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
         v = apply_linear(self.v_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
-        if segment_ids is None:
-            positions, same_segment = None, None
-        else:
-            positions = segment_positions(segment_ids)
-            same_segment = (segment_ids[:, None] == segment_ids[None, :])[None]
+        positions = None if segment_ids is None else segment_positions(segment_ids)
         q = apply_rope(q, inv_freq, positions)
         k = apply_rope(k, inv_freq, positions)
-        heads = jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True)
+        impl = resolve_attention_impl(self.attention_impl, q.dtype)
+        if impl == "blocked":
+            heads = blocked_attention(q, k, v, segment_ids)
+        else:
+            same_segment = None
+            if segment_ids is not None:
+                same_segment = (segment_ids[:, None] == segment_ids[None, :])[None]
+            heads = jax.nn.dot_product_attention(
+                q, k, v, mask=same_segment, is_causal=True, implementation=impl
+            )
         return apply_linear(self.o_proj, heads.reshape(seq_len, self.n_heads * self.head_dim))

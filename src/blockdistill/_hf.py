@@ -40,7 +40,7 @@ _MODEL_TYPES = {arch: model_type for model_type, arch in _ARCHITECTURES.items()}
 _SUPPORTED = ", ".join(f"{t!r} ({a})" for t, a in _ARCHITECTURES.items())
 
 #: TransformerConfig fields that `from_hf` may override: how the model runs, not its shapes.
-_OVERRIDABLE = ("scan_layers", "remat", "dtype", "max_seq_len")
+_OVERRIDABLE = ("scan_layers", "remat", "dtype", "max_seq_len", "attention_impl")
 
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"

@@ -295,7 +295,8 @@ def load_model(path: PathLike, **config_changes: Any) -> Transformer:
     **Arguments:**
 
     - `path`: the folder; `"shipped"` loads the teacher that ships with the package.
-    - `config_changes`: execution options to change (`scan_layers`, `remat`, `dtype`).
+    - `config_changes`: execution options to change (`scan_layers`, `remat`, `dtype`,
+      `attention_impl`).
 
     **Returns:** a [`blockdistill.Transformer`][].
 
@@ -310,7 +311,7 @@ def load_model(path: PathLike, **config_changes: Any) -> Transformer:
         raise FileNotFoundError(f"model folder {path} does not exist")
     if (path / MODEL_FILE).exists():
         config = read_model_config(path)
-        allowed = {"scan_layers", "remat", "dtype"}
+        allowed = {"scan_layers", "remat", "dtype", "attention_impl"}
         unknown = sorted(set(config_changes) - allowed)
         if unknown:
             raise ValueError(f"load_model cannot change {unknown}; allowed: {sorted(allowed)}")

@@ -496,6 +496,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         n_kv_heads=cfg.n_kv_heads, mlp_dim=cfg.mlp_dim, max_seq_len=cfg.seq_len,
         rope_theta=cfg.rope_theta, tie_embeddings=cfg.tie_embeddings,
         scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype,
+        attention_impl=cfg.attention_impl,
     )
     run = Run(cfg, out, "pretrain")
     if (checkpoint := run.newest_checkpoint()) is not None:
@@ -551,7 +552,9 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
     from ._io import load_model
     from ._prune import StudentConfig, make_student
 
-    exec_opts = dict(scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype)
+    exec_opts = dict(
+        scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype, attention_impl=cfg.attention_impl
+    )
     teacher_model = load_model(cfg.teacher, **exec_opts)
     if teacher_model.config.vocab_size < dataset.tokenizer.vocab_size:
         raise ConfigError(

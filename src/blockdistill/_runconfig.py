@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-from ._config import _DTYPES, _REMAT
+from ._config import _ATTENTION_IMPLS, _DTYPES, _REMAT
 from ._layer import INJECT_LEVELS
 from ._objective import FEATURE_LOSSES
 from ._parallel import parse_mesh
@@ -118,6 +118,7 @@ class RunConfig:
     scan_layers: bool = True
     remat: str = "none"
     dtype: str = "float32"
+    attention_impl: str = "auto"
     progress: bool = True
     plots: bool = True
     schedule_steps: int | None = None
@@ -128,7 +129,7 @@ class RunConfig:
     #: schedules are built from it; `extend` resumes with more steps explicitly.
     RESUMABLE_CHANGES = frozenset(
         {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-         "log_every", "progress", "plots", "out", "mesh", "extend", "fused"}
+         "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl"}
     )
 
     @property
@@ -148,6 +149,10 @@ class RunConfig:
             raise ConfigError(f"remat={self.remat!r} is invalid: must be one of {sorted(_REMAT)}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is invalid: must be one of {sorted(_DTYPES)}")
+        if self.attention_impl not in _ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention_impl={self.attention_impl!r} is invalid: must be one of {_ATTENTION_IMPLS}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
