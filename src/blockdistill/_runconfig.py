@@ -179,7 +179,7 @@ class PretrainConfig(RunConfig):
 class DistillConfig(RunConfig):
     """Options of `blockdistill distill` (see the docs' CLI page for each)."""
 
-    # the main job's defaults: about 3 minutes on 2 CPU cores with the shipped teacher; the
+    # the main job's defaults: about 2.5 minutes on 2 CPU cores with the shipped teacher; the
     # recipe (layer-level cosine blockwise + 0.5 label cross-entropy) is the best of the
     # quality study for the default student (docs/quality.md)
     steps: int = 150
