@@ -198,12 +198,13 @@ class CompiledStep:
     """An AOT-compiled library step (its own executable, immune to later patches)."""
 
     def __init__(self, kind, student, teacher, tokens, mask):
-        self.objective = bd.DistillationObjective(**bench.OBJECTIVES[kind])
+        kwargs, fused = bench.STEPS[kind]
+        self.objective = bd.DistillationObjective(**kwargs)
         self.optimizer = bd.make_optimizer(1e-3)
         self.student = fresh(student)
         self.opt_state = self.optimizer.init(eqx.filter(self.student, eqx.is_array))
         self.frozen = (teacher, tokens, mask)
-        self.compiled = bd.DistillStep(self.objective, self.optimizer).lower(
+        self.compiled = bd.DistillStep(self.objective, self.optimizer, fused=fused).lower(
             self.student, self.opt_state, teacher, tokens, mask, 0
         ).compile()
         self.index = 0

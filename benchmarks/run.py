@@ -13,20 +13,27 @@ per-round ratio, and tokens/s and MFU use each variant's best round (see
 
 1. `matmul_gflops`: best-of-N jitted fp32 square matmul, the machine's practical limit.
 2. The distillation steps on the "medium" models (a teacher and a student with fewer KV
-   heads and half the MLP width): blockwise at attention level (the default objective),
-   blockwise at layer level, each with the injected pass as `scan` and as `vmap`, and
-   standard KD (`blockwise_weight=0`). Tokens/s, and MFU = analytic model FLOPs of the
-   step / median step time / `matmul_gflops` (see `benchmarks/README.md`).
-3. `blockwise_vs_kd`: blockwise step time / KD step time.
+   heads and half the MLP width), as `bd.DistillStep` runs them (`STEPS`): blockwise at
+   attention level (the default objective) and at layer level, fused; the same unfused
+   with the injected pass as `scan` and as `vmap` (the path before the fused step); KD,
+   KD + 0.5 label CE, and the main job's default recipe (layer-level blockwise + 0.5 label
+   CE). Tokens/s, and MFU = analytic model FLOPs of the step / median step time /
+   `matmul_gflops` (see `benchmarks/README.md`), per step (`mfu_by_step`).
+3. Time ratios, each beside its FLOP ratio (`*_flops`): `blockwise_vs_kd`,
+   `blockwise_layer_vs_kd`, `default_vs_kdce`; and `fused_vs_unfused` per level.
 4. Compile + first-step time of the blockwise step at several depths, scanned and
    unrolled: `scan_compile_ratio` = scan(deepest) / scan(shallowest), and the same for
    unrolled.
 5. `temp_bytes`: compiled temporary bytes (`memory_analysis()`) of the blockwise and KD
-   steps by depth, with and without remat.
-6. `vs_torch`: our layer-level blockwise step against the same step written the usual
+   steps by depth, with and without remat; `temp_growth` (default blockwise step, deepest
+   / shallowest, no remat) and `temp_per_layer_vs_grad` (the bytes each added layer costs
+   / one student layer's parameter bytes, the gradient that must exist).
+6. `vs_torch` / `vs_torch_layer`: the same layer-level blockwise step written the usual
    PyTorch way (Hugging Face `LlamaForCausalLM`, forward pre-hooks that swap each student
-   layer's input for the teacher's, cosine loss, AdamW), same shapes, threads and dtype.
-7. `vmap_vs_scan`: layer-parallel `vmap` vs `scan` for the injected pass, per level.
+   layer's input for the teacher's, cosine loss, AdamW), same shapes, threads and dtype:
+   torch time / ours, against the unfused layer step and against the fused one.
+7. `vmap_vs_scan`: layer-parallel `vmap` vs `scan` for the unfused injected pass, per
+   level.
 
 No assertion is made on any number: this is a measurement script, not a test.
 """
@@ -131,9 +138,16 @@ QUICK = Sizes(
 
 TARGETS = {
     "mfu": (">=", 0.6),
+    "mfu_min": (">=", 0.5),  # every step kind
     "vs_torch": (">=", 1.5),
+    "vs_torch_layer": (">=", 1.2),
     "scan_compile_ratio": ("<=", 1.5),
     "blockwise_vs_kd": ("<=", 0.7),
+    # each time ratio within 1.1x of its FLOP ratio
+    "blockwise_vs_kd_over_flops": ("<=", 1.1),
+    "blockwise_layer_vs_kd_over_flops": ("<=", 1.1),
+    "default_vs_kdce_over_flops": ("<=", 1.1),
+    "temp_per_layer_vs_grad": ("<=", 1.5),
     "remat_temp_growth": (
         "<=",
         1.1,
@@ -193,34 +207,41 @@ def sweep_configs(
     return teacher, student
 
 
-#: step kinds: name -> DistillationObjective keyword arguments
-OBJECTIVES = {
-    "blockwise_attention_scan": {
-        "blockwise_weight": 1.0,
-        "inject_at": "attention",
-        "injected_pass": "scan",
-    },
-    "blockwise_attention_vmap": {
-        "blockwise_weight": 1.0,
-        "inject_at": "attention",
-        "injected_pass": "vmap",
-    },
-    "blockwise_layer_vmap": {
-        "blockwise_weight": 1.0,
-        "inject_at": "layer",
-        "injected_pass": "vmap",
-    },
-    "blockwise_layer_scan": {
-        "blockwise_weight": 1.0,
-        "inject_at": "layer",
-        "injected_pass": "scan",
-    },
-    "kd": {"blockwise_weight": 0.0},
+#: step kinds: name -> (DistillationObjective keyword arguments, DistillStep's `fused`).
+#: The unfused `*_scan` / `*_vmap` variants are the path the library ran before the fused
+#: step (and still runs on a mesh with a `layers` axis), kept for the side-by-side ratios.
+STEPS: dict[str, tuple[dict[str, Any], str | bool]] = {
+    "blockwise_attention": ({"blockwise_weight": 1.0, "inject_at": "attention"}, "auto"),
+    "blockwise_layer": ({"blockwise_weight": 1.0, "inject_at": "layer"}, "auto"),
+    "blockwise_attention_scan": (
+        {"blockwise_weight": 1.0, "inject_at": "attention", "injected_pass": "scan"}, False
+    ),
+    "blockwise_attention_vmap": (
+        {"blockwise_weight": 1.0, "inject_at": "attention", "injected_pass": "vmap"}, False
+    ),
+    "blockwise_layer_scan": (
+        {"blockwise_weight": 1.0, "inject_at": "layer", "injected_pass": "scan"}, False
+    ),
+    "blockwise_layer_vmap": (
+        {"blockwise_weight": 1.0, "inject_at": "layer", "injected_pass": "vmap"}, False
+    ),
+    "kd": ({"blockwise_weight": 0.0}, "auto"),
+    "kdce": ({"blockwise_weight": 0.0, "label_weight": 0.5}, "auto"),
+    # the main job's default recipe: layer-level cosine blockwise + 0.5 label CE
+    "default": ({"blockwise_weight": 1.0, "inject_at": "layer", "label_weight": 0.5}, "auto"),
 }
-#: what the default `DistillationObjective(blockwise_weight=1.0)` runs ("auto" pass)
-DEFAULT_BLOCKWISE = "blockwise_attention_scan"
-#: what the PyTorch peer does (layer-level injection through hooks); "auto" picks vmap
-LAYER_BLOCKWISE = "blockwise_layer_vmap"
+#: what the default `DistillationObjective(blockwise_weight=1.0)` runs (fused)
+DEFAULT_BLOCKWISE = "blockwise_attention"
+#: the layer-level blockwise step as the library runs it now (fused)
+LAYER_BLOCKWISE = "blockwise_layer"
+#: the layer-level step the PyTorch peer was first compared with (unfused, vmap)
+UNFUSED_LAYER = "blockwise_layer_vmap"
+
+
+def make_step(kind: str, optimizer) -> "bd.DistillStep":
+    kwargs, fused = STEPS[kind]
+    return bd.DistillStep(bd.DistillationObjective(**kwargs), optimizer, fused=fused)
+
 
 # ----------------------------------------------------------------------------- FLOPs
 
@@ -267,7 +288,13 @@ def step_flops(
     t_layer = sum(t.values())
     s_layer = sum(s.values())
     t_attention = t["qkv"] + t["o"] + t["core"]
-    if kind.startswith("blockwise_attention"):
+    if kind == "default":
+        # teacher once (and its head, for the KL that is logged), the student's blocks
+        # (forward and backward) and its free pass with the head (forward and backward)
+        teacher_fwd = teacher.n_layers * t_layer + head_flops(teacher, seq_len)
+        student_fwd = 2 * student.n_layers * s_layer + head_flops(student, seq_len)
+        student_bwd = 2 * student_fwd
+    elif kind.startswith("blockwise_attention"):
         # teacher: attn_in / attn_out of every layer, so all layers but the last MLP
         teacher_fwd = (teacher.n_layers - 1) * t_layer + t_attention
         student_fwd = student.n_layers * (s["qkv"] + s["o"] + s["core"])
@@ -276,7 +303,7 @@ def step_flops(
         teacher_fwd = teacher.n_layers * t_layer
         student_fwd = student.n_layers * s_layer
         student_bwd = 2 * student_fwd
-    elif kind == "kd":
+    elif kind in ("kd", "kdce"):  # the cross-entropy reuses the student's logits
         teacher_fwd = teacher.n_layers * t_layer + head_flops(teacher, seq_len)
         student_fwd = student.n_layers * s_layer + head_flops(student, seq_len)
         student_bwd = 2 * student_fwd
@@ -336,7 +363,7 @@ class JaxStepRunner:
 
     def __init__(
         self,
-        objective: bd.DistillationObjective,
+        kind: str,
         student: bd.Transformer,
         teacher,
         tokens,
@@ -348,7 +375,7 @@ class JaxStepRunner:
             lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, student
         )
         self.opt_state = self.optimizer.init(eqx.filter(self.student, eqx.is_array))
-        self.step = bd.DistillStep(objective, self.optimizer)
+        self.step = make_step(kind, self.optimizer)
         self.teacher, self.tokens, self.mask = teacher, tokens, mask
         self.index = 0
         self.last_loss = None
@@ -367,11 +394,11 @@ class JaxStepRunner:
         self.index += 1
 
 
-def xla_flops(objective, teacher, student, tokens, mask) -> float | None:
+def xla_flops(kind, teacher, student, tokens, mask) -> float | None:
     """XLA's (pre-optimisation) FLOP count of the step; loops count their body once."""
     optimizer = bd.make_optimizer(1e-3)
     opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
-    lowered = bd.DistillStep(objective, optimizer).lower(student, opt_state, teacher, tokens, mask, 0)
+    lowered = make_step(kind, optimizer).lower(student, opt_state, teacher, tokens, mask, 0)
     cost = lowered.cost_analysis()
     if isinstance(cost, list):  # older jax: one dict per device
         cost = cost[0] if cost else None
@@ -544,12 +571,11 @@ def compile_step(kind: str, teacher_cfg, student_cfg, sizes: Sizes, run: bool):
     tokens, mask = synthetic_batch(
         sizes.vocab_size, sizes.sweep_batch, sizes.sweep_seq_len
     )
-    objective = bd.DistillationObjective(**OBJECTIVES[kind])
     optimizer = bd.make_optimizer(1e-3)
     opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
     frozen = (teacher, tokens, mask, jnp.int32(0), None)  # the step's (frozen, student, opt_state)
     start = time.perf_counter()
-    lowered = bd.DistillStep(objective, optimizer).lower(student, opt_state, teacher, tokens, mask, 0)
+    lowered = make_step(kind, optimizer).lower(student, opt_state, teacher, tokens, mask, 0)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
@@ -745,6 +771,9 @@ def format_table(results: dict[str, Any], sizes: Sizes) -> str:
     add(
         f"| unrolled_compile_ratio | {results['unrolled_compile_ratio']:.3f} | (reported) | |"
     )
+    for key in ("blockwise_vs_kd_flops", "blockwise_layer_vs_kd_flops", "default_vs_kdce_flops",
+                "temp_growth"):
+        add(f"| {key} | {results[key]:.3f} | (reported) | |")
     add("")
     add(
         "| ratio | paired (median of per-round ratios) | ratio of best times | ratio of median CPU s |"
@@ -769,11 +798,16 @@ def check_targets(results: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
         growth = full_remat[str(sizes.depths[-1])] / full_remat[str(sizes.depths[0])]
     values = {
         "mfu": results["mfu"],
+        "mfu_min": min(results["mfu_by_step"].values()),
         "vs_torch": results["vs_torch"],
+        "vs_torch_layer": results["vs_torch_layer"],
         "scan_compile_ratio": results["scan_compile_ratio"],
         "blockwise_vs_kd": results["blockwise_vs_kd"],
+        "temp_per_layer_vs_grad": results["temp_per_layer_vs_grad"],
         "remat_temp_growth": growth,
     }
+    for key in ("blockwise_vs_kd", "blockwise_layer_vs_kd", "default_vs_kdce"):
+        values[f"{key}_over_flops"] = results[key] / results[f"{key}_flops"]
     out = {}
     for key, (op, bound) in TARGETS.items():
         value = values[key]
@@ -843,7 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens, mask = synthetic_batch(sizes.vocab_size, sizes.batch, sizes.seq_len)
 
     # the loss the PyTorch peer must reproduce at step 0 (same weights, same batch)
-    layer_objective = bd.DistillationObjective(**OBJECTIVES[LAYER_BLOCKWISE])
+    layer_objective = bd.DistillationObjective(**STEPS[LAYER_BLOCKWISE][0])
     ours_loss0 = float(
         eqx.filter_jit(lambda s, t, x, m: layer_objective(s, jax.vmap(t)(x), x, m)[0])(
             student, teacher, tokens, mask
@@ -853,13 +887,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runners: dict[str, Callable[[], None]] = {}
     first_call: dict[str, float] = {}
     xla: dict[str, float | None] = {}
-    for name, kwargs in OBJECTIVES.items():
-        objective = bd.DistillationObjective(**kwargs)
-        runner = JaxStepRunner(objective, student, teacher, tokens, mask)
+    for name in STEPS:
+        runner = JaxStepRunner(name, student, teacher, tokens, mask)
         start = time.perf_counter()
         runner()  # trace + compile + first step
         first_call[name] = time.perf_counter() - start
-        xla[name] = xla_flops(objective, teacher, student, tokens, mask)
+        xla[name] = xla_flops(name, teacher, student, tokens, mask)
         log(f"  {name}: first call (compile + step) {first_call[name]:.2f}s")
         runners[name] = runner
 
@@ -934,6 +967,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = {
         "blockwise_vs_kd": (DEFAULT_BLOCKWISE, "kd"),
         "blockwise_layer_vs_kd": (LAYER_BLOCKWISE, "kd"),
+        "default_vs_kdce": ("default", "kdce"),
+        "fused_vs_unfused_attention": (DEFAULT_BLOCKWISE, "blockwise_attention_scan"),
+        "fused_vs_unfused_layer": (LAYER_BLOCKWISE, "blockwise_layer_scan"),
         "vmap_vs_scan_attention": (
             "blockwise_attention_vmap",
             "blockwise_attention_scan",
@@ -941,10 +977,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vmap_vs_scan_layer": ("blockwise_layer_vmap", "blockwise_layer_scan"),
     }
     if torch_info:
-        pairs["vs_torch"] = (
-            "torch_blockwise_layer",
-            LAYER_BLOCKWISE,
-        )  # torch time / ours
+        # torch time / ours: against the unfused layer step it was first compared with,
+        # and against the layer step as the library runs it now
+        pairs["vs_torch"] = ("torch_blockwise_layer", UNFUSED_LAYER)
+        pairs["vs_torch_layer"] = ("torch_blockwise_layer", LAYER_BLOCKWISE)
     results["ratios"] = {key: paired(a, b) for key, (a, b) in pairs.items()}
     # cross-checks: ratio of the best wall times, and of the median CPU seconds
     results["ratios_best_of"] = {
@@ -958,15 +994,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["mfu"] = steps[DEFAULT_BLOCKWISE]["mfu"]
     results["blockwise_vs_kd"] = results["ratios"]["blockwise_vs_kd"]
     results["blockwise_layer_vs_kd"] = results["ratios"]["blockwise_layer_vs_kd"]
+    results["default_vs_kdce"] = results["ratios"]["default_vs_kdce"]
+    results["fused_vs_unfused"] = {
+        "attention": results["ratios"]["fused_vs_unfused_attention"],
+        "layer": results["ratios"]["fused_vs_unfused_layer"],
+    }
+    # a time ratio cannot beat its FLOP ratio: the analytic model FLOPs of the same pairs
+    for key in ("blockwise_vs_kd", "blockwise_layer_vs_kd", "default_vs_kdce"):
+        a, b = pairs[key]
+        results[f"{key}_flops"] = steps[a]["model_gflop"] / steps[b]["model_gflop"]
+    results["mfu_by_step"] = {name: step["mfu"] for name, step in steps.items() if not name.startswith("torch")}
     results["vmap_vs_scan"] = {
         "attention": results["ratios"]["vmap_vs_scan_attention"],
         "layer": results["ratios"]["vmap_vs_scan_layer"],
     }
     if torch_info:
         results["vs_torch"] = results["ratios"]["vs_torch"]
+        results["vs_torch_layer"] = results["ratios"]["vs_torch_layer"]
         results["torch"] = torch_info
     else:
-        results["vs_torch"] = None
+        results["vs_torch"] = results["vs_torch_layer"] = None
     runners.clear()  # free the students and optimizer states before the sweep
 
     log("4/5. compile time and memory by depth")
@@ -980,6 +1027,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results["temp_bytes"] = sweep["temp_bytes"]
     results["state_bytes_per_layer"] = state_bytes_per_layer(sizes)
+    no_remat = sweep["temp_bytes"]["blockwise_attention"]["none"]
+    shallow, deep = sizes.depths[0], sizes.depths[-1]
+    results["temp_growth"] = no_remat[str(deep)] / no_remat[str(shallow)]
+    per_layer = (no_remat[str(deep)] - no_remat[str(shallow)]) / (deep - shallow)
+    results["temp_per_layer_vs_grad"] = per_layer / results["state_bytes_per_layer"]["student_gradient"]
     results["targets"] = check_targets(results, sizes)
     results["elapsed_s"] = time.perf_counter() - began
 
