@@ -145,6 +145,7 @@ def fused_value_and_grad(
             body,
             (teacher_hidden, own_hidden),
             (teacher_params, own_params if need_free else None, *frozen_blocks),
+            unroll=not student.config.scan_layers,  # scan_layers=False: the loop unrolled
         )
         if need_free:  # KL is computed even at weight 0, as the unfused path logs it
             logits = jax.vmap(model.head)(own_hidden)
