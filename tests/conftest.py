@@ -29,6 +29,19 @@ def no_leaked_monitoring_listeners():
     assert not leaked, f"the test left jax.monitoring listeners registered: {leaked}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compilation_caches():
+    """Drop compiled programs after each test module. One process compiles several hundred
+    programs over the suite; with all of them alive, XLA's CPU compiler crashed (a
+    segfault in `backend_compile_and_load`, twice at the same late test, never when that
+    module ran alone), so each module starts from empty caches."""
+    yield
+    from blockdistill import _train
+
+    _train._cached_step.cache_clear()
+    jax.clear_caches()
+
+
 @pytest.fixture
 def compile_events():
     """Names of the backend compilations that happen while the test runs (a list that
