@@ -17,7 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._model import Transformer, _cast_floating
+from ._model import Transformer, _cast_floating, in_compute_dtype
 from ._objective import DistillationObjective, Metrics, feature_loss, kl_divergence, next_token_cross_entropy
 from ._stack import _REMAT_POLICIES
 from ._types import Array, BatchMask, BatchSegments, BatchTokens, Float
@@ -37,18 +37,10 @@ def fusion_blocker(objective: DistillationObjective, teacher: Transformer, stude
         teacher_layers=teacher.config.n_layers,
     )
     teacher_layers, student_layers = teacher.config.n_layers, student.config.n_layers
-    if teacher_layers % student_layers:
-        return f"the layer map {spans} has spans of different lengths"
     group = teacher_layers // student_layers
     if spans != tuple((j * group, (j + 1) * group) for j in range(student_layers)):
         return f"the layer map {spans} is not equal contiguous spans covering the teacher's {teacher_layers} layers"
     return None
-
-
-def _compute(model: Transformer) -> Transformer:
-    if model.config.dtype == "float32":
-        return model
-    return _cast_floating(model, model.config.compute_dtype)
 
 
 def _stack_params(model: Transformer) -> tuple[Any, Any]:
@@ -78,7 +70,7 @@ def fused_value_and_grad(
     layer_level = objective.inject_at == "layer"
 
     # the teacher, frozen, its stacked layers grouped into one span per student layer
-    teacher = _compute(jax.lax.stop_gradient(teacher))
+    teacher = in_compute_dtype(jax.lax.stop_gradient(teacher))
     teacher_params, teacher_static = _stack_params(teacher)
     teacher_params = jax.tree.map(lambda p: p.reshape(n_layers, group, *p.shape[1:]), teacher_params)
 
@@ -109,7 +101,7 @@ def fused_value_and_grad(
         return out.layer_out, out
 
     def run(train: Any) -> tuple[Float[Array, ""], tuple]:
-        model = _compute(eqx.combine(train, rest))
+        model = in_compute_dtype(eqx.combine(train, rest))
         own_params, own_static = _stack_params(model)
 
         def own_layer(hidden, layer_params):

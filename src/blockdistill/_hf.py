@@ -423,6 +423,11 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
     return model
 
 
+def tokenizer_files_of(folder: Path) -> list[Path]:
+    """The Hugging Face tokenizer files (`_TOKENIZER_FILES`) that `folder` holds."""
+    return [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+
+
 def _special_token_ids(tokenizer_from: Path) -> dict[str, Any]:
     """`bos/eos/pad_token_id` from a checkpoint's `config.json`, if it has one."""
     ids: dict[str, Any] = {}
@@ -487,7 +492,7 @@ def to_hf(
     token_ids: dict[str, Any] = {}
     if tokenizer_from is not None:
         source = Path(tokenizer_from)
-        tokenizer_files = [source / n for n in _TOKENIZER_FILES if (source / n).is_file()]
+        tokenizer_files = tokenizer_files_of(source)
         if not tokenizer_files:
             raise FileNotFoundError(
                 f"tokenizer_from={str(source)!r} has none of the tokenizer files {_TOKENIZER_FILES}"

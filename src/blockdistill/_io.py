@@ -73,12 +73,6 @@ def write_json(path: PathLike, data: Any) -> None:
 TOKENIZER_KEY = "tokenizer"
 
 
-def _hf_files(tokenizer: Any) -> list[pathlib.Path]:
-    from ._hf import _TOKENIZER_FILES
-
-    return [tokenizer.folder / name for name in _TOKENIZER_FILES if (tokenizer.folder / name).is_file()]
-
-
 def tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
     """What a saved folder records about its tokenizer: `{"kind": "byte"}`, or for a
     Hugging Face tokenizer its BOS and padding ids, vocabulary size and the SHA-256 of its
@@ -100,7 +94,9 @@ def write_tokenizer(tokenizer: Tokenizer, folder: pathlib.Path) -> dict[str, Any
     """Copy a tokenizer's files into `folder` (nothing for bytes); return its record."""
     record = tokenizer_record(tokenizer)
     if record["kind"] == "hf":
-        for file in _hf_files(tokenizer):
+        from ._hf import tokenizer_files_of
+
+        for file in tokenizer_files_of(tokenizer.folder):
             shutil.copyfile(file, folder / file.name)
     return record
 
@@ -139,7 +135,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: PathLike) -> pathlib.Path:
     return write_folder_atomically(path, write)
 
 
-def _vocab_size_of(path: pathlib.Path, meta: dict[str, Any]) -> int | None:
+def _vocab_size_of(meta: dict[str, Any]) -> int | None:
     if meta.get("format") == TOKENIZER_FORMAT:
         return None
     if meta.get("format") == FORMAT:
@@ -152,8 +148,8 @@ def load_tokenizer(path: PathLike, tokenizer: PathLike | None = None) -> Tokeniz
     """The tokenizer of a model folder.
 
     - a blockdistill folder ([`blockdistill.save_model`][], or a run's `tokenizer/`
-      folder) uses the tokenizer it recorded (the byte tokenizer, or the Hugging Face tokenizer whose files were copied
-      into it); a folder saved before tokenizers were recorded is taken as byte-level
+      folder) uses the tokenizer it recorded (the byte tokenizer, or the Hugging Face
+      tokenizer whose files were copied into it); a folder saved before tokenizers were recorded is taken as byte-level
       only if its vocabulary has 256 ids, and is an error otherwise;
     - a Hugging Face checkpoint folder uses its `tokenizer.json`.
 
@@ -179,7 +175,7 @@ def load_tokenizer(path: PathLike, tokenizer: PathLike | None = None) -> Tokeniz
     if not config_file.is_file():
         raise FileNotFoundError(f"model folder {path} has no {CONFIG_FILE}")
     meta = json.loads(config_file.read_text())
-    vocab_size = _vocab_size_of(path, meta)
+    vocab_size = _vocab_size_of(meta)
     if tokenizer is not None:
         if str(tokenizer) == "byte":
             found: Tokenizer = ByteTokenizer()

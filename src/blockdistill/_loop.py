@@ -101,14 +101,14 @@ def make_objective(cfg: DistillConfig) -> DistillationObjective:
     )
 
 
-def run_tokenizer(out: pathlib.Path, tokenizer: Tokenizer) -> Tokenizer:
-    """The tokenizer of a run folder: recorded in `out/tokenizer/` when the run starts;
-    a resumed run must find the same one (its data and checkpoints depend on it)."""
+def run_tokenizer(out: pathlib.Path, tokenizer: Tokenizer) -> None:
+    """Record the run's tokenizer in `out/tokenizer/` when the run starts; a resumed run
+    must be given the same one (its data and checkpoints depend on it)."""
     folder = out / "tokenizer"
     if not (folder / "config.json").is_file():
         if jax.process_index() == 0:
             save_tokenizer(tokenizer, folder)
-        return tokenizer
+        return
     recorded = read_tokenizer_record(folder)
     current = tokenizer_record(tokenizer)
     if recorded != current:
@@ -116,7 +116,6 @@ def run_tokenizer(out: pathlib.Path, tokenizer: Tokenizer) -> Tokenizer:
             f"{out} was started with another tokenizer ({recorded}) than the one given now "
             f"({current}); use another --out, or the tokenizer the run started with"
         )
-    return tokenizer
 
 
 @eqx.filter_jit

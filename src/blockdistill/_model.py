@@ -37,6 +37,14 @@ def _cast_floating(tree, dtype):
     )
 
 
+def in_compute_dtype(model: "Transformer") -> "Transformer":
+    """The model with its floating parameters cast to the config's compute dtype (the
+    model itself when that is float32)."""
+    if model.config.dtype == "float32":
+        return model
+    return _cast_floating(model, model.config.compute_dtype)
+
+
 class Transformer(eqx.Module):
     """A Llama-style decoder-only language model on one example (batch it with `jax.vmap`).
 
@@ -183,8 +191,7 @@ def _forward(
     inject_at: InjectAt,
     segment_ids: Segments | None,
 ) -> ModelOutput:
-    if model.config.dtype != "float32":
-        model = _cast_floating(model, model.config.compute_dtype)
+    model = in_compute_dtype(model)
     hidden = model.embed(tokens)
     hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
     return ModelOutput(logits=model.head(hidden), states=states)

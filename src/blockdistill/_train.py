@@ -151,11 +151,6 @@ def _distill_step(
     grad_norm = optax.tree.norm(train_grads)
     zeros = jax.tree.map(jnp.zeros_like, eqx.filter(rest, eqx.is_array))
     grads = eqx.combine(train_grads, zeros)
-    return _apply(student, opt_state, grads, grad_norm, metrics, optimizer=optimizer, mesh=mesh)
-
-
-def _apply(student, opt_state, grads, grad_norm, metrics, *, optimizer, mesh):
-    """The optimizer update, and the placement of the results on a mesh."""
     params = eqx.filter(student, eqx.is_array)
     # optax mixes int32 step counts with float32 internally; keep our own code under
     # whatever promotion the caller set, but let the optimizer use the standard rules
