@@ -71,8 +71,9 @@ def fused_value_and_grad(
 
     # the teacher, frozen, its stacked layers grouped into one span per student layer
     teacher = in_compute_dtype(jax.lax.stop_gradient(teacher))
+    # read by index inside the scan, not regrouped into [n_layers, group, ...]: XLA laid a
+    # regrouped stack out anew, a copy of the teacher's weights that grew with depth
     teacher_params, teacher_static = _stack_params(teacher)
-    teacher_params = jax.tree.map(lambda p: p.reshape(n_layers, group, *p.shape[1:]), teacher_params)
 
     train, rest = eqx.partition(student, trainable)
     layer_spec = trainable.layers.layers
@@ -113,14 +114,21 @@ def fused_value_and_grad(
 
         def body(carry, xs):
             teacher_hidden, own_hidden = carry
-            span_params, own_layer_params, block_train_params, block_rest_params = xs
+            index, own_layer_params, block_train_params, block_rest_params = xs
             span_in = teacher_hidden
-            teacher_hidden, span = jax.lax.scan(teacher_layer, teacher_hidden, span_params)
+            for offset in range(group):  # the student layer's span of teacher layers
+                layer_params = jax.tree.map(
+                    lambda p: jax.lax.dynamic_index_in_dim(p, index * group + offset, keepdims=False),
+                    teacher_params,
+                )
+                teacher_hidden, out = teacher_layer(teacher_hidden, layer_params)
+                if offset == 0:
+                    first = out
             if need_block:
                 if layer_level:
                     block_in, target = span_in, teacher_hidden
                 else:  # one teacher layer per student layer
-                    block_in, target = span.attn_in[0], span.attn_out[0]
+                    block_in, target = first.attn_in, first.attn_out
                 layer_loss, layer_grads = jax.value_and_grad(block_loss)(
                     block_train_params, block_rest_params, block_in, target
                 )
@@ -136,7 +144,7 @@ def fused_value_and_grad(
         (teacher_hidden, own_hidden), (per_layer, layer_grads) = jax.lax.scan(
             body,
             (teacher_hidden, own_hidden),
-            (teacher_params, own_params if need_free else None, *frozen_blocks),
+            (jnp.arange(n_layers), own_params if need_free else None, *frozen_blocks),
             unroll=not student.config.scan_layers,  # scan_layers=False: the loop unrolled
         )
         if need_free:  # KL is computed even at weight 0, as the unfused path logs it
