@@ -255,29 +255,6 @@ def make_step(kind: str, optimizer) -> "bd.DistillStep":
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def layer_flops(cfg: bd.TransformerConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs of one decoder layer on one sequence, by part (2 per multiply-add).
-
-    `qkv` and `o` are the attention projections, `core` the two attention matmuls
-    (`q k^T` and `p v`) counted over the causal pairs only (`seq (seq + 1) / 2` of them),
-    `mlp` the three SwiGLU projections. Norms, RoPE, softmax and other elementwise work
-    are not counted.
-    """
-    q_width = cfg.n_heads * cfg.head_dim
-    kv_width = cfg.n_kv_heads * cfg.head_dim
-    causal_pairs = seq_len * (seq_len + 1) / 2
-    return {
-        "qkv": 2.0 * seq_len * cfg.dim * (q_width + 2 * kv_width),
-        "o": 2.0 * seq_len * q_width * cfg.dim,
-        "core": 2.0 * 2.0 * causal_pairs * cfg.n_heads * cfg.head_dim,
-        "mlp": 2.0 * 3 * seq_len * cfg.dim * cfg.mlp_dim,
-    }
-
-
-def head_flops(cfg: bd.TransformerConfig, seq_len: int) -> float:
-    return 2.0 * seq_len * cfg.dim * cfg.vocab_size
-
-
 def step_flops(
     kind: str,
     teacher: bd.TransformerConfig,
@@ -285,40 +262,10 @@ def step_flops(
     seq_len: int,
     batch: int,
 ) -> float:
-    """Model FLOPs of one distillation step (see benchmarks/README.md).
-
-    Forward FLOPs of what the step needs; the backward pass counts twice the forward
-    (input and weight gradients) except for matmuls whose input is a constant (the q/k/v
-    projections reading the injected teacher state at attention level), which need only
-    the weight gradient (1x). Remat recomputation is not counted (this is MFU, not HFU).
-    """
-    t = layer_flops(teacher, seq_len)
-    s = layer_flops(student, seq_len)
-    t_layer = sum(t.values())
-    s_layer = sum(s.values())
-    t_attention = t["qkv"] + t["o"] + t["core"]
-    if kind == "default":
-        # teacher once (and its head, for the KL that is logged), the student's blocks
-        # (forward and backward) and its free pass with the head (forward and backward)
-        teacher_fwd = teacher.n_layers * t_layer + head_flops(teacher, seq_len)
-        student_fwd = 2 * student.n_layers * s_layer + head_flops(student, seq_len)
-        student_bwd = 2 * student_fwd
-    elif kind.startswith("blockwise_attention"):
-        # teacher: attn_in / attn_out of every layer, so all layers but the last MLP
-        teacher_fwd = (teacher.n_layers - 1) * t_layer + t_attention
-        student_fwd = student.n_layers * (s["qkv"] + s["o"] + s["core"])
-        student_bwd = student.n_layers * (s["qkv"] + 2 * (s["o"] + s["core"]))
-    elif kind.startswith("blockwise_layer"):
-        teacher_fwd = teacher.n_layers * t_layer
-        student_fwd = student.n_layers * s_layer
-        student_bwd = 2 * student_fwd
-    elif kind in ("kd", "kdce"):  # the cross-entropy reuses the student's logits
-        teacher_fwd = teacher.n_layers * t_layer + head_flops(teacher, seq_len)
-        student_fwd = student.n_layers * s_layer + head_flops(student, seq_len)
-        student_bwd = 2 * student_fwd
-    else:
-        raise ValueError(f"unknown step kind {kind!r}")
-    return batch * (teacher_fwd + student_fwd + student_bwd)
+    """Model FLOPs of one step of `kind` (`bd.step_flops` of its objective; see
+    benchmarks/README.md)."""
+    objective = bd.DistillationObjective(**STEPS[kind][0])
+    return bd.step_flops(objective, teacher, student, seq_len=seq_len, batch=batch)
 
 
 # ----------------------------------------------------------------------------- 1. matmul

@@ -103,6 +103,40 @@ def test_same_seed_gives_identical_metrics(tmp_path, teacher, corpus, capsys):
     assert without_timing(read_metrics(tmp_path / "c")) != without_timing(a)
 
 
+def test_staged_and_label_only_runs(tmp_path, teacher, corpus, capsys):
+    """`staged` runs blockwise alone, then KD + CE, never both in one step; labels alone
+    (`teacher_weight=0`) never reads the teacher; `train_flops` counts what ran."""
+    out = tmp_path / "staged"
+    args = base_args(out, teacher, corpus, steps=6, **{
+        "eval-every": 3, "blockwise-schedule": "staged", "blockwise-steps": 3, "inject-at": "layer",
+        "label-weight": 0.5,
+    })
+    assert run_main(args, capsys)[0] == 0
+    records = read_metrics(out)[1:]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records[:3]:
+        assert r["blockwise_weight"] == 1.0 and r["kl"] == r["ce"] == 0.0 and r["feature"] > 0
+    for r in records[3:]:
+        assert r["blockwise_weight"] == 0.0 and r["feature"] == 0.0 and r["kl"] > 0 and r["ce"] > 0
+    teacher_cfg = bd.load_model(teacher).config
+    student_cfg = bd.load_model(out / "student").config
+    shapes = dict(seq_len=64, batch=4)
+    block = bd.step_flops(bd.DistillationObjective(inject_at="layer"), teacher_cfg, student_cfg, **shapes)
+    kdce = bd.step_flops(bd.DistillationObjective(blockwise_weight=0.0, label_weight=0.5), teacher_cfg, student_cfg, **shapes)
+    expected = [block, 2 * block, 3 * block, 3 * block + kdce, 3 * block + 2 * kdce, 3 * block + 3 * kdce]
+    np.testing.assert_allclose([r["train_flops"] for r in records], expected, rtol=1e-12)
+
+    out = tmp_path / "labels"
+    args = base_args(out, teacher, corpus, steps=3, **{"eval-every": 3, "teacher-weight": 0.0, "label-weight": 1.0})
+    assert run_main(args, capsys)[0] == 0
+    records = read_metrics(out)[1:]
+    assert all(r["kl"] == r["feature"] == 0.0 and r["ce"] > 0 for r in records)
+    step = bd.pretrain_flops(student_cfg, **shapes)  # the student's own training step
+    np.testing.assert_allclose([r["train_flops"] for r in records], [step, 2 * step, 3 * step], rtol=1e-12)
+    code, _, err = run_main(base_args(tmp_path / "nothing", teacher, corpus, **{"teacher-weight": 0.0, "label-weight": 0.0}), capsys)
+    assert_one_line_error(code, err, "teacher_weight=0", "label_weight")
+
+
 def _cli_subprocess(args):
     code = (
         "import sys\n"

@@ -76,6 +76,7 @@ RECIPES = {
     "kd": (dict(blockwise_weight=0.0, temperature=2.0), HALF_MLP),
     "grouped": (dict(blockwise_weight=1.0, inject_at="layer"), HALF_DEPTH),
     "grouped-mix+ce": (dict(blockwise_weight=0.5, inject_at="layer", label_weight=0.3, feature_loss="nmse"), HALF_DEPTH),
+    "half-teacher-mix+ce": (dict(blockwise_weight=0.5, inject_at="layer", label_weight=0.5, teacher_weight=0.5), HALF_MLP),
     "unrolled-mix+ce": (dict(blockwise_weight=0.5, inject_at="layer", label_weight=0.5), HALF_MLP.replace(scan_layers=False)),
 }
 

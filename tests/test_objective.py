@@ -195,6 +195,47 @@ def test_label_cross_entropy(pair):
     np.testing.assert_allclose(float(loss), float(metrics["kl"]) + 0.5 * ce, rtol=1e-5)
 
 
+def test_teacher_weight_scales_both_teacher_terms(pair):
+    _, tokens, t_out = pair
+    student = make(7)
+    full = bd.DistillationObjective(blockwise_weight=0.4, inject_at="layer", label_weight=0.3)
+    half = bd.DistillationObjective(blockwise_weight=0.4, inject_at="layer", label_weight=0.3, teacher_weight=0.5)
+    _, metrics = full(student, t_out, tokens)
+    loss, half_metrics = half(student, t_out, tokens)
+    kl, feature, ce = (float(metrics[k]) for k in ("kl", "feature", "ce"))
+    np.testing.assert_allclose(float(loss), 0.5 * (0.6 * kl + 0.4 * feature) + 0.3 * ce, rtol=1e-5)
+
+
+def test_labels_alone_need_no_teacher(pair):
+    teacher_model, tokens, t_out = pair
+    student = make(7)
+    labels = bd.DistillationObjective(blockwise_weight=1.0, label_weight=1.0, teacher_weight=0.0)
+    loss, metrics = labels(student, None, tokens)
+    # with the teacher's output given, nothing changes: it is not read
+    same_loss, _ = labels(student, t_out, tokens)
+    mask = jnp.ones(tokens.shape, bool)
+    ce = bd.next_token_cross_entropy(jax.vmap(lambda t: student(t).logits)(tokens), tokens, mask)
+    np.testing.assert_allclose(float(loss), float(ce), rtol=1e-6)
+    assert float(same_loss) == float(loss)
+    assert float(metrics["kl"]) == float(metrics["feature"]) == float(metrics["blockwise_weight"]) == 0.0
+    with pytest.raises(ValueError, match="teacher_weight"):
+        bd.DistillationObjective(blockwise_weight=1.0)(student, None, tokens)
+    # the step skips the teacher: an update equals one of plain cross-entropy
+    optimizer = optax.sgd(0.1)
+    step = bd.DistillStep(labels, optimizer)
+    assert not step.uses_fusion(bd.Teacher(teacher_model), student)
+    with pytest.raises(ValueError, match="teacher_weight=0"):
+        bd.DistillStep(labels, optimizer, fused=True).uses_fusion(bd.Teacher(teacher_model), student)
+    params = eqx.filter(student, eqx.is_array)
+    grads = eqx.filter_grad(
+        lambda m: bd.next_token_cross_entropy(jax.vmap(lambda t: m(t).logits)(tokens), tokens, mask)
+    )(student)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, eqx.filter(grads, eqx.is_array))
+    new, _, _ = step(student, optimizer.init(params), bd.Teacher(teacher_model), tokens, mask, 0)
+    for a, b in zip(jax.tree.leaves(eqx.filter(new, eqx.is_array)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_layer_indices_select_layers(pair):
     _, tokens, t_out = pair
     student = make(8)
@@ -286,6 +327,7 @@ def test_mismatched_pairs_name_both_values(pair):
         (dict(inject_at="mlp"), "inject_at"),
         (dict(injected_pass="pmap"), "injected_pass"),
         (dict(layer_indices=()), "layer_indices"),
+        (dict(teacher_weight=-1.0), "teacher_weight"),
     ],
 )
 def test_invalid_objective_fields(kwargs, field):

@@ -33,6 +33,7 @@ from ._hf import (
 from ._io import load_model as load_model, load_tokenizer as load_tokenizer, save_model as save_model
 from ._layer import MLP as MLP, DecoderLayer as DecoderLayer
 from ._model import ModelOutput as ModelOutput, Transformer as Transformer
+from ._flops import layer_flops as layer_flops, pretrain_flops as pretrain_flops, step_flops as step_flops
 from ._objective import (
     DistillationObjective as DistillationObjective,
     default_layer_map as default_layer_map,
@@ -116,6 +117,9 @@ __all__ = [
     "default_layer_map",
     "feature_loss",
     "kl_divergence",
+    "layer_flops",
+    "pretrain_flops",
+    "step_flops",
     "make_optimizer",
     "next_token_cross_entropy",
     "trainable_labels",

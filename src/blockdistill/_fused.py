@@ -30,6 +30,8 @@ def fusion_blocker(objective: DistillationObjective, teacher: Transformer, stude
     teacher layer, or a layer map of equal contiguous spans that covers the whole teacher
     (the default grouping).
     """
+    if not objective.uses_teacher:
+        return "the objective does not read the teacher (teacher_weight=0): there is nothing to fuse"
     spans = objective.check_shapes(
         student.config,
         teacher_dim=teacher.config.dim,
@@ -154,7 +156,7 @@ def fused_value_and_grad(
             ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
         else:
             kl = ce = jnp.zeros((), jnp.float32)
-        free_loss = (1.0 - w) * kl + label_weight * ce
+        free_loss = objective.teacher_weight * (1.0 - w) * kl + label_weight * ce
         return jnp.asarray(free_loss, jnp.float32), (kl, ce, per_layer, layer_grads)
 
     if need_free:
@@ -168,7 +170,7 @@ def fused_value_and_grad(
         selected = jnp.zeros((n_layers,), jnp.float32)
         indices = jnp.arange(n_layers) if objective.layer_indices is None else jnp.array(objective.layer_indices)
         selected = selected.at[indices].set(1.0 / indices.shape[0])
-        scale = jnp.asarray(w, jnp.float32) * selected
+        scale = jnp.asarray(objective.teacher_weight * w, jnp.float32) * selected
         if not isinstance(block_active, bool):
             scale = jnp.where(block_active, scale, 0.0)
         block_grads = jax.tree.map(lambda g: g * scale.reshape((n_layers,) + (1,) * (g.ndim - 1)), layer_grads)

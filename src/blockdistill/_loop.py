@@ -35,6 +35,7 @@ from ._io import (
     tokenizer_record,
     write_json,
 )
+from ._flops import pretrain_flops, step_flops
 from ._model import Transformer
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
 from ._parallel import (
@@ -75,8 +76,9 @@ def lr_schedule(cfg: RunConfig) -> optax.Schedule:
 
 
 def blockwise_schedule(cfg: DistillConfig):
-    """The mixing weight `w` of the objective: a float or an optax schedule."""
-    if cfg.blockwise_schedule == "constant" or cfg.blockwise_weight == cfg.blockwise_weight_end:
+    """The mixing weight `w` of the objective: a float or an optax schedule (for
+    `staged`, the weight of the first stage; see `make_objective`)."""
+    if cfg.blockwise_schedule in ("constant", "staged") or cfg.blockwise_weight == cfg.blockwise_weight_end:
         return cfg.blockwise_weight
     steps = cfg.blockwise_steps or cfg.horizon
     if cfg.blockwise_schedule == "linear":
@@ -85,18 +87,36 @@ def blockwise_schedule(cfg: DistillConfig):
     return optax.cosine_decay_schedule(cfg.blockwise_weight, steps, alpha=alpha)
 
 
-def make_objective(cfg: DistillConfig) -> DistillationObjective:
+def stage_switch(cfg: DistillConfig) -> int | None:
+    """The step at which a `staged` run switches from its first stage to its second
+    (`blockwise_steps`, default half the schedule horizon); `None` for other schedules."""
+    if cfg.blockwise_schedule != "staged":
+        return None
+    return cfg.blockwise_steps if cfg.blockwise_steps is not None else cfg.horizon // 2
+
+
+def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
+    """The objective of a run (of stage `stage` for a `staged` run).
+
+    `staged` never mixes passes: stage 0 is `w = blockwise_weight` without label CE (with
+    the default weight 1, blockwise alone), stage 1 is `w = blockwise_weight_end` with
+    the run's `label_weight` (with the default 0, KD and CE alone).
+    """
     injected_pass = cfg.injected_pass
     if injected_pass == "auto" and cfg.mesh is not None and parse_mesh(cfg.mesh)[LAYERS_AXIS] > 1:
         # on a layers axis only the vmap pass keeps every block on its own device (a scan
         # over the layer-sharded stack gathers it every step); both give the same losses
         injected_pass = "vmap"
+    weight, label_weight = blockwise_schedule(cfg), cfg.label_weight
+    if cfg.blockwise_schedule == "staged":
+        weight, label_weight = (cfg.blockwise_weight, 0.0) if stage == 0 else (cfg.blockwise_weight_end, cfg.label_weight)
     return DistillationObjective(
-        blockwise_weight=blockwise_schedule(cfg),
+        blockwise_weight=weight,
         temperature=cfg.temperature,
         feature_loss=cfg.feature_loss,
         inject_at=cfg.inject_at,
-        label_weight=cfg.label_weight,
+        label_weight=label_weight,
+        teacher_weight=cfg.teacher_weight,
         injected_pass=injected_pass,
     )
 
@@ -190,6 +210,16 @@ class Run:
         self.stop_requested = False
         self.pending: list[tuple[int, dict]] = []
         self.last_checkpoint: int | None = None
+        #: analytic training FLOPs of the step at an index (set by the command)
+        self.step_flops: Callable[[int], float] | None = None
+        self._flops_prefix = [0.0]
+
+    def train_flops(self, step: int) -> float:
+        """Analytic training FLOPs of steps `0 .. step - 1`, the `train_flops` metric."""
+        while len(self._flops_prefix) <= step:
+            index = len(self._flops_prefix) - 1
+            self._flops_prefix.append(self._flops_prefix[-1] + self.step_flops(index))
+        return self._flops_prefix[step]
 
     # --------------------------------------------------------------- resumption
 
@@ -285,6 +315,8 @@ class Run:
                 value = np.asarray(value)
                 record[key] = value.tolist() if value.ndim else float(value)
             record["tokens_per_s"] = tokens_per_s
+            if self.step_flops is not None:
+                record["train_flops"] = self.train_flops(step)
             records.append(record)
             if not math.isfinite(record["loss"]):
                 bad_step = step
@@ -500,6 +532,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     run = Run(cfg, out, "pretrain")
     if (checkpoint := run.newest_checkpoint()) is not None:
         cfg = run.cfg = run.check_resumable(checkpoint)
+    flops = pretrain_flops(model_cfg, seq_len=cfg.seq_len, batch=cfg.batch_size)
+    run.step_flops = lambda index: flops
     run_tokenizer(out, tokenizer)
     model = Transformer(model_cfg, key=jax.random.key(cfg.seed))
     optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
@@ -611,8 +645,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
     _batch_size_check(cfg, dataset)
     teacher, student = load_teacher_and_student(cfg, dataset)
-    objective = make_objective(cfg)
-    objective.resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
+    switch = stage_switch(cfg)
+    objectives = [make_objective(cfg)] + ([make_objective(cfg, stage=1)] if switch is not None else [])
+    if objectives[0].uses_teacher:
+        objectives[0].resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size, n_layers=student.config.n_layers)
         # the teacher stays whole on every device: scanning a layer-sharded teacher would
@@ -622,10 +658,22 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
     )
     fused = {"auto": "auto", "on": True, "off": False}[cfg.fused]
-    distill_step = DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
+    steps = [
+        DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
+        for objective in objectives
+    ]
+
+    def stage(index: int) -> int:
+        # a staged run switches programs at a step: each stage compiles only its passes
+        return 1 if switch is not None and index >= switch else 0
 
     def run_step(model, opt_state, tokens, mask, segment_ids, index):
-        return distill_step(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
+        return steps[stage(index)](model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
+
+    run.step_flops = lambda index: step_flops(
+        objectives[stage(index)], teacher.config, student.config,
+        seq_len=cfg.seq_len, batch=cfg.batch_size, step=index,
+    )
 
     run_tokenizer(out, tokenizer)
     val = _val_batches(cfg, dataset)

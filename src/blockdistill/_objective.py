@@ -194,9 +194,10 @@ def _validate_layer_map(layer_map: Sequence[Sequence[int]]) -> tuple[tuple[int, 
 class DistillationObjective(eqx.Module):
     """KL distillation mixed with the blockwise feature loss by one weight.
 
-    `loss = (1 - w) * T^2 * KL(teacher_T || student_T) + w * F + label_weight * CE`
+    `loss = teacher_weight * ((1 - w) * T^2 * KL(teacher_T || student_T) + w * F)
+    + label_weight * CE`
 
-    with `w = blockwise_weight`. KL and CE use the student's own (free-running) forward
+    with `w = blockwise_weight` (and `teacher_weight` 1 unless changed). KL and CE use the student's own (free-running) forward
     pass; `F` uses the injected pass, where every student block consumes the teacher's
     input to that block (`attn_in` at `"attention"` level, `layer_in` at `"layer"`
     level) and is compared with the teacher's output of that block (`attn_out` /
@@ -215,6 +216,9 @@ class DistillationObjective(eqx.Module):
     - `inject_at`: `"attention"` (MaxText semantics: only the attention of each block
       is trained by `F`) or `"layer"` (whole blocks, NVIDIA Puzzle's semantics).
     - `label_weight`: weight of next-token cross-entropy (float or schedule).
+    - `teacher_weight`: a float >= 0 scaling both teacher terms (default 1). `0` with a
+      positive `label_weight` trains on the labels alone, the no-teacher control: no
+      teacher pass runs then (pass `teacher_out=None`; `kl` and `feature` read 0).
     - `layer_indices`: the student layers that count in `F` (default: all).
     - `layer_map`: for a student with fewer layers than the teacher (`"layer"` level),
       spans `((a_0, b_0), ...)`: student layer `j` takes the teacher's `layer_in[a_j]`
@@ -258,6 +262,7 @@ class DistillationObjective(eqx.Module):
     layer_indices: tuple[int, ...] | None = eqx.field(static=True, default=None)
     layer_map: tuple[tuple[int, int], ...] | None = eqx.field(static=True, default=None)
     injected_pass: InjectedPass = eqx.field(static=True, default="auto")
+    teacher_weight: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
         _check_weight("blockwise_weight", self.blockwise_weight)
@@ -271,6 +276,13 @@ class DistillationObjective(eqx.Module):
         if not callable(self.temperature) and not self.temperature > 0:
             raise ValueError(
                 f"DistillationObjective.temperature={self.temperature!r} is invalid: must be positive"
+            )
+        if callable(self.teacher_weight) or isinstance(self.teacher_weight, bool) or not (
+            isinstance(self.teacher_weight, (int, float)) and self.teacher_weight >= 0
+        ):
+            raise ValueError(
+                f"DistillationObjective.teacher_weight={self.teacher_weight!r} is invalid: "
+                "must be a float >= 0"
             )
         if self.feature_loss not in FEATURE_LOSSES:
             raise ValueError(
@@ -308,6 +320,7 @@ class DistillationObjective(eqx.Module):
         layer_indices: Sequence[int] | None = None,
         layer_map: Sequence[Sequence[int]] | None = None,
         injected_pass: str = "auto",
+        teacher_weight: float = 1.0,
     ):
         # names are plain `str` here (not Literal) so that a wrong one is the ValueError
         # of __check_init__, which names the field, in and out of the type-checked tests
@@ -319,6 +332,7 @@ class DistillationObjective(eqx.Module):
         self.layer_indices = None if layer_indices is None else tuple(int(i) for i in layer_indices)
         self.layer_map = None if layer_map is None else _validate_layer_map(layer_map)
         self.injected_pass = injected_pass
+        self.teacher_weight = teacher_weight
 
     # ------------------------------------------------------------------ helpers
 
@@ -426,14 +440,20 @@ class DistillationObjective(eqx.Module):
     def __call__(
         self,
         student: Transformer,
-        teacher_out: ModelOutput,
+        teacher_out: ModelOutput | None,
         tokens: BatchTokens,
         mask: BatchMask | None = None,
         step: int | Array = 0,
         *,
         segment_ids: BatchSegments | None = None,
     ) -> tuple[Float[Array, ""], Metrics]:
-        self.check_pair(student, teacher_out, tokens)
+        if teacher_out is None:
+            if self.uses_teacher:
+                raise ValueError(
+                    f"teacher_out=None needs teacher_weight=0 (got teacher_weight={self.teacher_weight!r})"
+                )
+        else:
+            self.check_pair(student, teacher_out, tokens)
         if segment_ids is not None and segment_ids.shape != tokens.shape:
             raise ValueError(
                 f"segment_ids has shape {tuple(segment_ids.shape)}, expected the shape of "
@@ -448,7 +468,7 @@ class DistillationObjective(eqx.Module):
 
         def free_pass(student):
             logits = jax.vmap(lambda t, seg: student(t, segment_ids=seg).logits)(tokens, segment_ids)
-            kl = kl_divergence(logits, teacher_out.logits, mask, temperature)
+            kl = zero if teacher_out is None else kl_divergence(logits, teacher_out.logits, mask, temperature)
             ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
             return kl, ce
 
@@ -478,6 +498,11 @@ class DistillationObjective(eqx.Module):
 
         return self.mix(kl, ce, feature, per_layer, step)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the loss reads the teacher at all (`teacher_weight` is not 0)."""
+        return self.teacher_weight != 0
+
     def weights(self, step: int | Array) -> tuple[Array | float, Array | float, Array | float]:
         """`(w, T, label_weight)` at `step` (floats, or arrays for schedules)."""
         return (
@@ -500,16 +525,17 @@ class DistillationObjective(eqx.Module):
         per_layer: Float[Array, " layers"],
         step: int | Array,
     ) -> tuple[Float[Array, ""], Metrics]:
-        """The loss `(1 - w) KL + w F + label_weight CE` at `step`, and the metrics."""
+        """The loss `teacher_weight ((1 - w) KL + w F) + label_weight CE` at `step`, and
+        the metrics."""
         w, temperature, label_weight = self.weights(step)
-        loss = (1.0 - w) * kl + w * feature + label_weight * ce
+        loss = self.teacher_weight * ((1.0 - w) * kl + w * feature) + label_weight * ce
         loss = jnp.asarray(loss, jnp.float32)
         metrics = {
             "loss": loss,
             "kl": kl,
             "feature": feature,
             "ce": ce,
-            "blockwise_weight": jnp.asarray(w, jnp.float32),
+            "blockwise_weight": jnp.asarray(w if self.uses_teacher else 0.0, jnp.float32),
             "temperature": jnp.asarray(temperature, jnp.float32),
             "feature_per_layer": per_layer,
         }
@@ -520,14 +546,17 @@ class DistillationObjective(eqx.Module):
         the weight is statically zero) and, for each, whether it counts at `step` (an
         array under a schedule, else the same bool)."""
         w, _, label_weight = self.weights(step)
-        kl_weight = 1.0 - w
+        if not self.uses_teacher:
+            w = kl_weight = 0.0
+        else:
+            kl_weight = 1.0 - w
         need_free = _maybe_nonzero(kl_weight) or _maybe_nonzero(label_weight)
         need_block = _maybe_nonzero(w)
         free_active: Array | bool = need_free
         if need_free and (callable(self.blockwise_weight) or callable(self.label_weight)):
             free_active = (jnp.asarray(kl_weight) != 0) | (jnp.asarray(label_weight) != 0)
         block_active: Array | bool = need_block
-        if need_block and callable(self.blockwise_weight):
+        if need_block and callable(self.blockwise_weight) and self.uses_teacher:
             block_active = jnp.asarray(w) != 0
         return need_free, need_block, free_active, block_active
 

@@ -19,7 +19,7 @@ from ._objective import FEATURE_LOSSES
 from ._parallel import parse_mesh
 from ._train import TRAINABLE
 
-_SCHEDULES = ("constant", "linear", "cosine")
+_SCHEDULES = ("constant", "linear", "cosine", "staged")
 
 
 class ConfigError(ValueError):
@@ -201,6 +201,7 @@ class DistillConfig(RunConfig):
     feature_loss: str = "cosine"
     inject_at: str = "layer"
     label_weight: float = 0.5
+    teacher_weight: float = 1.0
     injected_pass: str = "auto"
     fused: str = "auto"
     trainable: str = "all"
@@ -215,6 +216,13 @@ class DistillConfig(RunConfig):
                 raise ConfigError(f"{name}={value!r} is invalid: must be in [0, 1]")
         if self.label_weight < 0:
             raise ConfigError(f"label_weight={self.label_weight!r} is invalid: must be >= 0")
+        if self.teacher_weight < 0:
+            raise ConfigError(f"teacher_weight={self.teacher_weight!r} is invalid: must be >= 0")
+        if self.teacher_weight == 0 and self.label_weight == 0:
+            raise ConfigError(
+                "teacher_weight=0 with label_weight=0 leaves nothing to train on: give "
+                "label_weight > 0 (labels alone) or teacher_weight > 0"
+            )
         choices = {
             "student_init": ("prune", "random"),
             "blockwise_schedule": _SCHEDULES,

@@ -132,8 +132,11 @@ def _distill_step(
         )
         rest = eqx.filter(student, spec, inverse=True)
     else:
-        teacher_out = jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
-        if mesh is not None and teacher.config.n_layers == student.config.n_layers:
+        if objective.uses_teacher:
+            teacher_out = jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
+        else:  # labels alone (teacher_weight=0): the teacher does not run
+            teacher_out = None
+        if teacher_out is not None and mesh is not None and teacher.config.n_layers == student.config.n_layers:
             # one teacher layer per student layer: every device keeps only its own layers
             # of the teacher's states (a local slice of the replicated teacher's output).
             # With a layer map, the objective's selection slices them locally instead.

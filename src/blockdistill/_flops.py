@@ -1,0 +1,102 @@
+"""Analytic training FLOPs of a step: the count behind MFU and the cost-matched studies.
+
+Matmul FLOPs only (2 per multiply-add): the attention projections, the causal attention
+matmuls and the SwiGLU projections of every layer, and the output head. Norms, RoPE,
+softmax and other elementwise work are not counted, nor is remat recomputation (this is
+model FLOPs, not hardware FLOPs). The backward pass counts twice the forward (input and
+weight gradients), except for matmuls whose input is a constant (the q/k/v projections
+reading the teacher's injected state at attention level), which need only the weight
+gradient.
+"""
+
+from ._config import TransformerConfig
+from ._objective import DistillationObjective
+
+
+def layer_flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs of one decoder layer on one sequence of `seq_len` tokens, by part.
+
+    `qkv` and `o` are the attention projections, `core` the two attention matmuls
+    (`q k^T` and `p v`) over the causal pairs only (`seq (seq + 1) / 2`), `mlp` the three
+    SwiGLU projections.
+
+    **Example:**
+
+    ```python
+    parts = bd.layer_flops(cfg, seq_len=16)
+    sum(parts.values())  # forward FLOPs of one layer on one sequence
+    ```
+    """
+    q_width = config.n_heads * config.head_dim
+    kv_width = config.n_kv_heads * config.head_dim
+    causal_pairs = seq_len * (seq_len + 1) / 2
+    return {
+        "qkv": 2.0 * seq_len * config.dim * (q_width + 2 * kv_width),
+        "o": 2.0 * seq_len * q_width * config.dim,
+        "core": 2.0 * 2.0 * causal_pairs * config.n_heads * config.head_dim,
+        "mlp": 2.0 * 3 * seq_len * config.dim * config.mlp_dim,
+    }
+
+
+def _head_flops(config: TransformerConfig, seq_len: int) -> float:
+    return 2.0 * seq_len * config.dim * config.vocab_size
+
+
+def pretrain_flops(config: TransformerConfig, *, seq_len: int, batch: int) -> float:
+    """Training FLOPs of one cross-entropy step of `config` on `batch` rows of `seq_len`:
+    forward and backward (twice the forward) of every layer and the head."""
+    forward = config.n_layers * sum(layer_flops(config, seq_len).values()) + _head_flops(config, seq_len)
+    return 3.0 * batch * forward
+
+
+def step_flops(
+    objective: DistillationObjective,
+    teacher: TransformerConfig,
+    student: TransformerConfig,
+    *,
+    seq_len: int,
+    batch: int,
+    step: int = 0,
+) -> float:
+    """Training FLOPs of one distillation step of `objective` at `step` (the passes
+    active then) on `batch` rows of `seq_len` tokens.
+
+    - The teacher runs forward only: every layer and its head when the free pass runs
+      (the KL reads its logits); without it, the layers a blockwise term reads (at
+      attention level all but the last layer's MLP); not at all with `teacher_weight=0`.
+    - The free pass: the student's layers and head, forward and backward.
+    - The blockwise term: each student block on the teacher's input, forward and
+      backward (at attention level only the attention, whose q/k/v projections read a
+      constant input: weight gradient only).
+
+    **Example:**
+
+    ```python
+    objective = bd.DistillationObjective(blockwise_weight=1.0, inject_at="layer")
+    flops = bd.step_flops(objective, cfg, cfg, seq_len=16, batch=8)
+    ```
+    """
+    _, _, free_active, block_active = objective.passes(step)
+    free, block = bool(free_active), bool(block_active)
+    t, s = layer_flops(teacher, seq_len), layer_flops(student, seq_len)
+    t_layer, s_layer = sum(t.values()), sum(s.values())
+    teacher_fwd = student_fwd = student_bwd = 0.0
+    if free:
+        if objective.uses_teacher:
+            teacher_fwd = teacher.n_layers * t_layer + _head_flops(teacher, seq_len)
+        forward = student.n_layers * s_layer + _head_flops(student, seq_len)
+        student_fwd += forward
+        student_bwd += 2.0 * forward
+    if block:
+        if not free:
+            if objective.inject_at == "attention":
+                teacher_fwd = (teacher.n_layers - 1) * t_layer + t["qkv"] + t["o"] + t["core"]
+            else:
+                teacher_fwd = teacher.n_layers * t_layer
+        if objective.inject_at == "attention":
+            student_fwd += student.n_layers * (s["qkv"] + s["o"] + s["core"])
+            student_bwd += student.n_layers * (s["qkv"] + 2.0 * (s["o"] + s["core"]))
+        else:
+            student_fwd += student.n_layers * s_layer
+            student_bwd += 2.0 * student.n_layers * s_layer
+    return batch * (teacher_fwd + student_fwd + student_bwd)
