@@ -54,6 +54,8 @@ STUDENT_LABELS = {
 }
 
 _BLOCKWISE = {"blockwise_weight": 1.0, "blockwise_schedule": "constant"}
+_STAGED = {"blockwise_weight": 1.0, "blockwise_weight_end": 0.0, "blockwise_schedule": "staged",
+           "inject_at": "layer", "feature_loss": "cosine"}
 #: recipes (DistillConfig fields); `recipe()` pins every objective field that a recipe does
 #: not set, so that a change of the main job's defaults never changes a recipe
 RECIPES: dict[str, dict[str, Any]] = {
@@ -70,14 +72,28 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "inject_at": "layer", "feature_loss": "cosine", "label_weight": 0.5},
     "kd+ce": {"blockwise_weight": 0.0, "blockwise_schedule": "constant", "label_weight": 0.5},
     "layer-cosine+ce": {**_BLOCKWISE, "inject_at": "layer", "feature_loss": "cosine", "label_weight": 0.5},
+    # the no-teacher control: label cross-entropy alone from the same init
+    "ce": {"blockwise_weight": 0.0, "blockwise_schedule": "constant", "teacher_weight": 0.0, "label_weight": 1.0},
+    # never two passes in one step: blockwise alone for a fraction of the steps, then KD (+ CE)
+    "staged-0.25+ce": {**_STAGED, "stage_fraction": 0.25, "label_weight": 0.5},
+    "staged-0.5+ce": {**_STAGED, "stage_fraction": 0.5, "label_weight": 0.5},
+    "staged-0.5": {**_STAGED, "stage_fraction": 0.5},
 }
 _OBJECTIVE_BASE = {"blockwise_weight_end": 0.0, "blockwise_steps": None, "temperature": 1.0,
-                   "feature_loss": "cosine", "inject_at": "layer", "label_weight": 0.0}
+                   "feature_loss": "cosine", "inject_at": "layer", "label_weight": 0.0, "teacher_weight": 1.0}
+#: the main job's recipe (the DistillConfig defaults), whose cost sets the equal-cost budgets
+MAIN_RECIPE = "layer-cosine+ce"
+MAIN_STUDENT = "mlp"
 
 
-def recipe(name: str) -> dict[str, Any]:
-    """Every objective field of recipe `name`."""
-    return {**_OBJECTIVE_BASE, **RECIPES[name]}
+def recipe(name: str, steps: int = DEFAULT_STEPS) -> dict[str, Any]:
+    """Every objective field of recipe `name` for a run of `steps` steps (a staged
+    recipe's switch is a fraction of them)."""
+    fields = {**_OBJECTIVE_BASE, **RECIPES[name]}
+    fraction = fields.pop("stage_fraction", None)
+    if fraction is not None:
+        fields["blockwise_steps"] = max(1, round(fraction * steps))
+    return fields
 
 
 RECIPE_LABELS = {
@@ -91,7 +107,14 @@ RECIPE_LABELS = {
     "anneal+ce": "anneal + 0.5 label CE",
     "kd+ce": "KD + 0.5 label CE",
     "layer-cosine+ce": "blockwise, layer level, cosine + 0.5 label CE",
+    "ce": "labels only (CE, no teacher)",
+    "staged-0.25+ce": "staged: blockwise 25% of steps, then KD + 0.5 CE",
+    "staged-0.5+ce": "staged: blockwise 50% of steps, then KD + 0.5 CE",
+    "staged-0.5": "staged: blockwise 50% of steps, then KD",
 }
+#: how a run's step count is set: as given, or from the main job's cost in analytic
+#: FLOPs or in measured seconds on this machine (a cheaper recipe gets more steps)
+BUDGETS = ("steps", "flops", "seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +125,27 @@ class Run:
     seed: int
     steps: int = DEFAULT_STEPS
     learning_rate: float = DEFAULT_LR
+    budget: str = "steps"
 
     @property
     def name(self) -> str:
         name = f"{self.student}-{self.init}/{self.recipe}/seed{self.seed}"
-        if self.steps != DEFAULT_STEPS:
+        if self.budget != "steps":
+            name += f"-equal-{self.budget}"
+        elif self.steps != DEFAULT_STEPS:
             name += f"-steps{self.steps}"
         if self.learning_rate != DEFAULT_LR:
             name += f"-lr{self.learning_rate:g}"
         return name
 
 
-def plan(seeds: tuple[int, ...], steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LR) -> list[Run]:
+def plan(
+    seeds: tuple[int, ...],
+    steps: int = DEFAULT_STEPS,
+    learning_rate: float = DEFAULT_LR,
+    budget: str = "steps",
+    steps_for: Any = None,
+) -> list[Run]:
     """The grid, most important first (a partial study still answers the main question).
 
     The main job's student (half MLP, pruned) gets every recipe; the other pruned students
@@ -121,19 +153,23 @@ def plan(seeds: tuple[int, ...], steps: int = DEFAULT_STEPS, learning_rate: floa
     depth to match the teacher's, so the half-depth student skips it); the random-init
     controls get KD, layer-level blockwise and the anneal.
     """
-    runs = [Run("mlp", "prune", r, s, steps, learning_rate) for s in seeds for r in RECIPES]
-    runs += [Run("kv", "prune", r, s, steps, learning_rate) for s in seeds
-             for r in ("kd", "attn-cosine", "layer-cosine", "mix-0.5", "anneal")]
-    runs += [Run("layers", "prune", r, s, steps, learning_rate) for s in seeds
-             for r in ("kd", "layer-cosine", "mix-0.5", "anneal")]
-    runs += [Run(st, "random", r, s, steps, learning_rate) for s in seeds for st in STUDENTS
-             for r in ("kd", "layer-cosine", "anneal")]
-    return runs
+    grid = [("mlp", "prune", r) for r in RECIPES]
+    grid += [("kv", "prune", r) for r in ("kd", "attn-cosine", "layer-cosine", "mix-0.5", "anneal", "ce")]
+    grid += [("layers", "prune", r) for r in ("kd", "layer-cosine", "mix-0.5", "anneal", "ce")]
+    grid += [(st, "random", r) for st in STUDENTS for r in ("kd", "layer-cosine", "anneal")]
+
+    def run(student: str, init: str, name: str, seed: int) -> Run:
+        # with an equal-cost budget, `steps_for(student, init, recipe)` sets the steps
+        count = steps if budget == "steps" else steps_for(student, init, name)
+        return Run(student, init, name, seed, count, learning_rate, budget)
+
+    return [run(*cell, seed) for seed in seeds for cell in grid]
 
 
 def budget(steps: int, quick: bool) -> dict[str, Any]:
-    if quick:  # a smoke test of the machinery, never used for the docs' table
-        return {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "eval_batches": 2,
+    if quick:  # a smoke test of the machinery at 4/150 of the steps, never used for the docs
+        steps = max(2, round(steps * 4 / DEFAULT_STEPS))
+        return {"steps": steps, "eval_every": max(1, steps // 2), "checkpoint_every": 2, "eval_batches": 2,
                 "batch_size": 2, "seq_len": 64, "calibration_batches": 1, "warmup_steps": 1}
     # the main job's batches (DistillConfig defaults), evaluated 6 times per run
     return {"steps": steps, "eval_every": max(1, steps // 6), "checkpoint_every": 50,
@@ -144,10 +180,11 @@ def config_for(run: Run, out: pathlib.Path, quick: bool, extra: dict[str, Any] |
     """The run's `DistillConfig`; `extra` sets other fields (`teacher`, `data`)."""
     from blockdistill._runconfig import DistillConfig
 
+    size = budget(run.steps, quick)
     return DistillConfig(
         out=str(out), seed=run.seed, student_init=run.init, progress=False, plots=False,
-        keep_checkpoints=1, learning_rate=run.learning_rate, **budget(run.steps, quick),
-        **STUDENTS[run.student], **recipe(run.recipe), **(extra or {}),
+        keep_checkpoints=1, learning_rate=run.learning_rate, **size,
+        **STUDENTS[run.student], **recipe(run.recipe, size["steps"]), **(extra or {}),
     )
 
 
@@ -165,15 +202,124 @@ def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | N
     evals = [(r["step"], r["eval/student_loss"]) for r in records if "eval/student_loss" in r]
     rates = sorted(r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    seconds = training_seconds(records, tokens_per_step)
+    flops = {r["step"]: r["train_flops"] for r in records if "train_flops" in r}
+    flops[0] = 0.0
     return {
         **dataclasses.asdict(run), "name": run.name,
         "steps": cfg.steps, "tokens_per_step": tokens_per_step,
         "eval_steps": [s for s, _ in evals], "eval_loss": [v for _, v in evals],
+        "eval_flops": [flops[s] for s, _ in evals],
+        "eval_seconds": [seconds[s] for s, _ in evals],
         "teacher_loss": summary["teacher_loss"],
         "wall_s": None if resumed else wall,
         "train_tokens_per_s": rates[len(rates) // 2] if rates else None,
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "progress", "plots")},
     }
+
+
+def training_seconds(records: list[dict[str, Any]], tokens_per_step: int) -> dict[int, float]:
+    """Measured training seconds through each step: each step takes its log window's
+    rate (`tokens_per_s`; evaluation and checkpoints are outside the windows); a step
+    that compiled (no rate) takes the rate of the next step that has one."""
+    steps = [r for r in records if r["step"] > 0]
+    rates = [r.get("tokens_per_s") for r in steps]
+    for i in range(len(rates) - 2, -1, -1):
+        if rates[i] is None:
+            rates[i] = rates[i + 1]
+    total, seconds = 0.0, {0: 0.0}
+    for record, rate in zip(steps, rates):
+        total += tokens_per_step / rate if rate else 0.0
+        seconds[record["step"]] = total
+    return seconds
+
+
+# ----------------------------------------------------------------------------- equal cost
+
+
+def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str, Any] | None,
+                 rounds: int = 5) -> dict[str, float]:
+    """Measured seconds per training step of each (student, init, recipe), side by side in
+    one process: every program compiled first, then `rounds` rounds of one step of each
+    (every other round in reverse order), the median per program; a staged recipe's two
+    programs weighted by their shares of the run."""
+    import jax
+    import jax.numpy as jnp
+
+    import blockdistill as bd
+    from blockdistill._loop import load_teacher_and_student, lr_schedule, make_objective, stage_switch
+    from blockdistill._data import Batcher, load_dataset
+    from blockdistill._io import load_tokenizer
+
+    programs: dict[tuple[tuple[str, str, str], int], Any] = {}
+    shares: dict[tuple[str, str, str], list[float]] = {}
+    for cell in cells:
+        cfg = config_for(Run(*cell, seed=0), ROOT / "unused", quick, extra)
+        dataset = load_dataset(cfg.data, load_tokenizer(cfg.teacher), cfg.seq_len, cfg.val_fraction)
+        teacher, student = load_teacher_and_student(cfg, dataset)
+        tokens, mask, segments = (jnp.asarray(a) for a in next(Batcher(*dataset.train, batch_size=cfg.batch_size, seed=0)))
+        optimizer = bd.make_optimizer(lr_schedule(cfg))
+        switch = stage_switch(cfg)
+        stages = [0] if switch is None else [0, 1]
+        first = cfg.steps if switch is None else min(switch, cfg.steps)
+        shares[cell] = [first / cfg.steps, 1 - first / cfg.steps][: len(stages)]
+        for stage in stages:
+            step = bd.DistillStep(make_objective(cfg, stage), optimizer)
+            index = 0 if stage == 0 else switch
+            own = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, student)  # steps donate it
+            state = {"student": own, "opt": optimizer.init(eqx_filter(own))}
+
+            def one(step=step, state=state, index=index):
+                state["student"], state["opt"], metrics = step(
+                    state["student"], state["opt"], teacher, tokens, mask, index, segment_ids=segments)
+                jax.block_until_ready(metrics)
+
+            one()  # compile
+            programs[(cell, stage)] = one
+    times: dict[tuple[tuple[str, str, str], int], list[float]] = {key: [] for key in programs}
+    for r in range(rounds):
+        for key in (list(programs) if r % 2 == 0 else list(reversed(programs))):
+            start = time.perf_counter()
+            programs[key]()
+            times[key].append(time.perf_counter() - start)
+    median = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+    return {"/".join(cell): sum(share * median[(cell, stage)] for stage, share in enumerate(shares[cell]))
+            for cell in shares}
+
+
+def eqx_filter(model):
+    import equinox as eqx
+
+    return eqx.filter(model, eqx.is_array)
+
+
+def equal_cost_steps(budget: str, steps: int, quick: bool, extra: dict[str, Any] | None,
+                     cells: list[tuple[str, str, str]], seconds_path: pathlib.Path | None = None):
+    """`steps_for(student, init, recipe)` for the `cells` to run: the steps at which a
+    run costs what the main job's recipe costs in `steps` steps, in analytic FLOPs or in
+    measured seconds (measured side by side for the cells not yet in `seconds_path`)."""
+    from blockdistill._loop import mean_step_flops
+
+    main = (MAIN_STUDENT, "prune", MAIN_RECIPE)
+    if budget == "flops":
+        def cost(cell):
+            return mean_step_flops(config_for(Run(*cell, seed=0, steps=steps), ROOT / "unused", quick, extra))
+    else:
+        measured = json.loads(seconds_path.read_text()) if seconds_path and seconds_path.exists() else {}
+        missing = [c for c in dict.fromkeys([main, *cells]) if "/".join(c) not in measured]
+        if missing:
+            print(f"measuring the step time of {len(missing)} recipes side by side", file=sys.stderr, flush=True)
+            measured.update(step_seconds(missing, quick, extra))
+            if seconds_path is not None:
+                from blockdistill._io import write_json
+
+                write_json(seconds_path, measured)
+
+        def cost(cell):
+            return measured["/".join(cell)]
+
+    reference = cost(main)
+    return lambda student, init, name: max(1, round(steps * reference / cost((student, init, name))))
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -186,11 +332,22 @@ def gap_curve(record: dict[str, Any]) -> list[float]:
     return [(initial - loss) / gap if gap > 0 else math.nan for loss in record["eval_loss"]]
 
 
-def tokens_to(record: dict[str, Any], fraction: float) -> float | None:
-    """Training tokens until `fraction` of the gap is first closed, linearly interpolated
-    between the two evaluations around the crossing; None when it is never reached."""
+def cost_axis(record: dict[str, Any], axis: str) -> list[float] | None:
+    """A run's cost at each evaluation: training `tokens`, analytic `flops` or measured
+    `seconds` (None for a record made before they were recorded)."""
+    if axis == "tokens":
+        return [s * record["tokens_per_step"] for s in record["eval_steps"]]
+    return record.get(f"eval_{axis}")
+
+
+def tokens_to(record: dict[str, Any], fraction: float, axis: str = "tokens") -> float | None:
+    """Training cost (`axis`: tokens, flops or seconds) until `fraction` of the gap is
+    first closed, linearly interpolated between the two evaluations around the crossing;
+    None when it is never reached (or the cost was not recorded)."""
     closed = gap_curve(record)
-    tokens = [s * record["tokens_per_step"] for s in record["eval_steps"]]
+    tokens = cost_axis(record, axis)
+    if tokens is None:
+        return None
     for i in range(1, len(closed)):
         if closed[i] >= fraction:
             before, after = closed[i - 1], closed[i]
@@ -218,8 +375,8 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (student, init, recipe), group in _groups(records).items():
         finals = [g["eval_loss"][-1] for g in group]
-        t50 = [tokens_to(g, 0.5) for g in group]
-        t90 = [tokens_to(g, 0.9) for g in group]
+        to = {(axis, f): [tokens_to(g, f, axis) for g in group]
+              for axis in ("tokens", "flops", "seconds") for f in (0.5, 0.9)}
         walls = [g["wall_s"] for g in group if g["wall_s"] is not None]
         rates = [g["train_tokens_per_s"] for g in group if g["train_tokens_per_s"]]
         rows.append({
@@ -228,24 +385,38 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "final": _mean(finals), "final_spread": max(finals) - min(finals),
             "closed": _mean([gap_curve(g)[-1] for g in group]),
             # "not reached" when any seed did not reach it
-            "tokens_50": None if None in t50 else _mean(t50),  # type: ignore[arg-type]
-            "tokens_90": None if None in t90 else _mean(t90),  # type: ignore[arg-type]
+            **{f"{axis}_{round(100 * f)}": "-" if any(cost_axis(g, axis) is None for g in group)
+               else None if None in v else _mean(v)  # type: ignore[arg-type]
+               for (axis, f), v in to.items()},
+            "steps": group[0]["steps"],
+            "flops": _mean([g["eval_flops"][-1] for g in group]) if all("eval_flops" in g for g in group) else None,
+            "seconds": _mean([g["eval_seconds"][-1] for g in group]) if all("eval_seconds" in g for g in group) else None,
             "wall_s": _mean(walls) if walls else None,
             "tokens_per_s": _mean(rates) if rates else None,
         })
     return rows
 
 
-def _fmt_tokens(value: float | None) -> str:
-    return "not reached" if value is None else f"{value / 1000:.0f}k"
+def _fmt_tokens(value: float | str | None) -> str:
+    """`None`: never reached; `"-"`: not recorded (a run made before costs were)."""
+    return value if isinstance(value, str) else "not reached" if value is None else f"{value / 1000:.0f}k"
+
+
+def _fmt_flops(value: float | str | None) -> str:
+    return value if isinstance(value, str) else "not reached" if value is None else f"{value / 1e12:.2f}"
+
+
+def _fmt_seconds(value: float | str | None) -> str:
+    return value if isinstance(value, str) else "not reached" if value is None else f"{value:.0f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table; the best final loss of each student (and init) is in bold."""
     lines = [
-        "| student | init | recipe | seeds | eval at step 0 | final eval | gap closed "
-        "| tokens to 50% | tokens to 90% | wall time | train tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| student | init | recipe | seeds | steps | eval at step 0 | final eval | gap closed "
+        "| tokens to 50% | tokens to 90% | TFLOP to 50% | TFLOP to 90% | s to 50% | s to 90% "
+        "| TFLOP | train s | train tokens/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     best: dict[tuple[str, str], float] = {}
     for row in rows:
@@ -257,12 +428,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             final += f" ± {row['final_spread'] / 2:.4f}"
         if row["final"] == best[(row["student"], row["init"])]:
             final = f"**{final}**"
-        wall = "-" if row["wall_s"] is None else f"{row['wall_s'] / 60:.1f} min"
         rate = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}"
+        flops = "-" if row["flops"] is None else _fmt_flops(row["flops"])
+        seconds = "-" if row["seconds"] is None else _fmt_seconds(row["seconds"])
         lines.append(
             f"| {STUDENT_LABELS[row['student']]} | {row['init']} | {RECIPE_LABELS[row['recipe']]} "
-            f"| {row['seeds']} | {row['initial']:.4f} | {final} | {row['closed']:.1%} "
-            f"| {_fmt_tokens(row['tokens_50'])} | {_fmt_tokens(row['tokens_90'])} | {wall} | {rate} |"
+            f"| {row['seeds']} | {row['steps']} | {row['initial']:.4f} | {final} | {row['closed']:.1%} "
+            f"| {_fmt_tokens(row['tokens_50'])} | {_fmt_tokens(row['tokens_90'])} "
+            f"| {_fmt_flops(row['flops_50'])} | {_fmt_flops(row['flops_90'])} "
+            f"| {_fmt_seconds(row['seconds_50'])} | {_fmt_seconds(row['seconds_90'])} | {flops} | {seconds} | {rate} |"
         )
     return "\n".join(lines)
 
@@ -313,26 +487,36 @@ def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "") 
 def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Path) -> str:
     """Write a table and plots per budget; replace the generated section of `page`."""
     body = [BEGIN, "", f"Produced by `{COMMAND}`; every run's curve is in `experiments/quality_results.json`.", ""]
-    def variant(record: dict[str, Any]) -> tuple[int, float]:
-        return record["steps"], record["config"]["learning_rate"]
+    def variant(record: dict[str, Any]) -> tuple[str, int | None, float]:
+        budget = record.get("budget", "steps")
+        return budget, record["steps"] if budget == "steps" else None, record["config"]["learning_rate"]
 
     variants = sorted({variant(r) for r in records},
-                      key=lambda v: (v != (DEFAULT_STEPS, DEFAULT_LR), v[0] != DEFAULT_STEPS, v))
-    for steps, lr in variants:
-        chosen = [r for r in records if variant(r) == (steps, lr)]
+                      key=lambda v: (BUDGETS.index(v[0]), v[1:] != (DEFAULT_STEPS, DEFAULT_LR), v[1] or 0, v[2]))
+    for budget, steps, lr in variants:
+        chosen = [r for r in records if variant(r) == (budget, steps, lr)]
         first = chosen[0]
         cfg = first["config"]
-        tokens = steps * first["tokens_per_step"]
-        flags = (f" --steps {steps}" if steps != DEFAULT_STEPS else "") + (
-            f" --learning-rate {lr:g}" if lr != DEFAULT_LR else "")
-        suffix = (f"_steps{steps}" if steps != DEFAULT_STEPS else "") + (
-            f"_learningrate{lr:g}" if lr != DEFAULT_LR else "")
+        flags = (f" --steps {steps}" if steps not in (None, DEFAULT_STEPS) else "") + (
+            f" --learning-rate {lr:g}" if lr != DEFAULT_LR else "") + (
+            f" --budget {budget}" if budget != "steps" else "")
+        suffix = (f"_steps{steps}" if steps not in (None, DEFAULT_STEPS) else "") + (
+            f"_learningrate{lr:g}" if lr != DEFAULT_LR else "") + (f"_equal_{budget}" if budget != "steps" else "")
+        if budget == "steps":
+            tokens = steps * first["tokens_per_step"]
+            heading = f"{tokens:,} training tokens ({steps} steps), peak learning rate {lr:g}"
+            size = f"{steps} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes = {tokens:,} training tokens"
+        else:
+            what = "analytic training FLOPs" if budget == "flops" else "measured training seconds on this machine"
+            heading = f"Equal {budget}: the main job's cost in {what}, peak learning rate {lr:g}"
+            size = (f"as many steps of {cfg['batch_size']} x {cfg['seq_len']} bytes as the main job's recipe "
+                    f"({MAIN_RECIPE}, {STUDENT_LABELS[MAIN_STUDENT]}) costs in {DEFAULT_STEPS} steps, by {what} "
+                    "(a cheaper recipe gets more steps; the `steps` column)")
         if len(variants) > 1:
-            body += [f"### {tokens:,} training tokens ({steps} steps), peak learning rate {lr:g}", ""]
+            body += [f"### {heading}", ""]
         body += [
-            f"Budget per run: {steps} steps of {cfg['batch_size']} x {cfg['seq_len']} bytes = {tokens:,} "
-            f"training tokens; held-out loss (nats/byte) on {cfg['eval_batches']} fixed batches of "
-            f"{cfg['batch_size']} x {cfg['seq_len']} bytes every {cfg['eval_every']} steps; AdamW at "
+            f"Budget per run: {size}; held-out loss (nats/byte) on {cfg['eval_batches']} fixed batches of "
+            f"{cfg['batch_size']} x {cfg['seq_len']} bytes six times per run; AdamW at "
             f"{cfg['learning_rate']} with {cfg['warmup_steps']} warm-up steps and cosine decay. "
             f"Teacher: {first['teacher_loss']:.4f}. {len(chosen)} runs"
             + (f" (`{flags.strip()}`)." if flags else "."),
@@ -362,7 +546,7 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     """The recorded runs; each must have been run with its recipe's and student's fields."""
     results = json.loads(path.read_text()) if path.exists() else {}
     for name, record in results.items():
-        expected = {**recipe(record["recipe"]), **STUDENTS[record["student"]]}
+        expected = {**recipe(record["recipe"], record.get("steps", DEFAULT_STEPS)), **STUDENTS[record["student"]]}
         wrong = {k: record["config"].get(k) for k, v in expected.items() if record["config"].get(k) != v}
         if wrong:
             raise ValueError(f"{path}: run {name} was not run with recipe {record['recipe']!r} "
@@ -380,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"training steps per run (default {DEFAULT_STEPS}, the main job's)")
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_LR,
                         help=f"peak learning rate (default {DEFAULT_LR:g}, the main job's)")
+    parser.add_argument("--budget", choices=BUDGETS, default="steps",
+                        help="steps per run: as given (default), or the main job's cost in analytic "
+                             "FLOPs or in measured seconds (step times measured side by side first, "
+                             "kept next to the results)")
     parser.add_argument("--teacher", default=None,
                         help="teacher folder (blockdistill or Hugging Face; default: the shipped one)")
     parser.add_argument("--data", default=None, help="training text (default: the default corpus)")
@@ -406,7 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         from blockdistill._io import write_json  # atomic
 
         patterns = args.only.split(",")
-        todo = [r for r in plan(seeds, args.steps, args.learning_rate) if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
+        steps = args.steps
+
+        def wanted(runs: list[Run]) -> list[Run]:
+            return [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
+
+        # run names do not depend on the steps of an equal-cost budget: choose the runs first
+        todo = wanted(plan(seeds, steps, args.learning_rate, args.budget, lambda *_: steps))
+        if args.budget != "steps" and todo:
+            cells = [(r.student, r.init, r.recipe) for r in todo]
+            seconds_path = results_path.with_name(results_path.stem + "_step_seconds.json")
+            steps_for = equal_cost_steps(args.budget, steps, args.quick, extra, cells, seconds_path)
+            todo = [dataclasses.replace(r, steps=steps_for(*cell)) for r, cell in zip(todo, cells)]
         if not todo:
             parser.error(f"--only {args.only!r} matches no run")
         for i, run in enumerate(todo):

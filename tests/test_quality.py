@@ -43,6 +43,21 @@ def test_gap_and_tokens_to(quality):
     assert all(math.isnan(x) for x in quality.gap_curve(_record([1.0, 0.9])))
 
 
+def test_cost_to_a_fraction_on_every_axis(quality):
+    record = _record([3.0, 2.5, 1.5, 1.1])
+    record.update(eval_flops=[0.0, 10.0, 20.0, 30.0], eval_seconds=[0.0, 1.0, 2.0, 4.0])
+    assert quality.tokens_to(record, 0.5, "flops") == pytest.approx(15.0)
+    assert quality.tokens_to(record, 0.9, "seconds") == pytest.approx(3.5)
+    assert quality.tokens_to(_record([3.0, 2.5, 1.5]), 0.5, "flops") is None  # not recorded
+
+
+def test_training_seconds_take_each_windows_rate(quality):
+    # the compiling first step has no rate of its own: it takes the next window's
+    records = [{"step": 0}, {"step": 1, "compile_s": 5.0}, {"step": 2, "tokens_per_s": 100.0},
+               {"step": 3, "tokens_per_s": 50.0}]
+    assert quality.training_seconds(records, 100) == {0: 0.0, 1: 1.0, 2: 2.0, 3: 4.0}
+
+
 def test_plan_covers_the_grid(quality):
     runs = quality.plan((0, 1))
     names = [r.name for r in runs]
@@ -88,6 +103,35 @@ def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys):
     assert "[1/" not in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == before
     assert (tmp_path / "page.md").read_text() == page
+
+
+@pytest.mark.parametrize("budget", ["flops", "seconds"])
+def test_equal_cost_budgets_give_cheaper_recipes_more_steps(quality, tmp_path, budget):
+    """At equal cost the main job's recipe keeps its steps and the labels-only control,
+    which skips the teacher, gets more; every run records its FLOPs and seconds."""
+    args = ["--quick", "--budget", budget, "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.json"),
+            "--page", str(tmp_path / "page.md"), "--images", str(tmp_path / "images"),
+            "--only", "mlp-prune/layer-cosine+ce/*,mlp-prune/ce/*,mlp-prune/staged-0.5/*"]
+    assert quality.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    main, ce, staged = (results[f"mlp-prune/{r}/seed0-equal-{budget}"] for r in ("layer-cosine+ce", "ce", "staged-0.5"))
+    assert main["steps"] == 4  # the reference: 4/150 of the main job in quick mode
+    assert ce["steps"] > main["steps"] and staged["steps"] > main["steps"]
+    assert staged["config"]["blockwise_steps"] == round(staged["steps"] / 2)
+    for record in results.values():
+        assert record["budget"] == budget
+        assert record["eval_flops"][0] == record["eval_seconds"][0] == 0.0
+        assert all(b > a for a, b in zip(record["eval_flops"], record["eval_flops"][1:]))
+        assert all(b > a for a, b in zip(record["eval_seconds"], record["eval_seconds"][1:]))
+    if budget == "flops":  # equal within one step's rounding
+        per_step = ce["eval_flops"][-1] / ce["steps"]
+        assert abs(ce["eval_flops"][-1] - main["eval_flops"][-1]) <= per_step / 2 + 1
+    else:
+        measured = json.loads((tmp_path / "results_step_seconds.json").read_text())
+        assert set(measured) == {"mlp/prune/layer-cosine+ce", "mlp/prune/ce", "mlp/prune/staged-0.5"}
+    page = (tmp_path / "page.md").read_text()
+    assert f"Equal {budget}" not in page or "TFLOP to 50%" in page
+    assert "TFLOP to 50%" in page and "labels only" in page
 
 
 @pytest.mark.parametrize("args", [["--quick"], ["--teacher", "some/teacher"], ["--data", "corpus.txt"]])

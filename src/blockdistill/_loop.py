@@ -37,6 +37,7 @@ from ._io import (
 )
 from ._flops import pretrain_flops, step_flops
 from ._model import Transformer
+from ._prune import StudentConfig
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
 from ._parallel import (
     LAYERS_AXIS,
@@ -583,7 +584,7 @@ def _count_params(model: eqx.Module) -> int:
 def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teacher, Transformer]:
     """The frozen teacher and the initial student the config describes."""
     from ._io import load_model
-    from ._prune import StudentConfig, make_student
+    from ._prune import make_student
 
     exec_opts = dict(
         scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype, attention_impl=cfg.attention_impl
@@ -608,10 +609,7 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
                 f"teacher vocab_size={t.vocab_size} != student vocab_size={s.vocab_size} ({cfg.student})"
             )
         return Teacher(teacher_model), student
-    student_cfg = StudentConfig(
-        init=cfg.student_init, mlp_ratio=cfg.mlp_ratio, layers=cfg.student_layers,
-        n_layers=cfg.student_n_layers, kv_heads_ratio=cfg.kv_heads_ratio, seed=cfg.seed,
-    )
+    student_cfg = student_config(cfg)
     n_calibration = min(cfg.calibration_batches * cfg.batch_size, dataset.train.tokens.shape[0])
     calibration, calibration_mask, calibration_segments = (
         jnp.asarray(array[:n_calibration]) for array in dataset.train
@@ -621,6 +619,35 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
         calibration_segment_ids=calibration_segments, key=jax.random.key(cfg.seed),
     )
     return Teacher(teacher_model), student
+
+
+def student_config(cfg: DistillConfig) -> StudentConfig:
+    """The `StudentConfig` of a run that builds its student from the teacher."""
+    return StudentConfig(
+        init=cfg.student_init, mlp_ratio=cfg.mlp_ratio, layers=cfg.student_layers,
+        n_layers=cfg.student_n_layers, kv_heads_ratio=cfg.kv_heads_ratio, seed=cfg.seed,
+    )
+
+
+def mean_step_flops(cfg: DistillConfig) -> float:
+    """Analytic training FLOPs per step of a run, averaged over its steps (a `staged`
+    run's two stages weighted by their lengths); reads only the teacher's config."""
+    from ._io import read_model_config, shipped_teacher_path
+    from ._prune import student_config_for
+
+    if cfg.student is not None:
+        raise ConfigError("mean_step_flops needs a student built from the teacher (student=None)")
+    teacher = read_model_config(shipped_teacher_path() if cfg.teacher == "shipped" else cfg.teacher)
+    student = student_config_for(teacher, student_config(cfg))
+    shapes = dict(seq_len=cfg.seq_len, batch=cfg.batch_size)
+    switch = stage_switch(cfg)
+    if switch is None:
+        objective = make_objective(cfg)
+        return sum(step_flops(objective, teacher, student, step=i, **shapes) for i in range(cfg.steps)) / cfg.steps
+    first = min(switch, cfg.steps)
+    total = first * step_flops(make_objective(cfg), teacher, student, **shapes)
+    total += (cfg.steps - first) * step_flops(make_objective(cfg, stage=1), teacher, student, step=switch, **shapes)
+    return total / cfg.steps
 
 
 def _gap_line(closed: float, final: float, teacher_loss: float) -> str:
