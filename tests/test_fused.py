@@ -104,6 +104,24 @@ def test_fused_equals_unfused_under_schedules(batch, schedule):
     assert weights == [schedule(0), schedule(1), schedule(2)]
 
 
+def test_a_scheduled_pass_is_skipped_at_run_time(batch):
+    """Under a schedule the fused step branches (`lax.cond`) around the blocks, the free
+    layers and the heads, so a pass whose weight is 0 at a step costs nothing then; with
+    constant weights nothing branches."""
+    teacher, tokens, mask, _ = batch
+    student = bd.Transformer(HALF_MLP, key=jax.random.key(3))
+    optimizer = optax.sgd(0.1)
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+
+    def branches(weight):
+        objective = bd.DistillationObjective(blockwise_weight=weight, inject_at="layer")
+        step = bd.DistillStep(objective, optimizer, fused=True)
+        return step.lower(student, opt_state, teacher, tokens, mask, 0).as_text().count("stablehlo.case")
+
+    assert branches(optax.linear_schedule(1.0, 0.0, 4)) >= 3
+    assert branches(0.5) == 0
+
+
 def test_fused_with_frozen_groups_and_remat(batch):
     objective = bd.DistillationObjective(blockwise_weight=0.5, inject_at="layer", label_weight=0.5)
     unfused = run(objective, HALF_MLP, batch, False, trainable="attention")

@@ -45,6 +45,14 @@ def fusion_blocker(objective: DistillationObjective, teacher: Transformer, stude
     return None
 
 
+def when(active: Array | bool, run: Any, skip: Any, *args: Any) -> Any:
+    """`run(*args)`, or `skip(*args)` where a scheduled pass is off at this step: a
+    `lax.cond` (only the chosen branch executes), or a plain call for a static `active`."""
+    if isinstance(active, bool):
+        return run(*args)
+    return jax.lax.cond(active, run, skip, *args)
+
+
 def _stack_params(model: Transformer) -> tuple[Any, Any]:
     return eqx.partition(model.layers.layers, eqx.is_array)
 
@@ -131,13 +139,16 @@ def fused_value_and_grad(
                     block_in, target = span_in, teacher_hidden
                 else:  # one teacher layer per student layer
                     block_in, target = first.attn_in, first.attn_out
-                layer_loss, layer_grads = jax.value_and_grad(block_loss)(
-                    block_train_params, block_rest_params, block_in, target
+                layer_loss, layer_grads = when(
+                    block_active,
+                    jax.value_and_grad(block_loss),
+                    lambda train, *_: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, train)),
+                    block_train_params, block_rest_params, block_in, target,
                 )
             else:
                 layer_loss, layer_grads = jnp.zeros((), jnp.float32), None
             if need_free:
-                own_hidden = own_layer(own_hidden, own_layer_params)
+                own_hidden = when(free_active, own_layer, lambda hidden, _: hidden, own_hidden, own_layer_params)
             return (teacher_hidden, own_hidden), (layer_loss, layer_grads)
 
         teacher_hidden = jax.vmap(teacher.embed)(tokens)
@@ -150,10 +161,14 @@ def fused_value_and_grad(
             unroll=not student.config.scan_layers,  # scan_layers=False: the loop unrolled
         )
         if need_free:  # KL is computed even at weight 0, as the unfused path logs it
-            logits = jax.vmap(model.head)(own_hidden)
-            teacher_logits = jax.vmap(teacher.head)(teacher_hidden)
-            kl = kl_divergence(logits, teacher_logits, mask, temperature)
-            ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
+            def heads(model, own_hidden, teacher_hidden):
+                logits = jax.vmap(model.head)(own_hidden)
+                teacher_logits = jax.vmap(teacher.head)(teacher_hidden)
+                kl = kl_divergence(logits, teacher_logits, mask, temperature)
+                return kl, next_token_cross_entropy(logits, tokens, mask, segment_ids)
+
+            zero = jnp.zeros((), jnp.float32)
+            kl, ce = when(free_active, heads, lambda *_: (zero, zero), model, own_hidden, teacher_hidden)
         else:
             kl = ce = jnp.zeros((), jnp.float32)
         free_loss = objective.teacher_weight * (1.0 - w) * kl + label_weight * ce
