@@ -44,7 +44,14 @@ def _head_flops(config: TransformerConfig, seq_len: int) -> float:
 
 def pretrain_flops(config: TransformerConfig, *, seq_len: int, batch: int) -> float:
     """Training FLOPs of one cross-entropy step of `config` on `batch` rows of `seq_len`:
-    forward and backward (twice the forward) of every layer and the head."""
+    forward and backward (twice the forward) of every layer and the head.
+
+    **Example:**
+
+    ```python
+    flops = bd.pretrain_flops(cfg, seq_len=16, batch=8)
+    ```
+    """
     forward = config.n_layers * sum(layer_flops(config, seq_len).values()) + _head_flops(config, seq_len)
     return 3.0 * batch * forward
 
