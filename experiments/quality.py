@@ -516,7 +516,8 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
             body += [f"### {heading}", ""]
         body += [
             f"Budget per run: {size}; held-out loss (nats/byte) on {cfg['eval_batches']} fixed batches of "
-            f"{cfg['batch_size']} x {cfg['seq_len']} bytes six times per run; AdamW at "
+            f"{cfg['batch_size']} x {cfg['seq_len']} bytes "
+            + (f"every {cfg['eval_every']} steps" if budget == "steps" else "six times per run") + "; AdamW at "
             f"{cfg['learning_rate']} with {cfg['warmup_steps']} warm-up steps and cosine decay. "
             f"Teacher: {first['teacher_loss']:.4f}. {len(chosen)} runs"
             + (f" (`{flags.strip()}`)." if flags else "."),
@@ -542,12 +543,20 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
     return section
 
 
+def _config_defaults() -> dict[str, Any]:
+    from blockdistill._runconfig import DistillConfig
+
+    return {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
+
+
 def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     """The recorded runs; each must have been run with its recipe's and student's fields."""
     results = json.loads(path.read_text()) if path.exists() else {}
     for name, record in results.items():
         expected = {**recipe(record["recipe"], record.get("steps", DEFAULT_STEPS)), **STUDENTS[record["student"]]}
-        wrong = {k: record["config"].get(k) for k, v in expected.items() if record["config"].get(k) != v}
+        # a field added to the run config after a record was made had its default then
+        config = {**_config_defaults(), **record["config"]}
+        wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
         if wrong:
             raise ValueError(f"{path}: run {name} was not run with recipe {record['recipe']!r} "
                              f"and student {record['student']!r}: it has {wrong}")

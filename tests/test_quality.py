@@ -154,6 +154,14 @@ def test_results_must_match_their_recipe(quality, tmp_path):
     record["config"]["label_weight"] = 0.0
     path.write_text(json.dumps({"mlp-prune/kd/seed0": record}))
     assert quality.load_results(path) == {"mlp-prune/kd/seed0": record}
+    # a field the run config gained later counts at its default in an older record
+    del record["config"]["teacher_weight"]
+    path.write_text(json.dumps({"mlp-prune/kd/seed0": record}))
+    assert quality.load_results(path) == {"mlp-prune/kd/seed0": record}
+    record["config"]["teacher_weight"] = 0.0
+    path.write_text(json.dumps({"mlp-prune/kd/seed0": record}))
+    with pytest.raises(ValueError, match="teacher_weight"):
+        quality.load_results(path)
 
 
 def test_default_budget_is_the_main_jobs(quality):
