@@ -441,10 +441,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "") -> list[pathlib.Path]:
+#: the x axis of a plot: the record's cost axis, its scale and its label
+AXES = {"tokens": (1e3, "training tokens (thousands)"), "flops": (1e12, "training TFLOP (analytic)"),
+        "seconds": (1.0, "training seconds (measured)")}
+
+
+def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "",
+         axis: str = "tokens") -> list[pathlib.Path]:
     """`quality_pruned<suffix>.png` (one panel per pruned student) and
-    `quality_random<suffix>.png` (the random-init controls): held-out loss against training
-    tokens, averaged over seeds (records of one budget)."""
+    `quality_random<suffix>.png` (the random-init controls): held-out loss against the
+    training cost on `axis` (tokens, flops or seconds), averaged over seeds (records of one
+    budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,7 +459,7 @@ def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "") 
     import numpy as np
 
     images.mkdir(parents=True, exist_ok=True)
-    colours = dict(zip(RECIPES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    colours = dict(zip(RECIPES, plt.get_cmap("tab20").colors))  # one colour per recipe
     groups = _groups(records)
     written = []
     for init in ("prune", "random"):
@@ -464,13 +471,14 @@ def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "") 
             for (s, i, recipe), group in groups.items():
                 if (s, i) != (student, init):
                     continue
-                tokens = np.asarray(group[0]["eval_steps"]) * group[0]["tokens_per_step"] / 1000
+                scale, _ = AXES[axis]
+                cost = np.mean([cost_axis(g, axis) for g in group], axis=0) / scale
                 loss = np.mean([g["eval_loss"] for g in group], axis=0)
-                ax.plot(tokens, loss, marker=".", label=recipe, color=colours[recipe])
+                ax.plot(cost, loss, marker=".", label=recipe, color=colours[recipe])
                 teacher = group[0]["teacher_loss"]
             ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
             ax.set_title(f"{STUDENT_LABELS[student]}, {init}")
-            ax.set_xlabel("training tokens (thousands)")
+            ax.set_xlabel(AXES[axis][1])
             ax.set_ylabel("held-out loss (nats/byte)")
             if init == "random":
                 ax.set_yscale("log")
@@ -525,7 +533,8 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
             table(aggregate(chosen)),
             "",
         ]
-        for path in plot(chosen, images, suffix):
+        axis = {"steps": "tokens", "flops": "flops", "seconds": "seconds"}[budget]
+        for path in plot(chosen, images, suffix, axis):
             body += [f"![{path.stem}](images/{path.name})", ""]
     body.append(END)
     section = "\n".join(body)
