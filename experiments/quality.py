@@ -243,13 +243,13 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     one process: every program compiled first, then `rounds` rounds of one step of each
     (every other round in reverse order), the median per program; a staged recipe's two
     programs weighted by their shares of the run."""
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
-    import blockdistill as bd
-    from blockdistill._loop import load_teacher_and_student, lr_schedule, make_objective, stage_switch
     from blockdistill._data import Batcher, load_dataset
     from blockdistill._io import load_tokenizer
+    from blockdistill._loop import distill_steps, load_teacher_and_student, stage_of
 
     programs: dict[tuple[tuple[str, str, str], int], Any] = {}
     shares: dict[tuple[str, str, str], list[float]] = {}
@@ -258,16 +258,13 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
         dataset = load_dataset(cfg.data, load_tokenizer(cfg.teacher), cfg.seq_len, cfg.val_fraction)
         teacher, student = load_teacher_and_student(cfg, dataset)
         tokens, mask, segments = (jnp.asarray(a) for a in next(Batcher(*dataset.train, batch_size=cfg.batch_size, seed=0)))
-        optimizer = bd.make_optimizer(lr_schedule(cfg))
-        switch = stage_switch(cfg)
-        stages = [0] if switch is None else [0, 1]
-        first = cfg.steps if switch is None else min(switch, cfg.steps)
-        shares[cell] = [first / cfg.steps, 1 - first / cfg.steps][: len(stages)]
-        for stage in stages:
-            step = bd.DistillStep(make_objective(cfg, stage), optimizer)
-            index = 0 if stage == 0 else switch
+        _, steps = distill_steps(cfg)  # the run's own programs, one per stage
+        stages = [stage_of(cfg, i) for i in range(cfg.steps)]
+        shares[cell] = [stages.count(stage) / cfg.steps for stage in range(len(steps))]
+        for stage, step in enumerate(steps):
+            index = stages.index(stage) if stage in stages else 0  # the stage's first step
             own = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, student)  # steps donate it
-            state = {"student": own, "opt": optimizer.init(eqx_filter(own))}
+            state = {"student": own, "opt": step.optimizer.init(eqx.filter(own, eqx.is_array))}
 
             def one(step=step, state=state, index=index):
                 state["student"], state["opt"], metrics = step(
@@ -285,12 +282,6 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     median = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
     return {"/".join(cell): sum(share * median[(cell, stage)] for stage, share in enumerate(shares[cell]))
             for cell in shares}
-
-
-def eqx_filter(model):
-    import equinox as eqx
-
-    return eqx.filter(model, eqx.is_array)
 
 
 def equal_cost_steps(budget: str, steps: int, quick: bool, extra: dict[str, Any] | None,

@@ -185,9 +185,8 @@ def fused_value_and_grad(
         selected = jnp.zeros((n_layers,), jnp.float32)
         indices = jnp.arange(n_layers) if objective.layer_indices is None else jnp.array(objective.layer_indices)
         selected = selected.at[indices].set(1.0 / indices.shape[0])
+        # (a block pass skipped at this step returned zero gradients and losses)
         scale = jnp.asarray(objective.teacher_weight * w, jnp.float32) * selected
-        if not isinstance(block_active, bool):
-            scale = jnp.where(block_active, scale, 0.0)
         block_grads = jax.tree.map(lambda g: g * scale.reshape((n_layers,) + (1,) * (g.ndim - 1)), layer_grads)
         grads = eqx.tree_at(
             lambda g: g.layers.layers, grads, jax.tree.map(jnp.add, grads.layers.layers, block_grads)
@@ -196,12 +195,5 @@ def fused_value_and_grad(
     else:
         per_layer = jnp.zeros((n_layers,), jnp.float32)
         feature = jnp.zeros((), jnp.float32)
-    # the metrics of a pass that the unfused path skips at this step (its scheduled
-    # weight is zero) read zero there: report the same
-    if not isinstance(free_active, bool):
-        kl, ce = jnp.where(free_active, kl, 0.0), jnp.where(free_active, ce, 0.0)
-    if not isinstance(block_active, bool):
-        feature = jnp.where(block_active, feature, 0.0)
-        per_layer = jnp.where(block_active, per_layer, 0.0)
     loss, metrics = objective.mix(kl, ce, feature, per_layer, step)
     return (loss, metrics), grads

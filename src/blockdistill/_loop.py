@@ -96,6 +96,32 @@ def stage_switch(cfg: DistillConfig) -> int | None:
     return cfg.blockwise_steps if cfg.blockwise_steps is not None else cfg.horizon // 2
 
 
+def stage_of(cfg: DistillConfig, index: int) -> int:
+    """The stage that runs step `index`: 1 from a `staged` run's switch on, else 0."""
+    switch = stage_switch(cfg)
+    return 1 if switch is not None and index >= switch else 0
+
+
+def stage_objectives(cfg: DistillConfig) -> list[DistillationObjective]:
+    """The objective of each stage of a run: one, or two for `staged`."""
+    return [make_objective(cfg, stage) for stage in range(2 if stage_switch(cfg) is not None else 1)]
+
+
+def distill_steps(cfg: DistillConfig, mesh: Mesh | None = None) -> tuple[list[DistillationObjective], list[DistillStep]]:
+    """A run's objective and compiled step per stage (one, or two for `staged`; step
+    `index` runs stage `stage_of(cfg, index)`), all sharing one optimizer."""
+    objectives = stage_objectives(cfg)
+    optimizer = make_optimizer(
+        lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
+    )
+    fused = {"auto": "auto", "on": True, "off": False}[cfg.fused]
+    steps = [
+        DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
+        for objective in objectives
+    ]
+    return objectives, steps
+
+
 def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
     """The objective of a run (of stage `stage` for a `staged` run).
 
@@ -639,14 +665,11 @@ def mean_step_flops(cfg: DistillConfig) -> float:
         raise ConfigError("mean_step_flops needs a student built from the teacher (student=None)")
     teacher = read_model_config(shipped_teacher_path() if cfg.teacher == "shipped" else cfg.teacher)
     student = student_config_for(teacher, student_config(cfg))
-    shapes = dict(seq_len=cfg.seq_len, batch=cfg.batch_size)
-    switch = stage_switch(cfg)
-    if switch is None:
-        objective = make_objective(cfg)
-        return sum(step_flops(objective, teacher, student, step=i, **shapes) for i in range(cfg.steps)) / cfg.steps
-    first = min(switch, cfg.steps)
-    total = first * step_flops(make_objective(cfg), teacher, student, **shapes)
-    total += (cfg.steps - first) * step_flops(make_objective(cfg, stage=1), teacher, student, step=switch, **shapes)
+    objectives = stage_objectives(cfg)
+    total = sum(
+        step_flops(objectives[stage_of(cfg, i)], teacher, student, seq_len=cfg.seq_len, batch=cfg.batch_size, step=i)
+        for i in range(cfg.steps)
+    )
     return total / cfg.steps
 
 
@@ -672,8 +695,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
     _batch_size_check(cfg, dataset)
     teacher, student = load_teacher_and_student(cfg, dataset)
-    switch = stage_switch(cfg)
-    objectives = [make_objective(cfg)] + ([make_objective(cfg, stage=1)] if switch is not None else [])
+    objectives, steps = distill_steps(cfg, mesh)
+    optimizer = steps[0].optimizer
     if objectives[0].uses_teacher:
         objectives[0].resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
     if mesh is not None:
@@ -681,24 +704,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         # the teacher stays whole on every device: scanning a layer-sharded teacher would
         # all-gather its whole stack every step (see docs/scaling.md)
         teacher = shard_model(teacher, mesh, shard_layers=False)
-    optimizer = make_optimizer(
-        lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
-    )
-    fused = {"auto": "auto", "on": True, "off": False}[cfg.fused]
-    steps = [
-        DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
-        for objective in objectives
-    ]
-
-    def stage(index: int) -> int:
-        # a staged run switches programs at a step: each stage compiles only its passes
-        return 1 if switch is not None and index >= switch else 0
 
     def run_step(model, opt_state, tokens, mask, segment_ids, index):
-        return steps[stage(index)](model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
+        # a staged run switches programs at a step: each stage compiles only its passes
+        return steps[stage_of(cfg, index)](model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
 
     run.step_flops = lambda index: step_flops(
-        objectives[stage(index)], teacher.config, student.config,
+        objectives[stage_of(cfg, index)], teacher.config, student.config,
         seq_len=cfg.seq_len, batch=cfg.batch_size, step=index,
     )
 
