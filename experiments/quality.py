@@ -1,21 +1,28 @@
-"""Quality study: which distillation recipe recovers the shipped teacher fastest.
+"""Quality study: which distillation recipe recovers the shipped teacher fastest, per unit of cost.
 
-Every run distils the shipped teacher on the default corpus with the main job's budget
-(150 steps of 8 x 256 bytes = 307,200 training tokens) and records the held-out loss six
-times per run. Students: half the MLP width, half the layers (grouped) and half the KV
-heads, each pruned from the teacher and, as a control, from random init. Recipes: logit KD,
-blockwise only (attention level, the MaxText mode; layer level, the Puzzle mode, with
-cosine / l2 / nmse), a constant 50/50 mix, blockwise annealed into KD, and KD, the anneal
-and layer-level blockwise each plus label cross-entropy.
+Every run distils the shipped teacher on the default corpus with the main job's batches
+(8 x 256 bytes) and records the held-out loss six times per run, against training tokens,
+analytic training FLOPs and measured step seconds. Students: half the MLP width, half the
+layers (grouped) and half the KV heads, each pruned from the teacher and, as a control,
+from random init. Recipes: logit KD, blockwise only (attention level, the MaxText mode;
+layer level, the Puzzle mode, with cosine / l2 / nmse), a constant 50/50 mix, blockwise
+annealed into KD, staged (blockwise alone, then KD), label cross-entropy alone (the
+no-teacher control) and combinations with label cross-entropy. Three budgets: the main
+job's 150 steps for every recipe (`--budget steps`), or as many steps as cost what the main
+job's recipe costs in 150 steps, by analytic FLOPs (`--budget flops`) or by step seconds
+measured side by side on this machine (`--budget seconds`).
 
     python experiments/quality.py                 # run what is missing, then report
+    python experiments/quality.py --budget flops  # the equal-FLOPs comparison
     python experiments/quality.py --report-only   # rebuild the table and plots from the results
 
-Each run is an ordinary `blockdistill distill` run (in process) in `--out/<name>/`; a run
-that finished is skipped and a crashed one resumes from its checkpoint, so rerunning the
-command continues the study. The per-run results go to `experiments/quality_results.json`
-and the report (table and plots) into `docs/quality.md` between its generated-section
-markers and `docs/images/quality_*.png`.
+Each run is an ordinary `blockdistill distill` run (in process) in
+`--out/<teacher id>/<name>/`; a run that finished is skipped and a crashed one resumes
+from its checkpoint, so rerunning the command continues the study. The per-run results go
+to `experiments/quality_results.json` (one teacher per file: each record names its
+teacher's weights by their sha256), the step seconds measured side by side next to it, and
+the report (tables and plots) into `docs/quality.md` between its generated-section markers
+and `docs/images/quality_*.png`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import math
 import pathlib
@@ -139,6 +147,32 @@ class Run:
         return name
 
 
+#: the recipes of each (student, init) at equal steps, most important first. The main
+#: job's student gets every recipe; the attention-level mode needs the student's depth to
+#: match the teacher's, so the half-depth student skips it; the random-init controls get
+#: KD, layer-level blockwise and the anneal
+GRID: dict[tuple[str, str], tuple[str, ...]] = {
+    ("mlp", "prune"): tuple(RECIPES),
+    ("kv", "prune"): ("kd", "kd+ce", "attn-cosine", "layer-cosine", "layer-cosine+ce", "anneal+ce",
+                      "staged-0.5+ce", "ce"),
+    ("layers", "prune"): ("kd", "kd+ce", "layer-cosine", "layer-cosine+ce", "anneal+ce", "staged-0.5+ce", "ce"),
+    **{(student, "random"): ("kd", "layer-cosine", "anneal+ce") for student in ("mlp", "kv", "layers")},
+}
+#: the recipes compared at equal FLOPs and equal seconds (pruned students only): those
+#: whose cost per step differs (KD and CE skip the blockwise pass or the teacher, a staged
+#: recipe never runs two passes in one step) and the main job's recipe itself
+COST_RECIPES = ("kd", "kd+ce", "ce", "layer-cosine", "layer-cosine+ce", "anneal+ce",
+                "staged-0.25+ce", "staged-0.5+ce", "staged-0.5")
+
+
+def cells(budget: str = "steps") -> list[tuple[str, str, str]]:
+    """The (student, init, recipe) cells of a budget's grid, most important first."""
+    grid = [(student, init, r) for (student, init), recipes in GRID.items() for r in recipes]
+    if budget != "steps":
+        grid = [c for c in grid if c[1] == "prune" and c[2] in COST_RECIPES]
+    return grid
+
+
 def plan(
     seeds: tuple[int, ...],
     steps: int = DEFAULT_STEPS,
@@ -146,24 +180,38 @@ def plan(
     budget: str = "steps",
     steps_for: Any = None,
 ) -> list[Run]:
-    """The grid, most important first (a partial study still answers the main question).
-
-    The main job's student (half MLP, pruned) gets every recipe; the other pruned students
-    get the recipes that can differ for them (the attention-level mode needs the student's
-    depth to match the teacher's, so the half-depth student skips it); the random-init
-    controls get KD, layer-level blockwise and the anneal.
-    """
-    grid = [("mlp", "prune", r) for r in RECIPES]
-    grid += [("kv", "prune", r) for r in ("kd", "attn-cosine", "layer-cosine", "mix-0.5", "anneal", "ce")]
-    grid += [("layers", "prune", r) for r in ("kd", "layer-cosine", "mix-0.5", "anneal", "ce")]
-    grid += [(st, "random", r) for st in STUDENTS for r in ("kd", "layer-cosine", "anneal")]
+    """The runs of a budget's grid, seed-major (a partial study still answers the main
+    question); with an equal-cost budget, `steps_for(student, init, recipe)` sets the steps."""
 
     def run(student: str, init: str, name: str, seed: int) -> Run:
-        # with an equal-cost budget, `steps_for(student, init, recipe)` sets the steps
         count = steps if budget == "steps" else steps_for(student, init, name)
         return Run(student, init, name, seed, count, learning_rate, budget)
 
-    return [run(*cell, seed) for seed in seeds for cell in grid]
+    return [run(*cell, seed) for seed in seeds for cell in cells(budget)]
+
+
+def twin(run: Run) -> Run:
+    """The equal-steps run with the same steps: an equal-cost run whose steps come out at
+    the main job's (the main recipe itself) is that run, and reuses its record."""
+    return dataclasses.replace(run, budget="steps")
+
+
+def teacher_identity(teacher: str | None) -> str:
+    """sha256 over the teacher's weight files (`*.eqx`, `*.safetensors`, by name and
+    content): the study of one teacher never mixes with another's."""
+    from blockdistill._io import shipped_teacher_path
+
+    folder = shipped_teacher_path() if teacher in (None, "shipped") else pathlib.Path(teacher)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".eqx", ".safetensors")) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"teacher {folder}: no weight files (*.eqx, *.safetensors) to identify it by")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def budget(steps: int, quick: bool) -> dict[str, Any]:
@@ -188,9 +236,12 @@ def config_for(run: Run, out: pathlib.Path, quick: bool, extra: dict[str, Any] |
     )
 
 
-def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) one distillation and return its record."""
-    from blockdistill._loop import distill
+def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | None,
+            stage_seconds: list[float], teacher: str) -> dict[str, Any]:
+    """Run (or resume) one distillation and return its record. `stage_seconds` are the
+    seconds per step of each of the run's programs (stages), measured side by side;
+    `teacher` the teacher's identity (`teacher_identity`)."""
+    from blockdistill._loop import distill, stage_of
 
     out = root / run.name
     cfg = config_for(run, out, quick, extra)
@@ -202,15 +253,22 @@ def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | N
     evals = [(r["step"], r["eval/student_loss"]) for r in records if "eval/student_loss" in r]
     rates = sorted(r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    seconds = training_seconds(records, tokens_per_step)
+    own = training_seconds(records, tokens_per_step)
     flops = {r["step"]: r["train_flops"] for r in records if "train_flops" in r}
     flops[0] = 0.0
+    # the seconds axis: each step at its program's step time measured side by side, so
+    # that runs compare at equal seconds whatever else the machine did while they ran
+    seconds = [0.0]
+    for index in range(cfg.steps):
+        seconds.append(seconds[-1] + stage_seconds[stage_of(cfg, index)])
     return {
-        **dataclasses.asdict(run), "name": run.name,
+        **dataclasses.asdict(run), "name": run.name, "teacher_sha256": teacher,
         "steps": cfg.steps, "tokens_per_step": tokens_per_step,
         "eval_steps": [s for s, _ in evals], "eval_loss": [v for _, v in evals],
         "eval_flops": [flops[s] for s, _ in evals],
         "eval_seconds": [seconds[s] for s, _ in evals],
+        "step_seconds": stage_seconds,
+        "eval_own_seconds": [own[s] for s, _ in evals],
         "teacher_loss": summary["teacher_loss"],
         "wall_s": None if resumed else wall,
         "train_tokens_per_s": rates[len(rates) // 2] if rates else None,
@@ -238,11 +296,11 @@ def training_seconds(records: list[dict[str, Any]], tokens_per_step: int) -> dic
 
 
 def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str, Any] | None,
-                 rounds: int = 5) -> dict[str, float]:
-    """Measured seconds per training step of each (student, init, recipe), side by side in
-    one process: every program compiled first, then `rounds` rounds of one step of each
-    (every other round in reverse order), the median per program; a staged recipe's two
-    programs weighted by their shares of the run."""
+                 rounds: int = 5) -> dict[str, list[float]]:
+    """Measured seconds per training step of each (student, init, recipe) and each of its
+    programs (one, or a staged recipe's two), side by side in one process: every program
+    compiled first, then `rounds` rounds of one step of each (every other round in reverse
+    order), the median per program. Keys are `student/init/recipe`."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -252,7 +310,6 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     from blockdistill._loop import distill_steps, load_teacher_and_student, stage_of
 
     programs: dict[tuple[tuple[str, str, str], int], Any] = {}
-    shares: dict[tuple[str, str, str], list[float]] = {}
     for cell in cells:
         cfg = config_for(Run(*cell, seed=0), ROOT / "unused", quick, extra)
         dataset = load_dataset(cfg.data, load_tokenizer(cfg.teacher), cfg.seq_len, cfg.val_fraction)
@@ -260,7 +317,6 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
         tokens, mask, segments = (jnp.asarray(a) for a in next(Batcher(*dataset.train, batch_size=cfg.batch_size, seed=0)))
         _, steps = distill_steps(cfg)  # the run's own programs, one per stage
         stages = [stage_of(cfg, i) for i in range(cfg.steps)]
-        shares[cell] = [stages.count(stage) / cfg.steps for stage in range(len(steps))]
         for stage, step in enumerate(steps):
             index = stages.index(stage) if stage in stages else 0  # the stage's first step
             own = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, student)  # steps donate it
@@ -280,36 +336,45 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
             programs[key]()
             times[key].append(time.perf_counter() - start)
     median = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
-    return {"/".join(cell): sum(share * median[(cell, stage)] for stage, share in enumerate(shares[cell]))
-            for cell in shares}
+    return {"/".join(cell): [median[(c, stage)] for (c, stage) in programs if c == cell]
+            for cell in dict.fromkeys(cell for cell, _ in programs)}
+
+
+def measured_step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str, Any] | None,
+                          path: pathlib.Path, teacher: str) -> dict[str, list[float]]:
+    """Step seconds per program of every cell (`step_seconds`), kept in `path` for the
+    teacher `teacher`: the cells not there yet, and always the main job's, are measured
+    side by side first."""
+    from blockdistill._io import write_json
+
+    kept = json.loads(path.read_text()) if path.exists() else {"teacher_sha256": teacher, "seconds": {}}
+    if kept.get("teacher_sha256") != teacher:
+        raise ValueError(f"{path}: step seconds of another teacher ({kept.get('teacher_sha256')}, not {teacher}); "
+                         "delete it or use other --results")
+    main = (MAIN_STUDENT, "prune", MAIN_RECIPE)
+    missing = [c for c in dict.fromkeys([main, *cells]) if "/".join(c) not in kept["seconds"]]
+    if missing:
+        print(f"measuring the step time of {len(missing)} recipes side by side", file=sys.stderr, flush=True)
+        kept["seconds"].update(step_seconds(missing, quick, extra))
+        write_json(path, kept)
+    return kept["seconds"]
 
 
 def equal_cost_steps(budget: str, steps: int, quick: bool, extra: dict[str, Any] | None,
-                     cells: list[tuple[str, str, str]], seconds_path: pathlib.Path | None = None):
-    """`steps_for(student, init, recipe)` for the `cells` to run: the steps at which a
-    run costs what the main job's recipe costs in `steps` steps, in analytic FLOPs or in
-    measured seconds (measured side by side for the cells not yet in `seconds_path`)."""
-    from blockdistill._loop import mean_step_flops
+                     seconds: dict[str, list[float]]):
+    """`steps_for(student, init, recipe)`: the steps at which a run costs what the main
+    job's recipe costs in `steps` steps, in analytic FLOPs or in step seconds measured side
+    by side (`seconds`, as `measured_step_seconds` returns them)."""
+    from blockdistill._loop import mean_step_flops, stage_of
 
-    main = (MAIN_STUDENT, "prune", MAIN_RECIPE)
-    if budget == "flops":
-        def cost(cell):
-            return mean_step_flops(config_for(Run(*cell, seed=0, steps=steps), ROOT / "unused", quick, extra))
-    else:
-        measured = json.loads(seconds_path.read_text()) if seconds_path and seconds_path.exists() else {}
-        missing = [c for c in dict.fromkeys([main, *cells]) if "/".join(c) not in measured]
-        if missing:
-            print(f"measuring the step time of {len(missing)} recipes side by side", file=sys.stderr, flush=True)
-            measured.update(step_seconds(missing, quick, extra))
-            if seconds_path is not None:
-                from blockdistill._io import write_json
+    def cost(cell):
+        cfg = config_for(Run(*cell, seed=0, steps=steps), ROOT / "unused", quick, extra)
+        if budget == "flops":
+            return mean_step_flops(cfg)
+        stages = [stage_of(cfg, i) for i in range(cfg.steps)]
+        return sum(seconds["/".join(cell)][stage] for stage in stages) / len(stages)
 
-                write_json(seconds_path, measured)
-
-        def cost(cell):
-            return measured["/".join(cell)]
-
-    reference = cost(main)
+    reference = cost((MAIN_STUDENT, "prune", MAIN_RECIPE))
     return lambda student, init, name: max(1, round(steps * reference / cost((student, init, name))))
 
 
@@ -353,7 +418,7 @@ def _mean(values: list[float]) -> float:
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     """Records by (student, init, recipe), in the order of `plan` (all of one budget)."""
-    order = {(r.student, r.init, r.recipe): i for i, r in enumerate(plan((0,)))}
+    order = {cell: i for i, cell in enumerate(cells())}
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for record in sorted(records, key=lambda r: (order.get((r["student"], r["init"], r["recipe"]), 10**6),
                                                   r["seed"])):
@@ -483,9 +548,20 @@ def plot(records: list[dict[str, Any]], images: pathlib.Path, suffix: str = "",
     return written
 
 
-def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Path) -> str:
+def _shown(path: pathlib.Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Path,
+           results: pathlib.Path = RESULTS) -> str:
     """Write a table and plots per budget; replace the generated section of `page`."""
-    body = [BEGIN, "", f"Produced by `{COMMAND}`; every run's curve is in `experiments/quality_results.json`.", ""]
+    command = COMMAND + "".join(f" {flag} {_shown(path)}" for flag, path, default in (
+        ("--results", results, RESULTS), ("--page", page, PAGE), ("--images", images, IMAGES))
+        if path.resolve() != default.resolve())
+    teachers = sorted({r.get("teacher_sha256") or "not recorded" for r in records})
+    body = [BEGIN, "", f"Produced by `{command} --report-only` from every run's curve in `{_shown(results)}` "
+            f"(teacher weights sha256 {', '.join(t[:12] for t in teachers)}).", ""]
     def variant(record: dict[str, Any]) -> tuple[str, int | None, float]:
         budget = record.get("budget", "steps")
         return budget, record["steps"] if budget == "steps" else None, record["config"]["learning_rate"]
@@ -560,13 +636,18 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
         if wrong:
             raise ValueError(f"{path}: run {name} was not run with recipe {record['recipe']!r} "
                              f"and student {record['student']!r}: it has {wrong}")
+    teachers = {r.get("teacher_sha256") for r in results.values()}
+    if len(teachers) > 1:
+        raise ValueError(f"{path}: runs of {len(teachers)} teachers in one file "
+                         f"({', '.join(str(t) for t in teachers)}): one file holds one teacher's study")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/quality", help="folder of the runs (default runs/quality)")
+    parser.add_argument("--out", default="runs/quality",
+                        help="folder of the runs, one subfolder per teacher (default runs/quality)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--only", default="*", help="comma-separated globs over run names, e.g. 'mlp-prune/*,kv-*/kd/*' (default all)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
@@ -602,31 +683,45 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         from blockdistill._io import write_json  # atomic
 
+        teacher = teacher_identity(extra.get("teacher"))
+        foreign = sorted(n for n, r in results.items() if r.get("teacher_sha256") != teacher)
+        if foreign:
+            parser.error(f"{results_path} holds runs of another teacher (e.g. {foreign[0]}: "
+                         f"{results[foreign[0]].get('teacher_sha256')}, not {teacher}); "
+                         "one file holds one teacher's study: pass another --results")
         patterns = args.only.split(",")
         steps = args.steps
+        out = pathlib.Path(args.out) / teacher[:12]
 
         def wanted(runs: list[Run]) -> list[Run]:
             return [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
 
         # run names do not depend on the steps of an equal-cost budget: choose the runs first
         todo = wanted(plan(seeds, steps, args.learning_rate, args.budget, lambda *_: steps))
-        if args.budget != "steps" and todo:
-            cells = [(r.student, r.init, r.recipe) for r in todo]
-            seconds_path = results_path.with_name(results_path.stem + "_step_seconds.json")
-            steps_for = equal_cost_steps(args.budget, steps, args.quick, extra, cells, seconds_path)
-            todo = [dataclasses.replace(r, steps=steps_for(*cell)) for r, cell in zip(todo, cells)]
         if not todo:
             parser.error(f"--only {args.only!r} matches no run")
+        # every run's seconds axis takes its programs' step seconds measured side by side
+        seconds_path = results_path.with_name(results_path.stem + "_step_seconds.json")
+        cells_todo = [(r.student, r.init, r.recipe) for r in todo if r.name not in results]
+        seconds = measured_step_seconds(cells_todo, args.quick, extra, seconds_path, teacher) if cells_todo else {}
+        if args.budget != "steps":
+            steps_for = equal_cost_steps(args.budget, steps, args.quick, extra, seconds)
+            todo = [dataclasses.replace(r, steps=steps_for(r.student, r.init, r.recipe)) for r in todo]
         for i, run in enumerate(todo):
             if run.name in results:
                 continue
-            print(f"[{i + 1}/{len(todo)}] {run.name}", file=sys.stderr, flush=True)
-            results[run.name] = execute(run, pathlib.Path(args.out), args.quick, extra)
+            same = twin(run)
+            if same.name in results:  # the same run under the equal-steps budget: reuse it
+                results[run.name] = {**results[same.name], "budget": run.budget, "name": run.name}
+            else:
+                print(f"[{i + 1}/{len(todo)}] {run.name}", file=sys.stderr, flush=True)
+                cell = "/".join((run.student, run.init, run.recipe))
+                results[run.name] = execute(run, out, args.quick, extra, seconds[cell], teacher)
             write_json(results_path, results)
     if not results:
         print("no results yet: run without --report-only first", file=sys.stderr)
         return 1
-    print(report(list(results.values()), page, images))
+    print(report(list(results.values()), page, images, results_path))
     return 0
 
 
