@@ -243,6 +243,58 @@ def test_tokens_per_s_covers_the_training_time(tmp_path, teacher, corpus, capsys
         assert 0.8 < reported / wall < 1.2, (end, reported, wall)
 
 
+def _tensorboard_scalars(folder):
+    """{tag: {step: value}} read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    out = {}
+    for tag in events.Tags()["tensors"]:
+        assert events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
+        out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+    return out
+
+
+def test_tensorboard_and_wandb_get_the_metrics(tmp_path, teacher, corpus, capsys, monkeypatch):
+    """--tensorboard writes every series of metrics.jsonl as TensorBoard scalars (per-layer
+    lists one series per layer), including the learning rate and the blockwise weight;
+    --wandb (offline here) logs the same series to a W&B run whose id survives a resume."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    args = base_args(out, teacher, corpus, steps=6, tensorboard=True, wandb=True, **{"wandb-mode": "offline"})
+    assert run_main(args, capsys)[0] == 0
+    records = read_metrics(out)
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    for key in ("loss", "kl", "feature", "ce", "learning_rate", "blockwise_weight", "tokens_per_s",
+                "eval/student_loss", "eval/teacher_loss", "feature_per_layer/layer_0", "feature_per_layer/layer_1"):
+        assert key in scalars, (key, sorted(scalars))
+    for record in records:
+        for key, value in record.items():
+            if key == "step":
+                continue
+            values = value if isinstance(value, list) else [value]
+            tags = [f"{key}/layer_{i}" for i in range(len(values))] if isinstance(value, list) else [key]
+            for tag, v in zip(tags, values):
+                assert scalars[tag][record["step"]] == pytest.approx(v, rel=1e-6), (tag, record["step"])
+    # the learning rate follows the schedule: warm-up over 2 steps to 3e-3, then decay
+    lr = scalars["learning_rate"]
+    assert lr[1] == pytest.approx(0.0, abs=1e-12) and lr[3] == pytest.approx(3e-3) and lr[6] < lr[3]
+
+    (run_file,) = (out / "wandb").rglob("*.wandb")
+    content = run_file.read_bytes()
+    for key in (b"eval/student_loss", b"feature_per_layer/layer_1", b"learning_rate"):
+        assert key in content, key
+    run_id = (out / "wandb-id").read_text().strip()
+    assert run_id in run_file.name
+    # resumed (extended) runs continue the same W&B run
+    assert run_main(base_args(out, teacher, corpus, steps=8, extend=True, wandb=True,
+                              **{"wandb-mode": "offline"}), capsys)[0] == 0
+    assert {p.name for p in (out / "wandb").rglob("*.wandb")} >= {run_file.name}
+    assert all(run_id in p.name for p in (out / "wandb").rglob("*.wandb"))
+
+
 # ------------------------------------------------------------------ bad inputs
 
 

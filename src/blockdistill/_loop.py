@@ -36,6 +36,7 @@ from ._io import (
     write_json,
 )
 from ._flops import pretrain_flops, step_flops
+from ._metrics import MetricsWriter, TensorBoardWriter, WandbWriter
 from ._model import Transformer
 from ._prune import StudentConfig
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
@@ -240,6 +241,28 @@ class Run:
         #: analytic training FLOPs of the step at an index (set by the command)
         self.step_flops: Callable[[int], float] | None = None
         self._flops_prefix = [0.0]
+        #: where records go besides the JSONL file (TensorBoard, W&B; opened by `open_writers`)
+        self.writers: list[MetricsWriter] = []
+
+    def learning_rate(self, index: int) -> float:
+        """The learning rate of the step at `index` (the schedule of the run as resumed)."""
+        return float(lr_schedule(self.cfg)(index))
+
+    def open_writers(self) -> None:
+        """Open the TensorBoard and W&B writers the config asks for (process 0 only)."""
+        if not self.writer:
+            return
+        if self.cfg.tensorboard:
+            self.writers.append(TensorBoardWriter(self.out / "tensorboard"))
+        if self.cfg.wandb:
+            self.writers.append(WandbWriter(self.out, project=self.cfg.wandb_project, name=self.out.name,
+                                            config={"command": self.kind, **self.cfg.to_dict()},
+                                            mode=self.cfg.wandb_mode))
+
+    def close_writers(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
 
     def train_flops(self, step: int) -> float:
         """Analytic training FLOPs of steps `0 .. step - 1`, the `train_flops` metric."""
@@ -319,6 +342,8 @@ class Run:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        for writer in self.writers:
+            writer.write(records)
 
     def flush(
         self, now: float, since: float, tokens_per_step: int, last_fields: dict | None = None
@@ -342,6 +367,7 @@ class Run:
                 value = np.asarray(value)
                 record[key] = value.tolist() if value.ndim else float(value)
             record["tokens_per_s"] = tokens_per_s
+            record["learning_rate"] = self.learning_rate(step - 1)  # the step that led here
             if self.step_flops is not None:
                 record["train_flops"] = self.train_flops(step)
             records.append(record)
@@ -438,6 +464,7 @@ def train(
         opt_state = shard_opt_state(opt_state, model, mesh)
     if run.writer:
         write_json(run.out / "config.json", {"command": run.kind, **cfg.to_dict()})
+    run.open_writers()
 
     def save(step: int) -> None:
         state = {"data": batcher.state_dict(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
@@ -510,6 +537,7 @@ def train(
         if progress is not None:
             progress.close()
         _restore_handlers(previous)
+        run.close_writers()
         run.plot()
     if run.stop_requested and step < cfg.steps:
         raise KeyboardInterrupt(

@@ -20,6 +20,7 @@ from ._parallel import parse_mesh
 from ._train import TRAINABLE
 
 _SCHEDULES = ("constant", "linear", "cosine", "staged")
+_WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -123,13 +124,18 @@ class RunConfig:
     plots: bool = True
     schedule_steps: int | None = None
     extend: bool = False
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "blockdistill"
+    wandb_mode: str = "online"
 
     #: fields that may change between a run and its resumption (they do not change
     #: what is trained). `steps` is not one of them: the learning-rate and blockwise
     #: schedules are built from it; `extend` resumes with more steps explicitly.
     RESUMABLE_CHANGES = frozenset(
         {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-         "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl"}
+         "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl",
+         "tensorboard", "wandb", "wandb_project", "wandb_mode"}
     )
 
     @property
@@ -153,6 +159,8 @@ class RunConfig:
             raise ConfigError(
                 f"attention_impl={self.attention_impl!r} is invalid: must be one of {_ATTENTION_IMPLS}"
             )
+        if self.wandb_mode not in _WANDB_MODES:
+            raise ConfigError(f"wandb_mode={self.wandb_mode!r} is invalid: must be one of {_WANDB_MODES}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
