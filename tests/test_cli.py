@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import blockdistill as bd
+from blockdistill._checkpoint import list_checkpoints
 from blockdistill._loop import TIMING_KEYS as TIMING
 from blockdistill.cli import main
 
@@ -172,6 +173,36 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, teacher, corpus, ca
     code, _, err = run_main(args, capsys)
     assert code == 0
     assert "resuming from" in err
+    assert_metrics_close(read_metrics(killed), read_metrics(reference))
+
+
+def test_sigkill_during_an_asynchronous_save_loses_nothing(tmp_path, teacher, corpus, capsys):
+    """Checkpoints are written in the background while training goes on: a run killed
+    while one is being written (its temporary folder on disk) resumes from the newest
+    complete one and equals an uninterrupted run."""
+    steps = 40
+    extra = {"steps": steps, "checkpoint-every": 1, "eval-every": 20, "keep-checkpoints": 2}
+    reference = tmp_path / "reference"
+    assert run_main(base_args(reference, teacher, corpus, **extra), capsys)[0] == 0
+    for attempt in range(3):  # the save must be caught in flight; it takes tens of milliseconds
+        killed = tmp_path / f"killed{attempt}"
+        process = _cli_subprocess(base_args(killed, teacher, corpus, **extra))
+        deadline = time.time() + 120
+        # a complete checkpoint first, then a save in flight
+        while not (list_checkpoints(killed) and list((killed / "checkpoints").glob("*.orbax-checkpoint-tmp*"))):
+            assert process.poll() is None, process.communicate()
+            assert time.time() < deadline, "no checkpoint was started"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if list((killed / "checkpoints").glob("*.orbax-checkpoint-tmp*")):
+            break
+    else:
+        pytest.fail("the kill never landed during a save")
+    code, _, err = run_main(base_args(killed, teacher, corpus, **extra), capsys)
+    assert code == 0, err
+    assert "resuming from" in err
+    assert not list((killed / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # cleaned up
     assert_metrics_close(read_metrics(killed), read_metrics(reference))
 
 
@@ -348,18 +379,22 @@ def test_corrupt_checkpoint(tmp_path, teacher, corpus, capsys, damage):
     args = base_args(out, teacher, corpus, steps=4, **{"checkpoint-every": 2})
     assert run_main(args, capsys)[0] == 0
     newest = out / "checkpoints" / "4"
-    if damage == "truncate":
-        victim = newest / "student.eqx"
-        victim.write_bytes(victim.read_bytes()[:100])
-    elif damage == "garbage":
-        victim = newest / "opt_state.eqx"
-        victim.write_bytes(victim.read_bytes() + b"junk")
+    if damage == "truncate":  # the biggest array data file, cut in half
+        victim = max((p for p in (newest / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        needle = str(newest)
+    elif damage == "garbage":  # the arrays' index overwritten
+        victims = [p for p in (newest / "arrays").rglob("manifest.ocdbt")]
+        for victim in victims:
+            victim.write_bytes(b"junk" * 64)
+        needle = str(newest)
     else:
-        victim = newest / "state.json"
+        victim = newest / "state" / "metadata"
         victim.write_text(victim.read_text()[:20])
+        needle = str(victim)
     before = snapshot(out)
     code, _, err = run_main(args, capsys)  # the same command resumes (and reads the checkpoint)
-    assert_one_line_error(code, err, str(victim), "corrupt or truncated")
+    assert_one_line_error(code, err, needle, "corrupt or truncated")
     assert snapshot(out) == before
 
 

@@ -261,16 +261,17 @@ def test_mesh_run_equals_single_device_run(runs):
     np.testing.assert_allclose(a(tokens).logits, b(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mesh", ["data=4,layers=2", None])
-def test_checkpoint_resumes_on_another_mesh(runs, tmp_path, teacher, corpus, capsys, mesh):
+@pytest.mark.parametrize("source, mesh", [("mesh", "data=4,layers=2"), ("mesh", None), ("single", "data=2,layers=4")])
+def test_checkpoint_resumes_on_another_mesh(runs, tmp_path, teacher, corpus, capsys, source, mesh):
     """A checkpoint written on data=2,layers=4 resumes on another mesh and on one device,
-    and the replayed steps give the losses of the uninterrupted run."""
+    one written on one device resumes on 8, and the replayed steps give the losses of the
+    uninterrupted run."""
     out = tmp_path / "resumed"
-    shutil.copytree(runs / "mesh", out)
-    shutil.rmtree(out / "checkpoints" / "6")  # newest left: step 3, written on data=2,layers=4
+    shutil.copytree(runs / source, out)
+    shutil.rmtree(out / "checkpoints" / "6")  # newest left: step 3
     assert main(cli_args(out, teacher, corpus, mesh)) == 0
     assert "resuming from" in capsys.readouterr().err
-    assert_same_losses(read_metrics(out), read_metrics(runs / "mesh"))
+    assert_same_losses(read_metrics(out), read_metrics(runs / source))
 
 
 def test_bad_meshes_from_the_cli(tmp_path, teacher, corpus, capsys):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ._checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from ._checkpoint import Checkpointer, list_checkpoints, read_state
 from ._config import TransformerConfig
 from ._data import Batcher, ByteTokenizer, Dataset, Split, Tokenizer, eval_batches, load_dataset
 from ._io import (
@@ -447,28 +447,31 @@ def train(
     batcher = Batcher(*dataset.train, batch_size=cfg.batch_size, seed=cfg.seed)
     val = _val_batches(cfg, dataset)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    if mesh is not None:
+        model = shard_model(model, mesh)
+        opt_state = shard_opt_state(opt_state, model, mesh)
+    checkpointer = Checkpointer(run.out, keep=cfg.keep_checkpoints)
     start = 0
-    checkpoint = run.newest_checkpoint()
-    if checkpoint is not None:
-        model, opt_state, state = load_checkpoint(checkpoint, model, opt_state)
+    latest = checkpointer.latest()
+    if latest is not None:
+        # read straight onto this run's placement (any mesh, whatever wrote it)
+        model, opt_state, state = checkpointer.restore(latest, model, opt_state)
         batcher.load_state_dict(state["data"])
         start = state["step"]
         run.last_checkpoint = start
         run.truncate_metrics(start)
-        print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+        print(f"resuming from {checkpointer.path(latest)} (step {start})", file=sys.stderr)
     else:
         run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         run.metrics_path.write_text("")
-    if mesh is not None:
-        model = shard_model(model, mesh)
-        opt_state = shard_opt_state(opt_state, model, mesh)
     if run.writer:
         write_json(run.out / "config.json", {"command": run.kind, **cfg.to_dict()})
     run.open_writers()
 
     def save(step: int) -> None:
+        # asynchronous: returns once the arrays are off the devices, written meanwhile
         state = {"data": batcher.state_dict(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
-        save_checkpoint(run.out, step, model, opt_state, state, keep=cfg.keep_checkpoints)
+        checkpointer.save(step, model, opt_state, state)
         run.last_checkpoint = step
 
     def do_eval(step: int) -> dict[str, float]:
@@ -536,6 +539,7 @@ def train(
     finally:
         if progress is not None:
             progress.close()
+        checkpointer.close()  # the last save is on disk before the run returns
         _restore_handlers(previous)
         run.close_writers()
         run.plot()

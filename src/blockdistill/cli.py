@@ -48,10 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> None:
     import pathlib
 
-    from ._checkpoint import MODEL_FILE as CKPT_MODEL, list_checkpoints, read_state
+    from ._checkpoint import is_checkpoint, list_checkpoints, load_checkpoint_model, read_state
     from ._config import TransformerConfig
     from ._hf import to_hf
-    from ._io import deserialise, load_model, load_tokenizer, tokenizer_record
+    from ._io import load_model, load_tokenizer, tokenizer_record
 
     source = pathlib.Path(args.source)
     if not source.exists():
@@ -62,7 +62,7 @@ def _export(args) -> None:
         tokenizer_dir = model_dir
     else:
         checkpoint = None
-        if (source / CKPT_MODEL).is_file():
+        if is_checkpoint(source):
             checkpoint = source
         elif list_checkpoints(source):
             checkpoint = list_checkpoints(source)[-1]
@@ -76,7 +76,7 @@ def _export(args) -> None:
             config = TransformerConfig.from_dict(state["student_config"] if "student_config" in state
                                                  else state["model_config"])
             like = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
-            model = deserialise(checkpoint / CKPT_MODEL, like)
+            model = load_checkpoint_model(checkpoint, like)
             tokenizer_dir = checkpoint.parent.parent / "tokenizer"  # the run's
             if not tokenizer_dir.is_dir():
                 raise FileNotFoundError(
