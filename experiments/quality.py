@@ -305,16 +305,16 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     import jax
     import jax.numpy as jnp
 
-    from blockdistill._data import Batcher, load_dataset
-    from blockdistill._io import load_tokenizer
     from blockdistill._loop import distill_steps, load_teacher_and_student, stage_of
+    from blockdistill._store import token_dataset
+    from blockdistill._tokenizers import load_tokenizer
 
     programs: dict[tuple[tuple[str, str, str], int], Any] = {}
     for cell in cells:
         cfg = config_for(Run(*cell, seed=0), ROOT / "unused", quick, extra)
-        dataset = load_dataset(cfg.data, load_tokenizer(cfg.teacher), cfg.seq_len, cfg.val_fraction)
+        dataset = token_dataset(cfg.data, load_tokenizer(cfg.teacher), cfg.seq_len, cfg.val_fraction)
         teacher, student = load_teacher_and_student(cfg, dataset)
-        tokens, mask, segments = (jnp.asarray(a) for a in next(Batcher(*dataset.train, batch_size=cfg.batch_size, seed=0)))
+        tokens, mask, segments = (jnp.asarray(a) for a in dataset.train.take(range(cfg.batch_size)))
         _, steps = distill_steps(cfg)  # the run's own programs, one per stage
         stages = [stage_of(cfg, i) for i in range(cfg.steps)]
         for stage, step in enumerate(steps):
@@ -345,7 +345,7 @@ def measured_step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra:
     """Step seconds per program of every cell (`step_seconds`), kept in `path` for the
     teacher `teacher`: the cells not there yet, and always the main job's, are measured
     side by side first."""
-    from blockdistill._io import write_json
+    from blockdistill._files import write_json
 
     kept = json.loads(path.read_text()) if path.exists() else {"teacher_sha256": teacher, "seconds": {}}
     if kept.get("teacher_sha256") != teacher:
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(results_path)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
-        from blockdistill._io import write_json  # atomic
+        from blockdistill._files import write_json  # atomic
 
         teacher = teacher_identity(extra.get("teacher"))
         foreign = sorted(n for n, r in results.items() if r.get("teacher_sha256") != teacher)

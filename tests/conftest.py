@@ -1,6 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# token stores built by the tests go to a folder of their own, not the user's cache
+os.environ["BLOCKDISTILL_CACHE"] = tempfile.mkdtemp(prefix="blockdistill-test-cache-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

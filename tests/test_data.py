@@ -7,9 +7,7 @@ import pytest
 
 from blockdistill._data import (
     Batcher,
-    ByteTokenizer,
     Document,
-    Tokenizer,
     default_corpus,
     eval_batches,
     load_dataset,
@@ -18,6 +16,7 @@ from blockdistill._data import (
     read_corpus,
     split_documents,
 )
+from blockdistill._tokenizers import ByteTokenizer, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -293,6 +293,18 @@ class ExampleFixtures:
     def make_dataset(self):
         return bd.load_dataset(self.corpus, bd.ByteTokenizer(), seq_len=16)
 
+    def make_tokenizer(self):
+        return bd.ByteTokenizer()
+
+    def make_data(self):
+        return bd.token_dataset(self.corpus, bd.ByteTokenizer(), seq_len=16)
+
+    def make_rows(self):
+        return self.get("data").train
+
+    def make_store(self):
+        return self.get("data").store
+
     def make_batcher(self):
         return bd.Batcher(*self.get("dataset").train, batch_size=8, seed=0)
 

@@ -15,7 +15,9 @@ import torch
 import transformers
 
 import blockdistill as bd
-from blockdistill._hf import HFTokenizer, from_hf, load_hf_tokenizer, to_hf
+from blockdistill._hf import from_hf, to_hf
+from blockdistill._tokenizers import HFTokenizer, load_hf_tokenizer
+from helpers import make_tokenizer_dir
 
 SMALL = dict(
     vocab_size=128,
@@ -406,26 +408,6 @@ def test_to_hf_rejects_what_hf_cannot_hold(tmp_path):
 
 
 # ----------------------------------------------------------------------------- tokenizer
-
-
-def make_tokenizer_dir(folder):
-    """A small byte-level BPE tokenizer trained here (no download) with an EOS token."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<|bos|>", "<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    text = ["hello world, hello tokenizer", "def f(x):\n    return x + 1\n"] * 20
-    tokenizer.train_from_iterator(text, trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
-    return folder
 
 
 def test_hf_tokenizer(tmp_path):

@@ -12,9 +12,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import blockdistill as bd
+from blockdistill.testing import hlo_collectives
 from blockdistill._parallel import (
     check_mesh,
-    hlo_collectives,
     host_arrays,
     make_mesh,
     parse_mesh,

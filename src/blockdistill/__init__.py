@@ -10,11 +10,11 @@ from ._attention import (
 from ._config import RopeScaling as RopeScaling, TransformerConfig as TransformerConfig
 from ._data import (
     Batcher as Batcher,
-    ByteTokenizer as ByteTokenizer,
+    CorpusFiles as CorpusFiles,
     Dataset as Dataset,
     Document as Document,
     Split as Split,
-    Tokenizer as Tokenizer,
+    corpus_files as corpus_files,
     default_corpus as default_corpus,
     default_corpus_root as default_corpus_root,
     eval_batches as eval_batches,
@@ -24,13 +24,23 @@ from ._data import (
     read_corpus as read_corpus,
     split_documents as split_documents,
 )
-from ._hf import (
-    HFTokenizer as HFTokenizer,
-    from_hf as from_hf,
-    load_hf_tokenizer as load_hf_tokenizer,
-    to_hf as to_hf,
+from ._hf import from_hf as from_hf, to_hf as to_hf
+from ._io import load_model as load_model, save_model as save_model
+from ._store import (
+    PackedRows as PackedRows,
+    TokenDataset as TokenDataset,
+    TokenStore as TokenStore,
+    batch_iterator as batch_iterator,
+    token_dataset as token_dataset,
+    token_store as token_store,
 )
-from ._io import load_model as load_model, load_tokenizer as load_tokenizer, save_model as save_model
+from ._tokenizers import (
+    ByteTokenizer as ByteTokenizer,
+    HFTokenizer as HFTokenizer,
+    Tokenizer as Tokenizer,
+    load_hf_tokenizer as load_hf_tokenizer,
+    load_tokenizer as load_tokenizer,
+)
 from ._layer import MLP as MLP, DecoderLayer as DecoderLayer
 from ._model import ModelOutput as ModelOutput, Transformer as Transformer
 from ._flops import layer_flops as layer_flops, pretrain_flops as pretrain_flops, step_flops as step_flops
@@ -42,13 +52,13 @@ from ._objective import (
     next_token_cross_entropy as next_token_cross_entropy,
 )
 from ._parallel import (
-    Collective as Collective,
     check_mesh as check_mesh,
-    hlo_collectives as hlo_collectives,
     host_arrays as host_arrays,
     make_mesh as make_mesh,
     parse_mesh as parse_mesh,
+    process_rows as process_rows,
     shard_batch as shard_batch,
+    shard_local_batch as shard_local_batch,
     shard_model as shard_model,
     shard_opt_state as shard_opt_state,
 )
@@ -72,16 +82,24 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "Collective",
     "check_mesh",
-    "hlo_collectives",
     "host_arrays",
     "make_mesh",
     "parse_mesh",
+    "process_rows",
     "shard_batch",
+    "shard_local_batch",
     "shard_model",
     "shard_opt_state",
     "Batcher",
+    "CorpusFiles",
+    "PackedRows",
+    "TokenDataset",
+    "TokenStore",
+    "batch_iterator",
+    "corpus_files",
+    "token_dataset",
+    "token_store",
     "ByteTokenizer",
     "Dataset",
     "Document",

@@ -23,7 +23,8 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from ._io import PathLike, deserialise
+from ._files import PathLike
+from ._io import deserialise
 
 STATE_ITEM = "state"
 ARRAYS_ITEM = "arrays"

@@ -12,10 +12,12 @@ import os
 import pathlib
 import sysconfig
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 from jaxtyping import Bool, Int
+
+from ._tokenizers import Tokenizer
 
 #: Folders of the standard library left out of the default corpus: installed packages,
 #: test suites, the IDLE editor, build configuration, generated documentation topics and
@@ -34,134 +36,6 @@ _STDLIB_EXCLUDED_DIRS = frozenset(
     }
 )
 _GLOB_MAGIC = frozenset("*?[")
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the data pipeline needs from a tokenizer.
-
-    [`blockdistill.ByteTokenizer`][] implements it; so does the Hugging Face wrapper.
-
-    - `vocab_size`: number of token ids; every id is in `[0, vocab_size)`.
-    - `bos_id`: the id that starts every document when documents are packed (the
-      tokenizer's beginning-of-sequence token, which a model trained with it expects at
-      the start of each document), or `None` when the tokenizer has none.
-    - `pad_id`: the id that fills the unused end of the last packed row (masked out).
-    - `encode(text)`: a 1-D integer array of token ids (no special tokens added).
-    - `decode(ids)`: the text of a 1-D sequence of ids.
-
-    **Example:**
-
-    ```python
-    def check(tokenizer: bd.Tokenizer) -> None:
-        assert tokenizer.decode(tokenizer.encode("def f():")) == "def f():"
-
-    check(bd.ByteTokenizer())
-    ```
-    """
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def bos_id(self) -> int | None: ...
-
-    @property
-    def pad_id(self) -> int: ...
-
-    def encode(self, text: str) -> np.ndarray: ...
-
-    def decode(self, ids: Any) -> str: ...
-
-
-class ByteTokenizer:
-    """Byte-level tokenizer: the token ids of a text are its UTF-8 bytes.
-
-    `vocab_size` is 256. `bos_id` (and `pad_id`) is 0, the NUL byte, which practically
-    never occurs in text or source code: every packed document starts with it, so the
-    model knows where a document begins. A text that does contain NUL bytes still
-    round-trips, but its NULs look like document starts to the model.
-
-    **Example:**
-
-    ```python
-    tokenizer = bd.ByteTokenizer()
-    ids = tokenizer.encode("héllo")   # int32 [104, 195, 169, 108, 108, 111]
-    tokenizer.decode(ids)             # "héllo"
-    ```
-    """
-
-    vocab_size: int = 256
-    bos_id: int | None = 0
-    pad_id: int = 0
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer()"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ByteTokenizer)
-
-    def __hash__(self) -> int:
-        return hash(ByteTokenizer)
-
-    def encode(self, text: str) -> Int[np.ndarray, " length"]:
-        """Token ids of `text`.
-
-        **Arguments:**
-
-        - `text`: any string.
-
-        **Returns:**
-
-        The UTF-8 bytes of `text` as an `int32` array.
-
-        **Example:**
-
-        ```python
-        bd.ByteTokenizer().encode("ab")  # array([97, 98], dtype=int32)
-        ```
-        """
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-    def decode(self, ids: Any) -> str:
-        """Text of a sequence of byte ids.
-
-        **Arguments:**
-
-        - `ids`: a 1-D sequence or array (numpy, JAX, list) of ids in `[0, 256)`.
-
-        **Returns:**
-
-        The bytes decoded as UTF-8; invalid sequences (for example a multi-byte
-        character cut in half at a sequence boundary) become U+FFFD rather than raising.
-
-        **Example:**
-
-        ```python
-        bd.ByteTokenizer().decode([104, 105])  # "hi"
-        ```
-        """
-        array = np.asarray(ids)
-        if array.ndim != 1:
-            raise ValueError(
-                f"ByteTokenizer.decode expects a 1-D sequence of ids, got shape "
-                f"{array.shape}"
-            )
-        if array.size == 0:
-            return ""
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(
-                f"ByteTokenizer.decode expects integer ids, got dtype {array.dtype}"
-            )
-        bad = (array < 0) | (array >= self.vocab_size)
-        if bad.any():
-            raise ValueError(
-                f"ByteTokenizer.decode: id {int(array[bad][0])} is outside [0, 256)"
-            )
-        return array.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------- corpora
@@ -195,8 +69,8 @@ def _read_text(path: pathlib.Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def _read_jsonl(path: pathlib.Path, name: str) -> list[Document]:
-    documents = []
+def _read_jsonl(path: pathlib.Path, name: str):
+    """The documents of a JSONL file, one line at a time."""
     with path.open("rb") as file:
         for lineno, raw in enumerate(file, start=1):
             line = raw.decode("utf-8", errors="replace")
@@ -213,27 +87,109 @@ def _read_jsonl(path: pathlib.Path, name: str) -> list[Document]:
                     f"{path}:{lineno}: expected a JSON object with a string "
                     '"text" field'
                 )
-            documents.append(Document(name=f"{name}:{lineno}", text=record["text"]))
-    return documents
+            yield Document(name=f"{name}:{lineno}", text=record["text"])
 
 
-def _read_file(path: pathlib.Path, name: str) -> list[Document]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, name)
-    return [Document(name=name, text=_read_text(path))]
+def _named(files: Sequence[pathlib.Path], root: pathlib.Path) -> tuple[tuple[str, pathlib.Path], ...]:
+    return tuple(sorted((file.relative_to(root).as_posix(), file) for file in files))
 
 
-def _read_files(
-    files: Sequence[pathlib.Path], root: pathlib.Path, source: str
-) -> list[Document]:
-    named = sorted((file.relative_to(root).as_posix(), file) for file in files)
-    documents = []
-    for name, file in named:
-        documents.extend(_read_file(file, name))
-    documents = [document for document in documents if document.text]
-    if not documents:
-        raise ValueError(f"corpus {source!r} is empty: no non-empty documents found")
-    return documents
+@dataclasses.dataclass(frozen=True)
+class CorpusFiles:
+    """The files of a corpus, resolved but not read: `files` are `(name, path)` pairs in
+    the corpus order (sorted by name); `source` is what was asked for. Build it with
+    [`blockdistill.corpus_files`][].
+
+    **Example:**
+
+    ```python
+    corpus = bd.corpus_files("my_project/", glob="**/*.py")
+    corpus.files[0]          # ("__init__.py", PosixPath("my_project/__init__.py"))
+    corpus.fingerprint()     # names, sizes and modification times
+    ```
+    """
+
+    source: str
+    files: tuple[tuple[str, pathlib.Path], ...]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the corpus's content cheaply: every file's name, size and
+        modification time (a changed file changes it)."""
+        entries = []
+        for name, path in self.files:
+            stat = path.stat()
+            entries.append([name, stat.st_size, stat.st_mtime_ns])
+        return {"source": self.source, "files": entries}
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for _, path in self.files)
+
+
+def iter_documents(corpus: CorpusFiles):
+    """The non-empty documents of `corpus`, one file (or JSONL line) at a time: a corpus
+    larger than memory streams through."""
+    for name, path in corpus.files:
+        if path.suffix == ".jsonl":
+            yield from (d for d in _read_jsonl(path, name) if d.text)
+        else:
+            text = _read_text(path)
+            if text:
+                yield Document(name=name, text=text)
+
+
+def corpus_files(path: str | os.PathLike | None, glob: str | None = None) -> CorpusFiles:
+    """Resolve a corpus path (see [`blockdistill.read_corpus`][]; `None`: the default
+    corpus) to its files, without reading them. Raises like `read_corpus` when the path
+    does not exist or matches no file.
+
+    **Example:**
+
+    ```python
+    corpus = bd.corpus_files("my_project/", glob="**/*.py")   # resolved, not read
+    documents = bd.read_corpus("my_project/", glob="**/*.py")  # the same files, read
+    ```
+    """
+    if path is None:
+        root = default_corpus_root()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"the standard library folder {str(root)!r} of this interpreter does not "
+                "exist, so the default corpus is unavailable"
+            )
+        files = [file for file in root.rglob("*.py")
+                 if _is_default_corpus_file(file.relative_to(root)) and file.is_file()]
+        return CorpusFiles("default", _named(files, root))
+    text_path = os.fspath(path)
+    candidate = pathlib.Path(text_path)
+    if candidate.is_file():
+        return CorpusFiles(text_path, _named([candidate], candidate.parent))
+    if candidate.is_dir():
+        pattern = "**/*.txt" if glob is None else glob
+        files = [file for file in candidate.glob(pattern) if file.is_file()]
+        if not files:
+            raise ValueError(
+                f"corpus {text_path!r} is empty: no files match {pattern!r} in it"
+            )
+        return CorpusFiles(text_path, _named(files, candidate))
+    parts = candidate.parts
+    if any(_GLOB_MAGIC & set(part) for part in parts):
+        fixed = []
+        for part in parts:
+            if _GLOB_MAGIC & set(part):
+                break
+            fixed.append(part)
+        root = pathlib.Path(*fixed) if fixed else pathlib.Path(".")
+        files = [
+            pathlib.Path(file)
+            for file in globlib.glob(text_path, recursive=True)
+            if os.path.isfile(file)
+        ]
+        if not files:
+            raise ValueError(
+                f"corpus {text_path!r} is empty: the pattern matches no files"
+            )
+        return CorpusFiles(text_path, _named(files, root))
+    raise FileNotFoundError(f"corpus path {text_path!r} does not exist")
 
 
 def read_corpus(path: str | os.PathLike, glob: str | None = None) -> list[Document]:
@@ -273,37 +229,11 @@ def read_corpus(path: str | os.PathLike, glob: str | None = None) -> list[Docume
     docs[0].name  # e.g. "__init__.py": names are relative to my_project/
     ```
     """
-    text_path = os.fspath(path)
-    candidate = pathlib.Path(text_path)
-    if candidate.is_file():
-        return _read_files([candidate], candidate.parent, text_path)
-    if candidate.is_dir():
-        pattern = "**/*.txt" if glob is None else glob
-        files = [file for file in candidate.glob(pattern) if file.is_file()]
-        if not files:
-            raise ValueError(
-                f"corpus {text_path!r} is empty: no files match {pattern!r} in it"
-            )
-        return _read_files(files, candidate, text_path)
-    parts = candidate.parts
-    if any(_GLOB_MAGIC & set(part) for part in parts):
-        fixed = []
-        for part in parts:
-            if _GLOB_MAGIC & set(part):
-                break
-            fixed.append(part)
-        root = pathlib.Path(*fixed) if fixed else pathlib.Path(".")
-        files = [
-            pathlib.Path(file)
-            for file in globlib.glob(text_path, recursive=True)
-            if os.path.isfile(file)
-        ]
-        if not files:
-            raise ValueError(
-                f"corpus {text_path!r} is empty: the pattern matches no files"
-            )
-        return _read_files(files, root, text_path)
-    raise FileNotFoundError(f"corpus path {text_path!r} does not exist")
+    corpus = corpus_files(path, glob)
+    documents = list(iter_documents(corpus))
+    if not documents:
+        raise ValueError(f"corpus {corpus.source!r} is empty: no non-empty documents found")
+    return documents
 
 
 def default_corpus_root() -> pathlib.Path:
@@ -356,18 +286,11 @@ def default_corpus() -> list[Document]:
     sum(len(doc.text) for doc in docs)  # about 9 million characters
     ```
     """
-    root = default_corpus_root()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"the standard library folder {str(root)!r} of this interpreter does not "
-            "exist, so the default corpus is unavailable"
-        )
-    files = [
-        file
-        for file in root.rglob("*.py")
-        if _is_default_corpus_file(file.relative_to(root)) and file.is_file()
-    ]
-    return _read_files(files, root, str(root))
+    corpus = corpus_files(None)
+    documents = list(iter_documents(corpus))
+    if not documents:
+        raise ValueError(f"corpus {str(default_corpus_root())!r} is empty: no non-empty documents found")
+    return documents
 
 
 # --------------------------------------------------------------------------- splitting

@@ -12,20 +12,20 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ._config import RopeScaling, TransformerConfig
-from ._io import write_folder_atomically
+from ._files import write_folder_atomically
+from ._tokenizers import _TOKENIZER_FILES, tokenizer_files_of
 from ._model import Transformer
 
 PathLike = str | os.PathLike
@@ -45,20 +45,6 @@ _OVERRIDABLE = ("scan_layers", "remat", "dtype", "max_seq_len", "attention_impl"
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
-#: Files of a Hugging Face tokenizer folder that `to_hf(tokenizer_from=...)` copies.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
 #: Tensors that some checkpoints carry but that hold nothing to load.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -423,11 +409,6 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
     return model
 
 
-def tokenizer_files_of(folder: Path) -> list[Path]:
-    """The Hugging Face tokenizer files (`_TOKENIZER_FILES`) that `folder` holds."""
-    return [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
-
-
 def _special_token_ids(tokenizer_from: Path) -> dict[str, Any]:
     """`bos/eos/pad_token_id` from a checkpoint's `config.json`, if it has one."""
     ids: dict[str, Any] = {}
@@ -524,178 +505,3 @@ def to_hf(
     out = Path(path)
     write_folder_atomically(out, write)
     return out
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _import_tokenizers():
-    try:
-        import tokenizers
-    except ImportError as error:
-        raise ImportError(
-            'HFTokenizer needs the optional dependency `tokenizers`: pip install "blockdistill[hf]"'
-        ) from error
-    return tokenizers
-
-
-def _token_name(value: Any) -> str | None:
-    """The text of a special token as `tokenizer_config.json` writes it (str or dict)."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _find_eos_id(folder: Path, tokenizer: Any) -> int | None:
-    """The EOS id: `config.json`, then the tokenizer's own files, then generation config."""
-    for file_name, key in (
-        (_CONFIG_FILE, "eos_token_id"),
-        ("tokenizer_config.json", "eos_token"),
-        ("special_tokens_map.json", "eos_token"),
-        ("generation_config.json", "eos_token_id"),
-    ):
-        file = folder / file_name
-        if not file.is_file():
-            continue
-        value = json.loads(file.read_text()).get(key)
-        if key == "eos_token_id":
-            if isinstance(value, list) and value:
-                value = value[0]
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        else:
-            name = _token_name(value)
-            token_id = None if name is None else tokenizer.token_to_id(name)
-            if token_id is not None:
-                return int(token_id)
-    return None
-
-
-def _find_bos_id(folder: Path, tokenizer: Any) -> int | None:
-    """The id the tokenizer itself puts before a text, if any.
-
-    First the tokenizer's own post-processor (what `encode(text, add_special_tokens=True)`
-    prepends, as the model saw in training), then `tokenizer_config.json` when it says
-    `add_bos_token: true` and names its `bos_token`.
-    """
-    plain = tokenizer.encode("a", add_special_tokens=False).ids
-    special = tokenizer.encode("a", add_special_tokens=True).ids
-    if len(special) > len(plain) and special[1 : 1 + len(plain)] == plain:
-        return int(special[0])
-    file = folder / "tokenizer_config.json"
-    if file.is_file():
-        config = json.loads(file.read_text())
-        name = _token_name(config.get("bos_token"))
-        if config.get("add_bos_token") is True and name is not None:
-            token_id = tokenizer.token_to_id(name)
-            if token_id is not None:
-                return int(token_id)
-    return None
-
-
-class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`) with blockdistill's
-    tokenizer interface.
-
-    Needs the optional dependency `tokenizers` (`pip install "blockdistill[hf]"`).
-
-    **Arguments:**
-
-    - `folder`: a folder holding `tokenizer.json`, typically a HF checkpoint.
-    - `bos_id`: the id that starts every packed document. `"auto"` (default): the
-      beginning-of-sequence token the tokenizer itself adds before a text (its
-      post-processor, e.g. Llama's `<|begin_of_text|>`, or `add_bos_token` with
-      `bos_token` in `tokenizer_config.json`), or `None` when it adds none (e.g. Qwen2).
-    - `pad_id`: the id of padding (masked out everywhere); default the EOS id named by
-      the folder's `config.json` (`eos_token_id`, the first one if a list) or its
-      tokenizer files (`eos_token`), else the BOS id, else 0.
-
-    **Attributes:** `vocab_size` (ids, added tokens included), `bos_id` and `pad_id`.
-
-    **Example:**
-
-    ```python
-    tokenizer = bd.HFTokenizer("checkpoints/SmolLM2-135M")
-    ids = tokenizer.encode("def f(x):")   # int32 numpy array, no special tokens
-    tokenizer.decode(ids)                  # "def f(x):"
-    ```
-    """
-
-    vocab_size: int
-    bos_id: int | None
-    pad_id: int
-
-    def __init__(
-        self,
-        folder: PathLike,
-        *,
-        bos_id: int | None | Literal["auto"] = "auto",
-        pad_id: int | None = None,
-    ):
-        tokenizers = _import_tokenizers()
-        self.folder = Path(folder)
-        file = self.folder / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{self.folder} has no tokenizer.json")
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(file))
-        self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
-        if bos_id == "auto":
-            bos_id = _find_bos_id(self.folder, self.tokenizer)
-        if pad_id is None:
-            pad_id = _find_eos_id(self.folder, self.tokenizer)
-        if pad_id is None:
-            pad_id = 0 if bos_id is None else bos_id
-        for name, value in (("bos_id", bos_id), ("pad_id", pad_id)):
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(
-                    f"HFTokenizer {name}={value} is outside the vocabulary of {self.vocab_size} ids"
-                )
-        self.bos_id = bos_id
-        self.pad_id = pad_id
-
-    def __repr__(self) -> str:
-        return (
-            f"HFTokenizer({str(self.folder)!r}, vocab_size={self.vocab_size}, "
-            f"bos_id={self.bos_id}, pad_id={self.pad_id})"
-        )
-
-    def encode(self, text: str) -> Int[np.ndarray, " n"]:
-        """Token ids of `text` (int32), without any special tokens added.
-
-        **Example:**
-
-        ```python
-        ids = tokenizer.encode("hello world")
-        ```
-        """
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return np.asarray(ids, dtype=np.int32).reshape(-1)
-
-    def decode(self, ids: Int[np.ndarray, " n"] | Int[Array, " n"] | Sequence[int]) -> str:
-        """The text of a sequence of token ids (special tokens are kept).
-
-        **Example:**
-
-        ```python
-        text = tokenizer.decode(tokenizer.encode("hello world"))
-        ```
-        """
-        as_list = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return self.tokenizer.decode(as_list, skip_special_tokens=False)
-
-
-def load_hf_tokenizer(folder: PathLike) -> HFTokenizer | None:
-    """The [`blockdistill.HFTokenizer`][] of a folder, or `None` if it has no
-    `tokenizer.json` (e.g. a byte-level model, or only a sentencepiece `tokenizer.model`).
-
-    **Example:**
-
-    ```python
-    tokenizer = bd.load_hf_tokenizer("checkpoints/SmolLM2-135M")
-    if tokenizer is None:
-        ...  # fall back to a byte-level tokenizer
-    ```
-    """
-    if not (Path(folder) / "tokenizer.json").is_file():
-        return None
-    return HFTokenizer(folder)

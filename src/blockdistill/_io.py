@@ -1,210 +1,18 @@
 """Saving and loading models and their tokenizers: atomic folders, the blockdistill
 format, the shipped teacher."""
 
-import hashlib
 import json
-import os
 import pathlib
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 
 from ._config import TransformerConfig
-from ._data import ByteTokenizer, Tokenizer
+from ._files import CONFIG_FILE, FORMAT, MODEL_FILE, SHIPPED_TEACHER, PathLike, write_folder_atomically
+from ._hf import from_hf
 from ._model import Transformer
-
-PathLike = str | os.PathLike
-MODEL_FILE = "model.eqx"
-CONFIG_FILE = "config.json"
-FORMAT = "blockdistill"
-SHIPPED_TEACHER = pathlib.Path(__file__).parent / "assets" / "teacher"
-
-
-def write_folder_atomically(path: PathLike, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
-    """Run `write(tmp)` on a fresh folder next to `path`, then rename it to `path`.
-
-    Readers see either the old folder or the complete new one, never a half-written one;
-    a crash leaves at most a hidden `.NAME.tmp-*` folder, which is removed on error.
-    """
-    path = pathlib.Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for file in tmp.iterdir():
-            if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def write_json(path: PathLike, data: Any) -> None:
-    """Write JSON to `path` atomically (temporary file + rename)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-TOKENIZER_KEY = "tokenizer"
-
-
-def tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
-    """What a saved folder records about its tokenizer: `{"kind": "byte"}`, or for a
-    Hugging Face tokenizer its BOS and padding ids, vocabulary size and the SHA-256 of its
-    `tokenizer.json` (the files themselves are copied next to it)."""
-    from ._hf import HFTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):
-        return {"kind": "byte"}
-    if isinstance(tokenizer, HFTokenizer):
-        digest = hashlib.sha256((tokenizer.folder / "tokenizer.json").read_bytes()).hexdigest()
-        return {"kind": "hf", "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id,
-                "vocab_size": tokenizer.vocab_size, "sha256": digest}
-    raise ValueError(
-        f"cannot record tokenizer {tokenizer!r}: only ByteTokenizer and HFTokenizer can be saved"
-    )
-
-
-def write_tokenizer(tokenizer: Tokenizer, folder: pathlib.Path) -> dict[str, Any]:
-    """Copy a tokenizer's files into `folder` (nothing for bytes); return its record."""
-    record = tokenizer_record(tokenizer)
-    if record["kind"] == "hf":
-        from ._hf import tokenizer_files_of
-
-        for file in tokenizer_files_of(tokenizer.folder):
-            shutil.copyfile(file, folder / file.name)
-    return record
-
-
-def read_tokenizer_record(folder: PathLike) -> dict[str, Any]:
-    """The tokenizer record of a saved folder (`{}` when it records none)."""
-    meta = json.loads((pathlib.Path(folder) / CONFIG_FILE).read_text())
-    return meta.get(TOKENIZER_KEY, {})
-
-
-def _tokenizer_from_record(folder: pathlib.Path, record: dict[str, Any]) -> Tokenizer:
-    if record.get("kind") == "byte":
-        return ByteTokenizer()
-    if record.get("kind") == "hf":
-        from ._hf import HFTokenizer
-
-        if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(
-                f"{folder} records a Hugging Face tokenizer but its tokenizer.json is missing"
-            )
-        return HFTokenizer(folder, bos_id=record.get("bos_id"), pad_id=record.get("pad_id"))
-    raise ValueError(f"{folder / CONFIG_FILE}: unknown tokenizer record {record!r}")
-
-
-TOKENIZER_FORMAT = "blockdistill-tokenizer"
-
-
-def save_tokenizer(tokenizer: Tokenizer, path: PathLike) -> pathlib.Path:
-    """Write a tokenizer folder (its record in `config.json`, and a Hugging Face
-    tokenizer's files), atomically; [`blockdistill.load_tokenizer`][] reads it back."""
-
-    def write(folder: pathlib.Path) -> None:
-        meta = {"format": TOKENIZER_FORMAT, TOKENIZER_KEY: write_tokenizer(tokenizer, folder)}
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-    return write_folder_atomically(path, write)
-
-
-def _vocab_size_of(meta: dict[str, Any]) -> int | None:
-    if meta.get("format") == TOKENIZER_FORMAT:
-        return None
-    if meta.get("format") == FORMAT:
-        return int(meta["config"]["vocab_size"])
-    size = meta.get("vocab_size", meta.get("text_config", {}).get("vocab_size"))
-    return int(size) if isinstance(size, int) else None
-
-
-def load_tokenizer(path: PathLike, tokenizer: PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a model folder.
-
-    - a blockdistill folder ([`blockdistill.save_model`][], or a run's `tokenizer/`
-      folder) uses the tokenizer it recorded (the byte tokenizer, or the Hugging Face
-      tokenizer whose files were copied into it); a folder saved before tokenizers were recorded is taken as byte-level
-      only if its vocabulary has 256 ids, and is an error otherwise;
-    - a Hugging Face checkpoint folder uses its `tokenizer.json`.
-
-    `tokenizer` (a folder with `tokenizer.json`, or `"byte"`) overrides that. In every
-    case a tokenizer with more ids than the model's vocabulary is a `ValueError` naming
-    both sizes.
-
-    **Arguments:**
-
-    - `path`: the model folder; `"shipped"` for the shipped teacher.
-    - `tokenizer`: optional override.
-
-    **Returns:** a [`blockdistill.Tokenizer`][].
-
-    **Example:**
-
-    ```python
-    bd.load_tokenizer("shipped")  # ByteTokenizer()
-    ```
-    """
-    path = SHIPPED_TEACHER if str(path) == "shipped" else pathlib.Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"model folder {path} has no {CONFIG_FILE}")
-    meta = json.loads(config_file.read_text())
-    vocab_size = _vocab_size_of(meta)
-    if tokenizer is not None:
-        if str(tokenizer) == "byte":
-            found: Tokenizer = ByteTokenizer()
-        else:
-            from ._hf import HFTokenizer
-
-            found = HFTokenizer(tokenizer)
-        source = f"tokenizer {tokenizer}"
-    elif meta.get("format") in (FORMAT, TOKENIZER_FORMAT) and TOKENIZER_KEY in meta:
-        found, source = _tokenizer_from_record(path, meta[TOKENIZER_KEY]), f"the tokenizer recorded in {path}"
-    elif meta.get("format") != FORMAT and (path / "tokenizer.json").is_file():
-        from ._hf import HFTokenizer
-
-        found, source = HFTokenizer(path), f"the tokenizer.json of {path}"
-    elif vocab_size == ByteTokenizer.vocab_size:
-        found, source = ByteTokenizer(), f"the byte tokenizer (the 256-id vocabulary of {path})"
-    else:
-        raise ValueError(
-            f"{path} records no tokenizer and its vocabulary of {vocab_size} ids is not the "
-            f"byte tokenizer's {ByteTokenizer.vocab_size}: pass the tokenizer's folder "
-            "(--tokenizer FOLDER)"
-        )
-    if vocab_size is not None and found.vocab_size > vocab_size:
-        raise ValueError(
-            f"{source} has {found.vocab_size} ids but the model {path} has a vocabulary of "
-            f"{vocab_size}: it is not this model's tokenizer"
-        )
-    return found
-
+from ._tokenizers import TOKENIZER_KEY, Tokenizer, write_tokenizer
 
 # ----------------------------------------------------------------------------- models
 
@@ -314,8 +122,6 @@ def load_model(path: PathLike, **config_changes: Any) -> Transformer:
         config = config.replace(**config_changes)
         like = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
         return deserialise(path / MODEL_FILE, like)
-    from ._hf import from_hf
-
     return from_hf(path, **config_changes)
 
 

@@ -25,17 +25,19 @@ from jax.sharding import Mesh
 
 from ._checkpoint import Checkpointer, list_checkpoints, read_state
 from ._config import TransformerConfig
-from ._data import Batcher, ByteTokenizer, Dataset, Split, Tokenizer, eval_batches, load_dataset
-from ._io import (
+from ._data import Batcher, Split, eval_batches
+from ._files import write_json
+from ._io import read_model_config, save_model
+from ._tokenizers import (
+    ByteTokenizer,
+    Tokenizer,
     load_tokenizer,
-    read_model_config,
     read_tokenizer_record,
-    save_model,
     save_tokenizer,
     tokenizer_record,
-    write_json,
 )
 from ._flops import pretrain_flops, step_flops
+from ._store import PackedRows, TokenDataset, batch_iterator, token_dataset
 from ._metrics import MetricsWriter, TensorBoardWriter, WandbWriter
 from ._model import Transformer
 from ._prune import StudentConfig
@@ -46,7 +48,9 @@ from ._parallel import (
     host_arrays,
     make_mesh,
     parse_mesh,
+    process_rows,
     shard_batch,
+    shard_local_batch,
     shard_model,
     shard_opt_state,
 )
@@ -194,21 +198,56 @@ def evaluate(model: Transformer, batches: list[Split], mesh: Mesh | None = None)
     return float(np.sum(total) / max(np.sum(count), 1.0))
 
 
-def _val_batches(cfg: RunConfig | EvalConfig, dataset: Dataset) -> list[Split]:
+def _val_batches(cfg: RunConfig | EvalConfig, dataset: TokenDataset) -> list[Split]:
     return eval_batches(
-        *dataset.val, batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
-        pad_id=dataset.tokenizer.pad_id,
+        *dataset.val.materialize(cfg.eval_batches * cfg.batch_size), batch_size=cfg.batch_size,
+        max_batches=cfg.eval_batches, pad_id=dataset.tokenizer.pad_id,
     )
 
 
-def _batch_size_check(cfg: RunConfig, dataset: Dataset) -> None:
-    n = dataset.train.tokens.shape[0]
+def _open_dataset(cfg: RunConfig | EvalConfig, tokenizer: Tokenizer) -> TokenDataset:
+    """The run's corpus: tokenized once into a token store (reused by later runs), packed
+    on demand."""
+    show = getattr(cfg, "progress", False) and jax.process_index() == 0
+    return token_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob,
+                         cache=cfg.token_cache, progress=show)
+
+
+class _Batches:
+    """A run's training batches: the Grain pipeline (`batch_iterator`), this process's
+    rows of each global batch only; its position is JSON for the checkpoint. A checkpoint
+    written before the pipeline (a `Batcher` position) resumes with that `Batcher`."""
+
+    def __init__(self, rows: PackedRows, cfg: RunConfig, share: slice | None):
+        self.rows, self.cfg, self.share = rows, cfg, share
+        self.iterator = batch_iterator(rows, batch_size=cfg.batch_size, seed=cfg.seed, share=share)
+        self.legacy: Batcher | None = None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if {"epoch", "index"} <= state.keys():
+            self.legacy = Batcher(*self.rows.materialize(), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+            self.legacy.load_state_dict(state)
+        else:
+            self.iterator.set_state(state)
+
+    def __next__(self) -> Split:
+        if self.legacy is None:
+            return next(self.iterator)
+        batch = next(self.legacy)
+        return Split(*(array[self.share or slice(None)] for array in batch))
+
+    def state(self) -> dict[str, Any]:
+        return self.legacy.state_dict() if self.legacy is not None else self.iterator.get_state()
+
+
+def _batch_size_check(cfg: RunConfig, dataset: TokenDataset) -> None:
+    n = len(dataset.train)
     if cfg.batch_size > n:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is larger than the training split of "
             f"{dataset.source!r} ({n} sequences of {cfg.seq_len} tokens)"
         )
-    if dataset.val.tokens.shape[0] == 0:
+    if len(dataset.val) == 0:
         raise ConfigError(f"corpus {dataset.source!r} leaves no validation sequences (val_fraction={cfg.val_fraction})")
 
 
@@ -433,7 +472,7 @@ def train(
     model: Transformer,
     optimizer: optax.GradientTransformation,
     stepper: _Stepper,
-    dataset: Dataset,
+    dataset: TokenDataset,
     extra_state: dict[str, Any],
     mesh: Mesh | None = None,
 ) -> dict[str, Any]:
@@ -444,7 +483,7 @@ def train(
     is split over its `data` axis.
     """
     cfg = run.cfg
-    batcher = Batcher(*dataset.train, batch_size=cfg.batch_size, seed=cfg.seed)
+    batches = _Batches(dataset.train, cfg, None if mesh is None else process_rows(mesh, cfg.batch_size))
     val = _val_batches(cfg, dataset)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     if mesh is not None:
@@ -456,7 +495,7 @@ def train(
     if latest is not None:
         # read straight onto this run's placement (any mesh, whatever wrote it)
         model, opt_state, state = checkpointer.restore(latest, model, opt_state)
-        batcher.load_state_dict(state["data"])
+        batches.restore(state["data"])
         start = state["step"]
         run.last_checkpoint = start
         run.truncate_metrics(start)
@@ -470,7 +509,7 @@ def train(
 
     def save(step: int) -> None:
         # asynchronous: returns once the arrays are off the devices, written meanwhile
-        state = {"data": batcher.state_dict(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
+        state = {"data": batches.state(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
         checkpointer.save(step, model, opt_state, state)
         run.last_checkpoint = step
 
@@ -495,7 +534,11 @@ def train(
         step = start
         last_record: dict = {}
         while step < cfg.steps and not run.stop_requested:
-            tokens, mask, segment_ids = _place_batch(mesh, next(batcher))
+            batch = next(batches)
+            if mesh is None:
+                tokens, mask, segment_ids = (jnp.asarray(array) for array in batch)
+            else:  # this process's rows of the global batch
+                tokens, mask, segment_ids = shard_local_batch(mesh, cfg.batch_size, *batch)
             model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, segment_ids, step)
             step += 1
             if run.pending:
@@ -579,7 +622,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train a model from scratch with next-token cross-entropy (`blockdistill pretrain`)."""
     out = _prepare_out(cfg, "runs/pretrain")
     tokenizer = ByteTokenizer()
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
     model_cfg = TransformerConfig(
         vocab_size=tokenizer.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
@@ -639,7 +682,7 @@ def _count_params(model: eqx.Module) -> int:
 # ----------------------------------------------------------------------------- distill
 
 
-def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teacher, Transformer]:
+def load_teacher_and_student(cfg: DistillConfig, dataset: TokenDataset) -> tuple[Teacher, Transformer]:
     """The frozen teacher and the initial student the config describes."""
     from ._io import load_model
     from ._prune import make_student
@@ -668,9 +711,8 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: Dataset) -> tuple[Teac
             )
         return Teacher(teacher_model), student
     student_cfg = student_config(cfg)
-    n_calibration = min(cfg.calibration_batches * cfg.batch_size, dataset.train.tokens.shape[0])
     calibration, calibration_mask, calibration_segments = (
-        jnp.asarray(array[:n_calibration]) for array in dataset.train
+        jnp.asarray(array) for array in dataset.train.materialize(cfg.calibration_batches * cfg.batch_size)
     )
     student = make_student(
         teacher_model, student_cfg, calibration, calibration_mask=calibration_mask,
@@ -724,7 +766,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     run = Run(cfg, out, "distill")
     if (checkpoint := run.newest_checkpoint()) is not None:
         cfg = run.cfg = run.check_resumable(checkpoint)
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
     teacher, student = load_teacher_and_student(cfg, dataset)
     objectives, steps = distill_steps(cfg, mesh)
@@ -789,7 +831,7 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
 
     model = load_model(cfg.model, dtype=cfg.dtype)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction, glob=cfg.data_glob)
+    dataset = _open_dataset(cfg, tokenizer)
     val = _val_batches(cfg, dataset)
     loss = evaluate(model, val)
     line = f"{cfg.model}: eval loss {loss:.4f} nats/token"

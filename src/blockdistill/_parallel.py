@@ -21,7 +21,6 @@ The rules:
   by default) is replicated.
 """
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -291,6 +290,53 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     return tuple(placed)
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of a global batch of `batch_size` that this process's devices hold when
+    the batch is split over `data` (all of them with one process): the only rows this
+    process needs to read. A `ValueError` when they are not one contiguous range.
+
+    **Example:**
+
+    ```python
+    share = bd.process_rows(mesh, batch_size=32)   # e.g. slice(16, 32) on process 1 of 2
+    ```
+    """
+    check_mesh(mesh, batch_size=batch_size)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = sorted({i for index in index_map.values() for i in range(*index[0].indices(batch_size))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(f"the devices of process {jax.process_index()} hold rows {rows} of each batch of "
+                         f"{batch_size} on mesh {dict(mesh.shape)}: not one range; order the mesh's devices "
+                         "by process")
+    return slice(rows[0], rows[-1] + 1)
+
+
+def shard_local_batch(mesh: Mesh, batch_size: int, *arrays: Any) -> tuple[jax.Array, ...]:
+    """Global batch arrays over `data` built from this process's rows only
+    (`process_rows(mesh, batch_size)` of each global batch, as a
+    [`blockdistill.batch_iterator`][] with that `share` reads them).
+
+    **Example:**
+
+    ```python
+    batches = bd.batch_iterator(rows, batch_size=32, share=bd.process_rows(mesh, 32))
+    tokens, mask, segment_ids = bd.shard_local_batch(mesh, 32, *next(batches))
+    ```
+    """
+    sharding = batch_sharding(mesh)
+    share = process_rows(mesh, batch_size)
+    placed = []
+    for array in arrays:
+        local = np.asarray(array)
+        expected = share.stop - share.start
+        if local.shape[0] != expected:
+            raise ValueError(f"this process's share of a batch of {batch_size} has {expected} rows, "
+                             f"got an array of {local.shape[0]}")
+        global_shape = (batch_size, *local.shape[1:])
+        placed.append(jax.make_array_from_process_local_data(sharding, local, global_shape))
+    return tuple(placed)
+
+
 def host_arrays(tree: Any) -> Any:
     """Every `jax.Array` leaf of `tree` gathered into one host `numpy` array.
 
@@ -340,143 +386,3 @@ def constrain_tree(tree: Any, shardings: Any) -> Any:
     return eqx.combine(constrained, static)
 
 
-# ----------------------------------------------------------------------------- inspection
-
-_COLLECTIVES = ("all-gather", "all-to-all", "ragged-all-to-all", "collective-permute",
-                "all-reduce", "reduce-scatter", "collective-broadcast")
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s+"
-    r"(?P<op>" + "|".join(re.escape(c) for c in _COLLECTIVES) + r")(?:-start)?\("
-)
-_ARRAY_SHAPE = re.compile(r"\b(?P<dtype>[a-z]+[0-9]*(?:e[0-9]m[0-9]\w*)?)\[(?P<dims>[0-9,]*)\]")
-_DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
-               "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
-               "c64": 64, "c128": 128}
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    """One collective of a compiled program, as [`blockdistill.hlo_collectives`][] reads it.
-
-    - `kind`: `"all-gather"`, `"all-to-all"`, `"collective-permute"`, `"all-reduce"`, ...
-    - `name`: the HLO instruction's name.
-    - `shapes`: the result shapes (one per operand of a combined collective).
-    - `bytes`: the size of the result in bytes, per device.
-    - `axes`: the mesh axes along which its device groups extend, i.e. those it moves
-      data across, e.g. `("layers",)`.
-
-    **Example:**
-
-    ```python
-    forward = jax.jit(lambda model: model(tokens).logits)
-    text = forward.lower(bd.shard_model(student, mesh)).compile().as_text()
-    gathers = [c for c in bd.hlo_collectives(text, mesh) if c.kind == "all-gather"]
-    sum(c.bytes for c in gathers if "layers" in c.axes)  # bytes gathered across layers
-    ```
-    """
-
-    kind: str
-    name: str
-    shapes: tuple[tuple[int, ...], ...]
-    bytes: int
-    axes: tuple[str, ...]
-
-
-def _iota_ids(dims: list[int], perm: list[int] | None) -> np.ndarray:
-    ids = np.arange(int(np.prod(dims))).reshape(dims)
-    return ids if perm is None else ids.transpose(perm)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _groups(line: str, n_devices: int) -> list[list[int]]:
-    """Device groups of one collective, from any of XLA's printed formats."""
-    pairs = re.search(r"source_target_pairs=\{(?P<body>[0-9,{}\s]*)\}", line)
-    if pairs:
-        return [_ints(g) for g in re.findall(r"\{([0-9,\s]*)\}", pairs.group("body"))]
-    mesh = re.search(
-        r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:,\s*device_ids=\(\[(?P<dims>[0-9,]*)\]"
-        r"(?:T\((?P<perm>[0-9,]*)\))?\))?\s*\{(?P<grouped>[^}]*)\}",
-        line,
-    )
-    if mesh:
-        axes = re.findall(r"'(?P<axis>[^']+)'=(?P<size>[0-9]+)", mesh.group("axes"))
-        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-        if mesh.group("dims"):
-            dims = _ints(mesh.group("dims"))
-            perm = _ints(mesh.group("perm")) if mesh.group("perm") else None
-            ids = _iota_ids(dims, perm).reshape(sizes)
-        else:
-            ids = np.arange(int(np.prod(sizes))).reshape(sizes)
-        grouped_names = re.findall(r"'([^']+)'", mesh.group("grouped"))
-        if re.search(r"[:()]", mesh.group("grouped")):
-            raise ValueError(f"cannot read sub-axis device groups in: {line.strip()[:300]}")
-        grouped = [names.index(g) for g in grouped_names]
-        kept = [i for i in range(len(names)) if i not in grouped]
-        moved = np.moveaxis(ids, kept + grouped, list(range(len(names))))
-        size = int(np.prod([sizes[i] for i in grouped])) if grouped else 1
-        return moved.reshape(-1, size).tolist()
-    iota = re.search(
-        r"replica_groups=\[(?P<shape>[0-9,]*)\]<=\[(?P<dims>[0-9,]*)\](?:T\((?P<perm>[0-9,]*)\))?",
-        line,
-    )
-    if iota:
-        shape = _ints(iota.group("shape"))
-        perm = _ints(iota.group("perm")) if iota.group("perm") else None
-        return _iota_ids(_ints(iota.group("dims")), perm).reshape(shape).tolist()
-    explicit = re.search(r"replica_groups=\{(?P<body>[0-9,{}\s]*)\}", line)
-    if explicit:
-        groups = [_ints(g) for g in re.findall(r"\{([0-9,\s]*)\}", explicit.group("body"))]
-        return groups or [list(range(n_devices))]
-    raise ValueError(f"cannot read the device groups of: {line.strip()[:300]}")
-
-
-def hlo_collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
-    """Every cross-device collective of a compiled SPMD program, with the mesh axes it
-    moves data across.
-
-    Reads the text of a compiled executable (`jax.jit(f).lower(...).compile().as_text()`,
-    after XLA's SPMD partitioning, so the collectives are the real ones) and, for each
-    all-gather, all-to-all, collective-permute, all-reduce or reduce-scatter, turns its
-    device groups (`replica_groups` in any of XLA's printed forms, or
-    `source_target_pairs`) into mesh coordinates: partition `p` of a program jitted on
-    `mesh` runs on `mesh.devices.flat[p]`, so a group extends along an axis when its
-    members differ in that axis's coordinate.
-
-    **Example:**
-
-    ```python
-    def f(model):
-        return model(tokens).logits
-
-    x = bd.shard_model(student, mesh)   # stacked layers split over "layers"
-    text = jax.jit(f).lower(x).compile().as_text()
-    moving = [c for c in bd.hlo_collectives(text, mesh)
-              if c.kind == "all-gather" and "layers" in c.axes]   # the scan gathers them
-    ```
-    """
-    coords = np.stack(np.unravel_index(np.arange(mesh.devices.size), mesh.devices.shape), axis=-1)
-    found = []
-    for line in hlo_text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if match is None:
-            continue
-        shapes, n_bytes = [], 0
-        for array in _ARRAY_SHAPE.finditer(match.group("shape")):
-            dims = tuple(_ints(array.group("dims")))
-            shapes.append(dims)
-            bits = _DTYPE_BITS.get(array.group("dtype"), 32)
-            n_bytes += int(np.prod(dims, dtype=np.int64)) * bits // 8
-        axes = set()
-        for group in _groups(line, mesh.devices.size):
-            members = coords[np.asarray(group, dtype=np.int64)]
-            for index, axis in enumerate(mesh.axis_names):
-                if len(set(members[:, index].tolist())) > 1:
-                    axes.add(axis)
-        found.append(Collective(
-            kind=match.group("op"), name=match.group("name"), shapes=tuple(shapes),
-            bytes=n_bytes, axes=tuple(a for a in mesh.axis_names if a in axes),
-        ))
-    return found

@@ -102,6 +102,7 @@ class RunConfig:
     out: str | None = None
     data: str | None = None
     data_glob: str | None = None
+    token_cache: str | None = None
     val_fraction: float = 0.05
     seq_len: int = 256
     batch_size: int = 8
@@ -135,7 +136,7 @@ class RunConfig:
     RESUMABLE_CHANGES = frozenset(
         {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
          "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl",
-         "tensorboard", "wandb", "wandb_project", "wandb_mode"}
+         "tensorboard", "wandb", "wandb_project", "wandb_mode", "token_cache"}
     )
 
     @property
@@ -259,6 +260,7 @@ class EvalConfig:
     tokenizer: str | None = None
     data: str | None = None
     data_glob: str | None = None
+    token_cache: str | None = None
     val_fraction: float = 0.05
     seq_len: int = 256
     batch_size: int = 8

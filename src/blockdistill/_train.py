@@ -296,7 +296,7 @@ class DistillStep(eqx.Module):
     ) -> jax.stages.Lowered:
         """The step lowered for these arguments, without running it: `.as_text()` is
         its StableHLO, `.compile().as_text()` the optimized, partitioned HLO (on a mesh,
-        with the collectives XLA inserted; see [`blockdistill.hlo_collectives`][])."""
+        with the collectives XLA inserted; see [`blockdistill.testing.hlo_collectives`][])."""
         return self._run(True, student, opt_state, teacher, tokens, mask, step, segment_ids)
 
 

@@ -51,7 +51,8 @@ def _export(args) -> None:
     from ._checkpoint import is_checkpoint, list_checkpoints, load_checkpoint_model, read_state
     from ._config import TransformerConfig
     from ._hf import to_hf
-    from ._io import load_model, load_tokenizer, tokenizer_record
+    from ._io import load_model
+    from ._tokenizers import load_tokenizer, tokenizer_record
 
     source = pathlib.Path(args.source)
     if not source.exists():

@@ -1,0 +1,25 @@
+"""Helpers shared by test modules (not tests)."""
+
+import json
+
+import tokenizers
+
+
+def make_tokenizer_dir(folder):
+    """A small byte-level BPE tokenizer trained here (no download) with an EOS token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<|bos|>", "<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["hello world, hello tokenizer", "def f(x):\n    return x + 1\n"] * 20
+    tokenizer.train_from_iterator(text, trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    return folder
