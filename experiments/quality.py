@@ -241,7 +241,7 @@ def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | N
     """Run (or resume) one distillation and return its record. `stage_seconds` are the
     seconds per step of each of the run's programs (stages), measured side by side;
     `teacher` the teacher's identity (`teacher_identity`)."""
-    from blockdistill._loop import distill, stage_of
+    from blockdistill._commands import distill, stage_of
 
     out = root / run.name
     cfg = config_for(run, out, quick, extra)
@@ -305,7 +305,7 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     import jax
     import jax.numpy as jnp
 
-    from blockdistill._loop import distill_steps, load_teacher_and_student, stage_of
+    from blockdistill._commands import distill_steps, load_teacher_and_student, stage_of
     from blockdistill._store import token_dataset
     from blockdistill._tokenizers import load_tokenizer
 
@@ -365,7 +365,7 @@ def equal_cost_steps(budget: str, steps: int, quick: bool, extra: dict[str, Any]
     """`steps_for(student, init, recipe)`: the steps at which a run costs what the main
     job's recipe costs in `steps` steps, in analytic FLOPs or in step seconds measured side
     by side (`seconds`, as `measured_step_seconds` returns them)."""
-    from blockdistill._loop import mean_step_flops, stage_of
+    from blockdistill._commands import mean_step_flops, stage_of
 
     def cost(cell):
         cfg = config_for(Run(*cell, seed=0, steps=steps), ROOT / "unused", quick, extra)

@@ -14,7 +14,7 @@ import pytest
 
 import blockdistill as bd
 from blockdistill._checkpoint import list_checkpoints
-from blockdistill._loop import TIMING_KEYS as TIMING
+from blockdistill._trainer import TIMING_KEYS as TIMING
 from blockdistill.cli import main
 
 
@@ -253,16 +253,16 @@ def test_resume_with_other_steps_is_refused_and_extend_keeps_the_schedules(tmp_p
 
 def test_tokens_per_s_covers_the_training_time(tmp_path, teacher, corpus, capsys, monkeypatch):
     """The reported rate agrees with the wall time between two logged windows."""
-    from blockdistill import _loop
+    from blockdistill import _trainer
 
     stamps = {}
-    write_lines = _loop.Run.write_lines
+    write = _trainer.MetricsHook.write
 
     def timed_write(self, records):
-        write_lines(self, records)
+        write(self, records)
         stamps[records[-1]["step"]] = time.perf_counter()
 
-    monkeypatch.setattr(_loop.Run, "write_lines", timed_write)
+    monkeypatch.setattr(_trainer.MetricsHook, "write", timed_write)
     out = tmp_path / "run"
     extra = {"steps": 49, "log-every": 16, "eval-every": 1000, "checkpoint-every": 1000, "batch-size": 8}
     assert run_main(base_args(out, teacher, corpus, **extra), capsys)[0] == 0

@@ -22,7 +22,7 @@ from blockdistill._parallel import (
     shard_model,
     shard_opt_state,
 )
-from blockdistill._loop import TIMING_KEYS as TIMING
+from blockdistill._trainer import TIMING_KEYS as TIMING
 from blockdistill.cli import main
 
 MOVING = ("all-gather", "all-to-all", "ragged-all-to-all", "collective-permute")

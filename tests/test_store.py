@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import blockdistill as bd
-from blockdistill._data import load_dataset, pack_documents, read_corpus
+from blockdistill._data import load_dataset, read_corpus
 from blockdistill._tokenizers import ByteTokenizer, HFTokenizer
 from helpers import make_tokenizer_dir
 

@@ -111,7 +111,7 @@ def trainable_filter(student: eqx.Module, trainable: Trainable | Callable[[list[
 
 
 def _distill_step(
-    frozen: tuple[Teacher, BatchTokens, BatchMask, Array, BatchSegments | None],
+    frozen: tuple[Teacher | None, BatchTokens, BatchMask, Array, BatchSegments | None],
     student: Transformer,
     opt_state: optax.OptState,
     *,
@@ -238,10 +238,10 @@ class DistillStep(eqx.Module):
         if self.fused not in ("auto", True, False):
             raise ValueError(f"DistillStep.fused={self.fused!r} is invalid: must be 'auto', True or False")
 
-    def uses_fusion(self, teacher: Teacher, student: Transformer) -> bool:
+    def uses_fusion(self, teacher: Teacher | None, student: Transformer) -> bool:
         """Whether this step runs fused for this teacher and student (see `fused`);
         `fused=True` where fusion cannot run is a `ValueError` that says why."""
-        if self.fused is False:
+        if self.fused is False or teacher is None:
             return False
         if self.fused == "auto" and not self.objective.passes(0)[1]:
             return False  # no blockwise term (w statically 0): nothing to fuse
@@ -257,6 +257,11 @@ class DistillStep(eqx.Module):
         return blocker is None
 
     def _run(self, lower, student, opt_state, teacher, tokens, mask, step, segment_ids):
+        if teacher is None and self.objective.uses_teacher:
+            raise ValueError(
+                f"DistillStep: teacher=None needs an objective without the teacher (teacher_weight=0, "
+                f"got teacher_weight={self.objective.teacher_weight!r})"
+            )
         step = jnp.asarray(step, jnp.int32)
         frozen = (teacher, tokens, mask, step, segment_ids)
         compiled = compiled_step(
@@ -274,7 +279,7 @@ class DistillStep(eqx.Module):
         self,
         student: Transformer,
         opt_state: optax.OptState,
-        teacher: Teacher,
+        teacher: Teacher | None,
         tokens: BatchTokens,
         mask: BatchMask,
         step: int | Array = 0,
@@ -287,7 +292,7 @@ class DistillStep(eqx.Module):
         self,
         student: Transformer,
         opt_state: optax.OptState,
-        teacher: Teacher,
+        teacher: Teacher | None,
         tokens: BatchTokens,
         mask: BatchMask,
         step: int | Array = 0,

@@ -107,17 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export-hf":
             _export(args)
             return 0
-        from . import _loop
+        from . import _commands
 
         if args.command == "eval":
             overrides = given_flags(args, EvalConfig)
             if args.model is not None:
                 overrides["model"] = args.model
-            _loop.evaluate_command(build_config(EvalConfig, args.config, overrides))
+            _commands.evaluate_command(build_config(EvalConfig, args.config, overrides))
             return 0
         cls = DistillConfig if args.command == "distill" else PretrainConfig
         cfg = build_config(cls, args.config, given_flags(args, cls))
-        (_loop.distill if args.command == "distill" else _loop.pretrain)(cfg)
+        (_commands.distill if args.command == "distill" else _commands.pretrain)(cfg)
         return 0
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) or "interrupted"

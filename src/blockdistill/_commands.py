@@ -1,19 +1,11 @@
-"""The training loop behind `blockdistill pretrain` and `blockdistill distill`.
-
-Host-side work stays thin: batches come in as numpy, the step is one jitted call, and
-metrics stay on the device until a log step, when all steps since the last one are
-fetched with a single transfer.
-"""
+"""The commands `blockdistill pretrain`, `distill` and `eval`: each builds its library
+objects from the run config (the data, the models, the objective, the optimizer) and runs
+them through the one [`Trainer`][blockdistill._trainer.Trainer] with its hooks."""
 
 import dataclasses
-import json
 import math
-import os
 import pathlib
-import signal
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -23,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ._checkpoint import Checkpointer, list_checkpoints, read_state
+from ._checkpoint import Checkpointer
 from ._config import TransformerConfig
 from ._data import Batcher, Split, eval_batches
 from ._files import write_json
@@ -38,10 +30,21 @@ from ._tokenizers import (
 )
 from ._flops import pretrain_flops, step_flops
 from ._store import PackedRows, TokenDataset, batch_iterator, token_dataset
-from ._metrics import MetricsWriter, TensorBoardWriter, WandbWriter
+from ._metrics import TensorBoardWriter, WandbWriter
 from ._model import Transformer
 from ._prune import StudentConfig
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
+from ._trainer import (
+    CheckpointHook,
+    EvalHook,
+    MetricsHook,
+    NonFiniteHook,
+    PlotHook,
+    ProgressHook,
+    RunFolder,
+    StopOnSignal,
+    Trainer,
+)
 from ._parallel import (
     LAYERS_AXIS,
     check_mesh,
@@ -56,14 +59,7 @@ from ._parallel import (
 )
 from ._runconfig import ConfigError, DistillConfig, EvalConfig, PretrainConfig, RunConfig
 from ._teacher import Teacher
-from ._train import DistillStep, compiled_step, make_optimizer
-
-METRICS_FILE = "metrics.jsonl"
-TIMING_KEYS = ("tokens_per_s", "time_s", "compile_s")
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (the message says why and what was kept)."""
+from ._train import DistillStep, make_optimizer
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -254,353 +250,149 @@ def _batch_size_check(cfg: RunConfig, dataset: TokenDataset) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclasses.dataclass
-class _Stepper:
-    """What differs between pretraining and distillation."""
-
-    step: Callable[..., tuple[Any, Any, dict]]
-    eval_teacher: float | None
-
-
-class Run:
-    """One run folder: metrics, checkpoints, evaluation, plots and resumption."""
-
-    def __init__(self, cfg: RunConfig, out: pathlib.Path, kind: str):
-        self.cfg = cfg
-        self.out = out
-        self.kind = kind
-        # with several processes (multi-host), process 0 writes the run folder; the
-        # others keep their metrics in a hidden folder of their own
-        self.writer = jax.process_index() == 0
-        folder = out if self.writer else out / f".process-{jax.process_index()}"
-        self.metrics_path = folder / METRICS_FILE
-        self.stop_requested = False
-        self.pending: list[tuple[int, dict]] = []
-        self.last_checkpoint: int | None = None
-        #: analytic training FLOPs of the step at an index (set by the command)
-        self.step_flops: Callable[[int], float] | None = None
-        self._flops_prefix = [0.0]
-        #: where records go besides the JSONL file (TensorBoard, W&B; opened by `open_writers`)
-        self.writers: list[MetricsWriter] = []
-
-    def learning_rate(self, index: int) -> float:
-        """The learning rate of the step at `index` (the schedule of the run as resumed)."""
-        return float(lr_schedule(self.cfg)(index))
-
-    def open_writers(self) -> None:
-        """Open the TensorBoard and W&B writers the config asks for (process 0 only)."""
-        if not self.writer:
-            return
-        if self.cfg.tensorboard:
-            self.writers.append(TensorBoardWriter(self.out / "tensorboard"))
-        if self.cfg.wandb:
-            self.writers.append(WandbWriter(self.out, project=self.cfg.wandb_project, name=self.out.name,
-                                            config={"command": self.kind, **self.cfg.to_dict()},
-                                            mode=self.cfg.wandb_mode))
-
-    def close_writers(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        self.writers = []
-
-    def train_flops(self, step: int) -> float:
-        """Analytic training FLOPs of steps `0 .. step - 1`, the `train_flops` metric."""
-        while len(self._flops_prefix) <= step:
-            index = len(self._flops_prefix) - 1
-            self._flops_prefix.append(self._flops_prefix[-1] + self.step_flops(index))
-        return self._flops_prefix[step]
-
-    # --------------------------------------------------------------- resumption
-
-    def newest_checkpoint(self) -> pathlib.Path | None:
-        found = list_checkpoints(self.out)
-        return found[-1] if found else None
-
-    def check_resumable(self, checkpoint: pathlib.Path) -> RunConfig:
-        """The config to resume with: the current one, unless it would change what the
-        saved run trains (an error that names each change). With `extend`, `steps` may
-        grow and the saved run's schedule horizon is kept."""
-        state = read_state(checkpoint)
-        saved = state.get("config", {})
-        cfg = self.cfg
-        saved_horizon = saved.get("schedule_steps") or saved.get("steps", cfg.steps)
-        if cfg.extend:
-            if cfg.steps < state["step"]:
-                raise ConfigError(
-                    f"--extend to steps={cfg.steps} is invalid: {checkpoint} is already at "
-                    f"step {state['step']}"
-                )
-            if cfg.schedule_steps not in (None, saved_horizon):
-                raise ConfigError(
-                    f"--extend keeps the saved run's schedules (schedule_steps={saved_horizon}); "
-                    f"schedule_steps={cfg.schedule_steps} would change them"
-                )
-            cfg = dataclasses.replace(cfg, schedule_steps=saved_horizon)
-        current = cfg.to_dict()
-        ignored = RunConfig.RESUMABLE_CHANGES | ({"steps"} if cfg.extend else set())
-        changed = sorted(
-            k for k in current if k not in ignored and saved.get(k, current[k]) != current[k]
-        )
-        # a run saved before `schedule_steps` existed had its schedules built from steps
-        if "schedule_steps" in changed and cfg.horizon == saved_horizon:
-            changed.remove("schedule_steps")
-        if changed:
-            pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            message = f"{self.out} holds a run with other settings ({pairs}); "
-            if "steps" in changed:
-                message += (
-                    f"steps: the learning-rate schedule (warm-up, cosine decay over "
-                    f"{saved_horizon} steps) and the blockwise-weight schedule are built from it, "
-                    f"so changing it would change the training of the steps already run. Rerun "
-                    f"with --steps {saved.get('steps')} to resume as it was, or add --extend to "
-                    f"train on to {cfg.steps} steps with the schedules of the saved run (past "
-                    f"step {saved_horizon} they stay at their final values); or use another --out"
-                )
-            else:
-                message += "use another --out or the same settings to resume it"
-            raise ConfigError(message)
-        return cfg
-
-    def truncate_metrics(self, step: int) -> None:
-        """Keep the metrics of steps up to `step` (those after it are replayed)."""
-        if not self.metrics_path.exists():
-            return
-        kept = [
-            line for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
-
-    # --------------------------------------------------------------- metrics
-
-    def write_lines(self, records: list[dict]) -> None:
-        with open(self.metrics_path, "a") as handle:
-            for record in records:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        for writer in self.writers:
-            writer.write(records)
-
-    def flush(
-        self, now: float, since: float, tokens_per_step: int, last_fields: dict | None = None
-    ) -> list[dict]:
-        """Fetch pending step metrics (one transfer), check them, append them.
-
-        `last_fields` are merged into the last step's record before it is written (eval
-        results, the compile time); a field whose value is `None` is removed instead.
-        """
-        if not self.pending:
-            return []
-        steps, device_metrics = zip(*self.pending)
-        host = jax.device_get(list(device_metrics))
-        elapsed = max(now - since, 1e-9)
-        tokens_per_s = tokens_per_step * len(steps) / elapsed
-        records = []
-        bad_step = None
-        for step, metrics in zip(steps, host):
-            record = {"step": step}
-            for key, value in metrics.items():
-                value = np.asarray(value)
-                record[key] = value.tolist() if value.ndim else float(value)
-            record["tokens_per_s"] = tokens_per_s
-            record["learning_rate"] = self.learning_rate(step - 1)  # the step that led here
-            if self.step_flops is not None:
-                record["train_flops"] = self.train_flops(step)
-            records.append(record)
-            if not math.isfinite(record["loss"]):
-                bad_step = step
-                break
-        if bad_step is None:
-            for key, value in (last_fields or {}).items():
-                if value is None:
-                    records[-1].pop(key, None)
-                else:
-                    records[-1][key] = value
-        self.pending = []
-        self.write_lines(records)
-        if bad_step is not None:
-            kept = (
-                f"the last good checkpoint is {self.out / 'checkpoints' / str(self.last_checkpoint)}"
-                if self.last_checkpoint is not None
-                else "no checkpoint was written before it"
+def check_resumable(cfg: RunConfig, out: pathlib.Path, state: dict[str, Any]) -> RunConfig:
+    """The config to resume a run with: the given one, unless it would change what the
+    saved run trains (an error that names each change). With `extend`, `steps` may grow
+    and the saved run's schedule horizon is kept."""
+    saved = state.get("config", {})
+    saved_horizon = saved.get("schedule_steps") or saved.get("steps", cfg.steps)
+    if cfg.extend:
+        if cfg.steps < state["step"]:
+            raise ConfigError(
+                f"--extend to steps={cfg.steps} is invalid: the checkpoint of {out} is already at "
+                f"step {state['step']}"
             )
-            raise TrainingError(
-                f"loss became non-finite ({records[-1]['loss']}) at step {bad_step}; stopped, "
-                f"{kept} (try a lower --learning-rate)"
+        if cfg.schedule_steps not in (None, saved_horizon):
+            raise ConfigError(
+                f"--extend keeps the saved run's schedules (schedule_steps={saved_horizon}); "
+                f"schedule_steps={cfg.schedule_steps} would change them"
             )
-        return records
-
-    # --------------------------------------------------------------- plots
-
-    def plot(self) -> None:
-        if not self.cfg.plots or not self.writer or not self.metrics_path.exists():
-            return
-        from ._plots import plot_metrics
-
-        plot_metrics(self.metrics_path, self.out)
-
-
-def _install_stop_handler(run: Run):
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, exit. Second: stop at once."""
-    previous = {}
-
-    def handler(signum, frame):
-        if run.stop_requested:
-            raise KeyboardInterrupt
-        run.stop_requested = True
-        print("\nstopping: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    return previous
+        cfg = dataclasses.replace(cfg, schedule_steps=saved_horizon)
+    current = cfg.to_dict()
+    ignored = RunConfig.RESUMABLE_CHANGES | ({"steps"} if cfg.extend else set())
+    changed = sorted(k for k in current if k not in ignored and saved.get(k, current[k]) != current[k])
+    # a run saved before `schedule_steps` existed had its schedules built from steps
+    if "schedule_steps" in changed and cfg.horizon == saved_horizon:
+        changed.remove("schedule_steps")
+    if changed:
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        message = f"{out} holds a run with other settings ({pairs}); "
+        if "steps" in changed:
+            message += (
+                f"steps: the learning-rate schedule (warm-up, cosine decay over "
+                f"{saved_horizon} steps) and the blockwise-weight schedule are built from it, "
+                f"so changing it would change the training of the steps already run. Rerun "
+                f"with --steps {saved.get('steps')} to resume as it was, or add --extend to "
+                f"train on to {cfg.steps} steps with the schedules of the saved run (past "
+                f"step {saved_horizon} they stay at their final values); or use another --out"
+            )
+        else:
+            message += "use another --out or the same settings to resume it"
+        raise ConfigError(message)
+    return cfg
 
 
-def _restore_handlers(previous) -> None:
-    for sig, old in previous.items():
-        signal.signal(sig, old)
+def _writers(cfg: RunConfig, folder: RunFolder) -> list:
+    """The TensorBoard and W&B writers the config asks for (process 0 only)."""
+    if not folder.writer:
+        return []
+    writers: list = []
+    if cfg.tensorboard:
+        writers.append(TensorBoardWriter(folder.out / "tensorboard"))
+    if cfg.wandb:
+        writers.append(WandbWriter(folder.out, project=cfg.wandb_project, name=folder.out.name,
+                                   config={"command": folder.kind, **cfg.to_dict()}, mode=cfg.wandb_mode))
+    return writers
 
 
-def train(
-    run: Run,
+def fit(
+    cfg: RunConfig,
+    folder: RunFolder,
+    step: DistillStep | list[DistillStep],
     model: Transformer,
-    optimizer: optax.GradientTransformation,
-    stepper: _Stepper,
     dataset: TokenDataset,
-    extra_state: dict[str, Any],
+    *,
+    teacher: Teacher | None = None,
+    teacher_loss: float | None = None,
+    step_flops: Any = None,
+    stage_of_step: Any = None,
+    extra_state: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
-) -> dict[str, Any]:
-    """Shared loop: resume, evaluate, step, log, checkpoint, plot, summarise.
-
-    With a `mesh`, the model and optimizer state are placed on it after any resumption
-    (checkpoints hold whole host arrays, so a run resumes on any mesh) and every batch
-    is split over its `data` axis.
-    """
-    cfg = run.cfg
-    batches = _Batches(dataset.train, cfg, None if mesh is None else process_rows(mesh, cfg.batch_size))
-    val = _val_batches(cfg, dataset)
+    metric_keys: tuple[str, ...] | None = None,
+) -> tuple[Transformer, int]:
+    """Train `model` with `step` (or one step per stage, chosen by `stage_of_step(index)`)
+    for `cfg.steps` steps in `folder`, resuming from its newest checkpoint: the Trainer with
+    the metrics, evaluation, non-finite, checkpoint, progress, signal and plot hooks.
+    `metric_keys` keeps only those of the step's metrics. Returns the trained model (as
+    placed) and the step reached."""
+    steps = step if isinstance(step, list) else [step]
+    optimizer = steps[0].optimizer
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     if mesh is not None:
         model = shard_model(model, mesh)
         opt_state = shard_opt_state(opt_state, model, mesh)
-    checkpointer = Checkpointer(run.out, keep=cfg.keep_checkpoints)
-    start = 0
+    batches = _Batches(dataset.train, cfg, None if mesh is None else process_rows(mesh, cfg.batch_size))
+    val = _val_batches(cfg, dataset)
+    checkpointer = Checkpointer(folder.out, keep=cfg.keep_checkpoints)
+    start, last = 0, None
     latest = checkpointer.latest()
     if latest is not None:
         # read straight onto this run's placement (any mesh, whatever wrote it)
         model, opt_state, state = checkpointer.restore(latest, model, opt_state)
         batches.restore(state["data"])
-        start = state["step"]
-        run.last_checkpoint = start
-        run.truncate_metrics(start)
+        start = last = state["step"]
         print(f"resuming from {checkpointer.path(latest)} (step {start})", file=sys.stderr)
-    else:
-        run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        run.metrics_path.write_text("")
-    if run.writer:
-        write_json(run.out / "config.json", {"command": run.kind, **cfg.to_dict()})
-    run.open_writers()
+    folder.start_metrics(last)
+    folder.write_config(cfg.to_dict())
 
-    def save(step: int) -> None:
-        # asynchronous: returns once the arrays are off the devices, written meanwhile
-        state = {"data": batches.state(), "config": cfg.to_dict(), "kind": run.kind, **extra_state}
-        checkpointer.save(step, model, opt_state, state)
-        run.last_checkpoint = step
+    metrics = MetricsHook(folder, cfg.log_every, _writers(cfg, folder))
+    evaluation = EvalHook(cfg.eval_every, lambda m: evaluate(m, val, mesh),
+                          {} if teacher_loss is None else {"eval/teacher_loss": teacher_loss})
+    checkpoints = CheckpointHook(checkpointer, cfg.checkpoint_every, last=last, state=lambda: {
+        "data": batches.state(), "config": cfg.to_dict(), "kind": folder.kind, **(extra_state or {})})
+    hooks = [metrics, evaluation, NonFiniteHook(folder, checkpoints), checkpoints, StopOnSignal()]
+    if cfg.progress and folder.writer:
+        hooks.append(ProgressHook(folder.kind))
+    if cfg.plots:
+        hooks.append(PlotHook(folder))
 
-    def do_eval(step: int) -> dict[str, float]:
-        record = {"eval/student_loss": evaluate(model, val, mesh)}
-        if stepper.eval_teacher is not None:
-            record["eval/teacher_loss"] = stepper.eval_teacher
-        return record
+    def step_fn(model, opt_state, batch, index):
+        if mesh is None:
+            tokens, mask, segment_ids = (jnp.asarray(array) for array in batch)
+        else:  # this process's rows of the global batch
+            tokens, mask, segment_ids = shard_local_batch(mesh, cfg.batch_size, *batch)
+        # a staged run switches programs at a step: each stage compiles only its passes
+        chosen = steps[stage_of_step(index) if stage_of_step is not None else 0]
+        model, opt_state, metrics = chosen(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
+        if metric_keys is not None:  # the run's own metrics only (pretraining: no teacher terms)
+            metrics = {key: metrics[key] for key in metric_keys}
+        return model, opt_state, metrics
 
-    if start == 0:
-        run.write_lines([{"step": 0, **do_eval(0)}])
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    previous = _install_stop_handler(run)
-    progress = None
-    if cfg.progress and run.writer:
-        from tqdm.auto import tqdm
+    schedule = lr_schedule(cfg)
+    flops_prefix = [0.0]
 
-        progress = tqdm(total=cfg.steps, initial=start, desc=run.kind, unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+    def record_fields(step_number: int) -> dict[str, float]:
+        fields = {"learning_rate": float(schedule(step_number - 1))}  # of the update that led here
+        if step_flops is not None:
+            while len(flops_prefix) <= step_number:
+                flops_prefix.append(flops_prefix[-1] + step_flops(len(flops_prefix) - 1))
+            fields["train_flops"] = flops_prefix[step_number]
+        return fields
+
+    trainer = Trainer(step_fn, model, opt_state, batches, start=start, steps=cfg.steps,
+                      tokens_per_step=cfg.batch_size * cfg.seq_len, hooks=hooks, record_fields=record_fields)
     try:
-        since = time.perf_counter()
-        step = start
-        last_record: dict = {}
-        while step < cfg.steps and not run.stop_requested:
-            batch = next(batches)
-            if mesh is None:
-                tokens, mask, segment_ids = (jnp.asarray(array) for array in batch)
-            else:  # this process's rows of the global batch
-                tokens, mask, segment_ids = shard_local_batch(mesh, cfg.batch_size, *batch)
-            model, opt_state, metrics = stepper.step(model, opt_state, tokens, mask, segment_ids, step)
-            step += 1
-            if run.pending:
-                # steps are dispatched asynchronously: keep one step queued behind the
-                # running one (the host prepares the next batch meanwhile) rather than
-                # racing ahead, so the progress bar and Ctrl-C follow the device
-                jax.block_until_ready(run.pending[-1][1]["loss"])
-            run.pending.append((step, metrics))
-            first = step == start + 1
-            is_eval = step % cfg.eval_every == 0 or step == cfg.steps
-            is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or run.stop_requested
-            if first or step % cfg.log_every == 0 or is_eval or is_checkpoint:
-                # the window ends when the device has finished its steps (dispatch is
-                # asynchronous), and the next one starts after evaluation, logging and
-                # checkpointing: windows cover all training time and nothing else
-                jax.block_until_ready(metrics)
-                now = time.perf_counter()
-                fields: dict = {}
-                if first:  # the first step compiles: a compile-inclusive rate means nothing
-                    fields = {"compile_s": now - since, "tokens_per_s": None}
-                if is_eval:
-                    fields.update(do_eval(step))
-                records = run.flush(now, since, tokens_per_step, fields)
-                last_record = records[-1]
-                if is_checkpoint:
-                    save(step)
-                since = time.perf_counter()
-            if progress is not None:
-                progress.update(1)
-                if last_record:
-                    shown = {"loss": f"{last_record.get('loss', float('nan')):.4f}"}
-                    if last_record.get("tokens_per_s"):
-                        shown["tok/s"] = f"{last_record['tokens_per_s']:.0f}"
-                    if "eval/student_loss" in last_record:
-                        shown["eval"] = f"{last_record['eval/student_loss']:.4f}"
-                    progress.set_postfix(shown, refresh=False)
-        if run.stop_requested and run.last_checkpoint != step:
-            # the request came between the checks of the last step: save it now
-            run.flush(time.perf_counter(), since, tokens_per_step)
-            save(step)
+        if start == 0:
+            metrics.write([{"step": 0, **evaluation.record(model)}])
+        trainer.run()
     finally:
-        if progress is not None:
-            progress.close()
-        checkpointer.close()  # the last save is on disk before the run returns
-        _restore_handlers(previous)
-        run.close_writers()
-        run.plot()
-    if run.stop_requested and step < cfg.steps:
+        metrics.close()  # also when the run failed before its loop started
+    if trainer.stop_requested and trainer.step < cfg.steps:
         raise KeyboardInterrupt(
-            f"interrupted at step {step}: checkpoint written to {run.out / 'checkpoints' / str(step)}; "
-            "rerun the same command to resume"
+            f"interrupted at step {trainer.step}: checkpoint written to "
+            f"{checkpointer.path(trainer.step)}; rerun the same command to resume"
         )
-    return {"model": model, "step": step, "evals": _read_evals(run)}
-
-
-def _read_evals(run: Run) -> dict[int, dict]:
-    evals = {}
-    for line in run.metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        if "eval/student_loss" in record:
-            evals[record["step"]] = record
-    return evals
+    return trainer.model, trainer.step
 
 
 def _prepare_out(cfg: RunConfig, default: str) -> pathlib.Path:
@@ -631,21 +423,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype,
         attention_impl=cfg.attention_impl,
     )
-    run = Run(cfg, out, "pretrain")
-    if (checkpoint := run.newest_checkpoint()) is not None:
-        cfg = run.cfg = run.check_resumable(checkpoint)
+    folder = RunFolder(out, "pretrain")
+    if (state := folder.newest_state()) is not None:
+        cfg = check_resumable(cfg, out, state)
     flops = pretrain_flops(model_cfg, seq_len=cfg.seq_len, batch=cfg.batch_size)
-    run.step_flops = lambda index: flops
     run_tokenizer(out, tokenizer)
     model = Transformer(model_cfg, key=jax.random.key(cfg.seed))
+    # the same update as distillation's, with labels alone (no teacher)
+    objective = DistillationObjective(blockwise_weight=0.0, teacher_weight=0.0, label_weight=1.0)
     optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-    step = compiled_step(_pretrain_step, optimizer=optimizer)
-
-    def run_step(model, opt_state, tokens, mask, segment_ids, index):
-        return step((tokens, mask, segment_ids), model, opt_state)
-
-    result = train(run, model, optimizer, _Stepper(run_step, None), dataset,
-                   {"model_config": model_cfg.to_dict()})
+    model, reached = fit(cfg, folder, DistillStep(objective, optimizer), model, dataset,
+                         step_flops=lambda index: flops, metric_keys=("loss", "grad_norm"),
+                         extra_state={"model_config": model_cfg.to_dict()})
+    result = {"model": model, "step": reached, "evals": folder.evals()}
     model = result["model"]
     evals = result["evals"]
     final = evals[max(evals)]["eval/student_loss"]
@@ -659,20 +449,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     summary = {"eval_loss": final, "lines": lines}
     _report(summary)
     return summary
-
-
-def _pretrain_step(batch, model, opt_state, *, optimizer):
-    tokens, mask, segment_ids = batch
-
-    def loss_fn(model):
-        logits = jax.vmap(lambda t, seg: model(t, segment_ids=seg).logits)(tokens, segment_ids)
-        return next_token_cross_entropy(logits, tokens, mask, segment_ids)
-
-    loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-    model = eqx.apply_updates(model, updates)
-    return model, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def _count_params(model: eqx.Module) -> int:
@@ -763,14 +539,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size)
     tokenizer = load_tokenizer(cfg.teacher)
-    run = Run(cfg, out, "distill")
-    if (checkpoint := run.newest_checkpoint()) is not None:
-        cfg = run.cfg = run.check_resumable(checkpoint)
+    folder = RunFolder(out, "distill")
+    if (state := folder.newest_state()) is not None:
+        cfg = check_resumable(cfg, out, state)
     dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
     teacher, student = load_teacher_and_student(cfg, dataset)
     objectives, steps = distill_steps(cfg, mesh)
-    optimizer = steps[0].optimizer
     if objectives[0].uses_teacher:
         objectives[0].resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
     if mesh is not None:
@@ -779,27 +554,23 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         # all-gather its whole stack every step (see docs/scaling.md)
         teacher = shard_model(teacher, mesh, shard_layers=False)
 
-    def run_step(model, opt_state, tokens, mask, segment_ids, index):
-        # a staged run switches programs at a step: each stage compiles only its passes
-        return steps[stage_of(cfg, index)](model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
-
-    run.step_flops = lambda index: step_flops(
-        objectives[stage_of(cfg, index)], teacher.config, student.config,
-        seq_len=cfg.seq_len, batch=cfg.batch_size, step=index,
-    )
+    def flops_of(index: int) -> float:
+        return step_flops(objectives[stage_of(cfg, index)], teacher.config, student.config,
+                          seq_len=cfg.seq_len, batch=cfg.batch_size, step=index)
 
     run_tokenizer(out, tokenizer)
-    val = _val_batches(cfg, dataset)
-    teacher_loss = evaluate(teacher.model, val, mesh)
-    result = train(run, student, optimizer, _Stepper(run_step, teacher_loss), dataset,
-                   {"student_config": student.config.to_dict()}, mesh)
-    student = host_arrays(result["model"]) if mesh is not None else result["model"]
+    teacher_loss = evaluate(teacher.model, _val_batches(cfg, dataset), mesh)
+    trained, reached = fit(cfg, folder, steps, student, dataset, teacher=teacher, teacher_loss=teacher_loss,
+                           step_flops=flops_of, stage_of_step=lambda index: stage_of(cfg, index),
+                           extra_state={"student_config": student.config.to_dict()}, mesh=mesh)
+    student = host_arrays(trained) if mesh is not None else trained
+    result = {"step": reached, "evals": folder.evals()}
     evals = result["evals"]
     initial = evals[0]["eval/student_loss"] if 0 in evals else float("nan")
     final = evals[max(evals)]["eval/student_loss"]
     gap = initial - teacher_loss
     closed = (initial - final) / gap if gap > 0 else float("nan")
-    if run.writer:
+    if folder.writer:
         save_model(student, out / "student", tokenizer=tokenizer, extra={
             "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
         })
@@ -812,11 +583,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         f"eval loss (nats/token): teacher {teacher_loss:.4f} | student at step 0 {initial:.4f} "
         f"-> step {result['step']} {final:.4f}",
         _gap_line(closed, final, teacher_loss),
-        f"student saved to {out / 'student'}; metrics in {run.metrics_path}; plots in {out}",
+        f"student saved to {out / 'student'}; metrics in {folder.metrics_path}; plots in {out}",
     ]
     summary = {"teacher_loss": teacher_loss, "initial_loss": initial, "final_loss": final,
                "gap_closed": closed, "lines": lines}
-    if run.writer:
+    if folder.writer:
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "lines"})
     _report(summary)
     return summary
