@@ -211,7 +211,8 @@ class DistillStep(eqx.Module):
       fusion cannot run is a `ValueError` that says why.
 
     **Call:** `step(student, opt_state, teacher, tokens, mask, step_index, *,
-    segment_ids=None) -> (student, opt_state, metrics)` with `tokens`
+    segment_ids=None) -> (student, opt_state, metrics)` (`teacher` may be `None` for an
+    objective without the teacher, `teacher_weight=0`: plain language-model training) with `tokens`
     `Int[Array, "batch seq"]`, `mask` `Bool[Array, "batch seq"]` (the positions that
     count in the losses), `step_index` an int32 scalar (the schedules' step) and
     `segment_ids` optional `Int[Array, "batch seq"]` document ids of packed rows (see
