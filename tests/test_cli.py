@@ -358,10 +358,19 @@ def test_empty_corpus(tmp_path, teacher, capsys):
 @pytest.mark.parametrize(
     "toml, needles",
     [
-        ("lerning_rate = 0.1\n", ["lerning_rate", "learning_rate"]),
-        ("steps = 'ten'\n", ["steps", "integer"]),
-        ("feature_loss = 'kl'\n", ["feature_loss", "'kl'"]),
-        ("steps = \n", ["not valid TOML"]),
+        ("[optimizer]\nlerning_rate = 0.1\n", ["lerning_rate", "learning_rate", "[optimizer]"]),
+        ("[run]\nsteps = 'ten'\n", ["steps", "integer"]),
+        ("[objective]\nfeature_loss = 'kl'\n", ["feature_loss", "'kl'", "--feature-loss"]),
+        ("[run]\nsteps = \n", ["not valid TOML"]),
+        # a key in another section than its own, or in none, names the right one
+        ("[run]\nlearning_rate = 0.1\n", ["'learning_rate' belongs in section [optimizer], not [run]"]),
+        ("seq_len = 64\n", ["'seq_len' must be in section [data]"]),
+        ("[student]\nstudent_init = 'random'\n", ["'student_init'", "[student]"]),
+        ("[model]\nlr = 1\n[junk]\nx = 1\n", ["unknown key 'lr' in [model]"]),
+        ("[junk]\nx = 1\n", ["unknown section [junk]"]),
+        # repeated keys are TOML errors; library types check values (and say which option)
+        ("[run]\nsteps = 1\nsteps = 2\n", ["not valid TOML"]),
+        ("[student]\ninit = 'x'\n", ["StudentConfig.init='x'", "--student-init"]),
     ],
 )
 def test_bad_config_file(tmp_path, teacher, corpus, capsys, toml, needles):

@@ -289,5 +289,5 @@ def test_bad_meshes_from_the_cli(tmp_path, teacher, corpus, capsys):
     err = error("layers=8")
     assert "n_layers=4" in err and "layers=8" in err
     config = tmp_path / "run.toml"
-    config.write_text('mesh = "data=2,layers=0"\n')
+    config.write_text('[run]\nmesh = "data=2,layers=0"\n')
     assert "layers=0" in error(None, config=config)

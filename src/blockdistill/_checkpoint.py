@@ -48,9 +48,14 @@ def list_checkpoints(out: PathLike) -> list[pathlib.Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
+def _is_leaf_array(x: Any) -> bool:
+    """An array, or the shape of one (a template from `eqx.filter_eval_shape`)."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _leaves(tree: Any) -> tuple[list[Any], list[str]]:
     """The array leaves of a tree and their paths (the names a checkpoint checks)."""
-    flat = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))[0]
+    flat = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_leaf_array))[0]
     return [leaf for _, leaf in flat], [jax.tree_util.keystr(path) for path, _ in flat]
 
 
@@ -67,7 +72,7 @@ def _item_arrays(model: eqx.Module, opt_state: Any) -> tuple[dict[str, Any], dic
 
 def _fill(like: Any, leaves: list[Any]) -> Any:
     """`like` with its array leaves replaced by `leaves`, in order."""
-    dynamic, static = eqx.partition(like, eqx.is_array)
+    dynamic, static = eqx.partition(like, _is_leaf_array)
     treedef = jax.tree.structure(dynamic)
     return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 

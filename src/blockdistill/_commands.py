@@ -12,11 +12,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
 from ._checkpoint import Checkpointer
-from ._config import TransformerConfig
 from ._data import Batcher, Split, eval_batches
 from ._files import write_json
 from ._io import read_model_config, save_model
@@ -32,7 +30,6 @@ from ._flops import pretrain_flops, step_flops
 from ._store import PackedRows, TokenDataset, batch_iterator, token_dataset
 from ._metrics import TensorBoardWriter, WandbWriter
 from ._model import Transformer
-from ._prune import StudentConfig
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
 from ._trainer import (
     CheckpointHook,
@@ -46,107 +43,32 @@ from ._trainer import (
     Trainer,
 )
 from ._parallel import (
-    LAYERS_AXIS,
     check_mesh,
     host_arrays,
     make_mesh,
-    parse_mesh,
     process_rows,
     shard_batch,
     shard_local_batch,
     shard_model,
     shard_opt_state,
 )
-from ._runconfig import ConfigError, DistillConfig, EvalConfig, PretrainConfig, RunConfig
+from ._runconfig import (
+    ConfigError,
+    DistillConfig,
+    EvalConfig,
+    PretrainConfig,
+    RunConfig,
+    distill_steps,
+    lr_schedule,
+    stage_objectives,
+    stage_of,
+    student_config,
+)
 from ._teacher import Teacher
 from ._train import DistillStep, make_optimizer
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def lr_schedule(cfg: RunConfig) -> optax.Schedule:
-    """Linear warm-up to `learning_rate`, then cosine decay to a tenth of it over the
-    run's schedule horizon (`steps`, or `schedule_steps`); past it the rate stays at its
-    final value."""
-    horizon = cfg.horizon
-    warmup = min(cfg.warmup_steps, max(horizon - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(horizon, warmup + 1),
-        end_value=0.1 * cfg.learning_rate,
-    )
-
-
-def blockwise_schedule(cfg: DistillConfig):
-    """The mixing weight `w` of the objective: a float or an optax schedule (for
-    `staged`, the weight of the first stage; see `make_objective`)."""
-    if cfg.blockwise_schedule in ("constant", "staged") or cfg.blockwise_weight == cfg.blockwise_weight_end:
-        return cfg.blockwise_weight
-    steps = cfg.blockwise_steps or cfg.horizon
-    if cfg.blockwise_schedule == "linear":
-        return optax.linear_schedule(cfg.blockwise_weight, cfg.blockwise_weight_end, steps)
-    alpha = cfg.blockwise_weight_end / cfg.blockwise_weight if cfg.blockwise_weight else 0.0
-    return optax.cosine_decay_schedule(cfg.blockwise_weight, steps, alpha=alpha)
-
-
-def stage_switch(cfg: DistillConfig) -> int | None:
-    """The step at which a `staged` run switches from its first stage to its second
-    (`blockwise_steps`, default half the schedule horizon); `None` for other schedules."""
-    if cfg.blockwise_schedule != "staged":
-        return None
-    return cfg.blockwise_steps if cfg.blockwise_steps is not None else cfg.horizon // 2
-
-
-def stage_of(cfg: DistillConfig, index: int) -> int:
-    """The stage that runs step `index`: 1 from a `staged` run's switch on, else 0."""
-    switch = stage_switch(cfg)
-    return 1 if switch is not None and index >= switch else 0
-
-
-def stage_objectives(cfg: DistillConfig) -> list[DistillationObjective]:
-    """The objective of each stage of a run: one, or two for `staged`."""
-    return [make_objective(cfg, stage) for stage in range(2 if stage_switch(cfg) is not None else 1)]
-
-
-def distill_steps(cfg: DistillConfig, mesh: Mesh | None = None) -> tuple[list[DistillationObjective], list[DistillStep]]:
-    """A run's objective and compiled step per stage (one, or two for `staged`; step
-    `index` runs stage `stage_of(cfg, index)`), all sharing one optimizer."""
-    objectives = stage_objectives(cfg)
-    optimizer = make_optimizer(
-        lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
-    )
-    fused = {"auto": "auto", "on": True, "off": False}[cfg.fused]
-    steps = [
-        DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
-        for objective in objectives
-    ]
-    return objectives, steps
-
-
-def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
-    """The objective of a run (of stage `stage` for a `staged` run).
-
-    `staged` never mixes passes: stage 0 is `w = blockwise_weight` without label CE (with
-    the default weight 1, blockwise alone), stage 1 is `w = blockwise_weight_end` with
-    the run's `label_weight` (with the default 0, KD and CE alone).
-    """
-    injected_pass = cfg.injected_pass
-    if injected_pass == "auto" and cfg.mesh is not None and parse_mesh(cfg.mesh)[LAYERS_AXIS] > 1:
-        # on a layers axis only the vmap pass keeps every block on its own device (a scan
-        # over the layer-sharded stack gathers it every step); both give the same losses
-        injected_pass = "vmap"
-    weight, label_weight = blockwise_schedule(cfg), cfg.label_weight
-    if cfg.blockwise_schedule == "staged":
-        weight, label_weight = (cfg.blockwise_weight, 0.0) if stage == 0 else (cfg.blockwise_weight_end, cfg.label_weight)
-    return DistillationObjective(
-        blockwise_weight=weight,
-        temperature=cfg.temperature,
-        feature_loss=cfg.feature_loss,
-        inject_at=cfg.inject_at,
-        label_weight=label_weight,
-        teacher_weight=cfg.teacher_weight,
-        injected_pass=injected_pass,
-    )
 
 
 def run_tokenizer(out: pathlib.Path, tokenizer: Tokenizer) -> None:
@@ -416,13 +338,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = ByteTokenizer()
     dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
-    model_cfg = TransformerConfig(
-        vocab_size=tokenizer.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads, mlp_dim=cfg.mlp_dim, max_seq_len=cfg.seq_len,
-        rope_theta=cfg.rope_theta, tie_embeddings=cfg.tie_embeddings,
-        scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype,
-        attention_impl=cfg.attention_impl,
-    )
+    model_cfg = cfg.model_config(tokenizer.vocab_size)
     folder = RunFolder(out, "pretrain")
     if (state := folder.newest_state()) is not None:
         cfg = check_resumable(cfg, out, state)
@@ -495,14 +411,6 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: TokenDataset) -> tuple
         calibration_segment_ids=calibration_segments, key=jax.random.key(cfg.seed),
     )
     return Teacher(teacher_model), student
-
-
-def student_config(cfg: DistillConfig) -> StudentConfig:
-    """The `StudentConfig` of a run that builds its student from the teacher."""
-    return StudentConfig(
-        init=cfg.student_init, mlp_ratio=cfg.mlp_ratio, layers=cfg.student_layers,
-        n_layers=cfg.student_n_layers, kv_heads_ratio=cfg.kv_heads_ratio, seed=cfg.seed,
-    )
 
 
 def mean_step_flops(cfg: DistillConfig) -> float:

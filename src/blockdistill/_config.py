@@ -28,6 +28,19 @@ def _fail(owner: str, field: str, value: Any, why: str) -> None:
     raise ValueError(f"{owner}.{field}={value!r} is invalid: {why}")
 
 
+def check_execution(remat: str | bool, dtype: str, attention_impl: str, owner: str = "TransformerConfig") -> str:
+    """Check how a model runs (`remat`, `dtype`, `attention_impl`, see
+    `TransformerConfig`); returns `remat` as a name (a bool becomes "full" / "none")."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in _REMAT:
+        _fail(owner, "remat", remat, f"must be one of {sorted(_REMAT)} or a bool")
+    if dtype not in _DTYPES:
+        _fail(owner, "dtype", dtype, f"must be one of {sorted(_DTYPES)}")
+    if attention_impl not in _ATTENTION_IMPLS:
+        _fail(owner, "attention_impl", attention_impl, f"must be one of {_ATTENTION_IMPLS}")
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency-dependent RoPE scaling (``rope_type: "llama3"`` in HF).
@@ -180,18 +193,7 @@ class TransformerConfig:
             self.rope_scaling, RopeScaling
         ):
             _fail(name, "rope_scaling", self.rope_scaling, "must be a RopeScaling")
-        remat = self.remat
-        if remat is True:
-            remat = "full"
-        elif remat is False:
-            remat = "none"
-        if remat not in _REMAT:
-            _fail(name, "remat", self.remat, f"must be one of {sorted(_REMAT)} or a bool")
-        object.__setattr__(self, "remat", remat)
-        if self.dtype not in _DTYPES:
-            _fail(name, "dtype", self.dtype, f"must be one of {sorted(_DTYPES)}")
-        if self.attention_impl not in _ATTENTION_IMPLS:
-            _fail(name, "attention_impl", self.attention_impl, f"must be one of {_ATTENTION_IMPLS}")
+        object.__setattr__(self, "remat", check_execution(self.remat, self.dtype, self.attention_impl, name))
         for field in ("qkv_bias", "tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, field), bool):
                 _fail(name, field, getattr(self, field), "must be a bool")

@@ -273,6 +273,10 @@ class DistillationObjective(eqx.Module):
                 f"DistillationObjective.blockwise_weight={self.blockwise_weight!r} is invalid: "
                 "must be in [0, 1]"
             )
+        if not callable(self.label_weight) and not self.label_weight >= 0:
+            raise ValueError(
+                f"DistillationObjective.label_weight={self.label_weight!r} is invalid: must be >= 0"
+            )
         if not callable(self.temperature) and not self.temperature > 0:
             raise ValueError(
                 f"DistillationObjective.temperature={self.temperature!r} is invalid: must be positive"

@@ -1,23 +1,41 @@
 """Configuration of the `blockdistill` commands: frozen dataclasses, TOML files and flags.
 
-Every option of a command is a field here; a TOML file (`--config FILE`) sets any of them
-by name, and command-line flags (`--field-name`) override the file.
+Every option of a command is a field here, and a command-line flag (`--field-name`). In a
+TOML file (`--config FILE`) each option lives in the section of the library object it
+becomes, under that object's own name for it:
+
+- `[data]`: [`blockdistill.token_dataset`][] (`path`, `glob`, `cache`, `val_fraction`,
+  `seq_len`, `batch_size`);
+- `[optimizer]`: [`blockdistill.make_optimizer`][] and its learning-rate schedule;
+- `[model]`: [`blockdistill.TransformerConfig`][] (pretraining's shape; how models run);
+- `[teacher]` and `[student]`: the teacher's folder, the student's folder or its
+  [`blockdistill.StudentConfig`][];
+- `[objective]`: [`blockdistill.DistillationObjective`][] and the schedule of its weight;
+- `[run]`: the run itself (folder, steps, evaluation, checkpoints, logging, mesh).
+
+A key in another section than its own, or outside any section, is an error naming the
+right one. Flags override the file. Each section becomes its library object once (the
+methods below), and the values are validated there, by the library types.
 """
 
 import dataclasses
 import difflib
 import os
+import re
 import pathlib
 import tomllib
 import types
 import typing
 from typing import Any
 
-from ._config import _ATTENTION_IMPLS, _DTYPES, _REMAT
-from ._layer import INJECT_LEVELS
-from ._objective import FEATURE_LOSSES
-from ._parallel import parse_mesh
-from ._train import TRAINABLE
+import optax
+from jax.sharding import Mesh
+
+from ._config import TransformerConfig, check_execution
+from ._objective import DistillationObjective
+from ._parallel import LAYERS_AXIS, parse_mesh
+from ._prune import StudentConfig
+from ._train import TRAINABLE, DistillStep, make_optimizer
 
 _SCHEDULES = ("constant", "linear", "cosine", "staged")
 _WANDB_MODES = ("online", "offline", "disabled")
@@ -25,6 +43,35 @@ _WANDB_MODES = ("online", "offline", "disabled")
 
 class ConfigError(ValueError):
     """A bad configuration value or key (the message names it)."""
+
+
+#: field -> (section, key in the section): the name the library object gives the option
+#: (fields not listed are `[run]` fields under their own name)
+_SECTIONS: dict[str, tuple[str, str]] = {
+    **{name: ("data", key) for name, key in (
+        ("data", "path"), ("data_glob", "glob"), ("token_cache", "cache"), ("val_fraction", "val_fraction"),
+        ("seq_len", "seq_len"), ("batch_size", "batch_size"))},
+    **{name: ("optimizer", name) for name in (
+        "learning_rate", "warmup_steps", "weight_decay", "clip_norm", "schedule_steps", "trainable")},
+    **{name: ("model", name) for name in (
+        "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "rope_theta", "tie_embeddings",
+        "scan_layers", "remat", "dtype", "attention_impl")},
+    "model": ("model", "path"),
+    "tokenizer": ("model", "tokenizer"),
+    "teacher": ("teacher", "path"),
+    **{name: ("student", key) for name, key in (
+        ("student", "path"), ("student_init", "init"), ("mlp_ratio", "mlp_ratio"), ("student_layers", "layers"),
+        ("student_n_layers", "n_layers"), ("kv_heads_ratio", "kv_heads_ratio"),
+        ("calibration_batches", "calibration_batches"))},
+    **{name: ("objective", name) for name in (
+        "blockwise_weight", "blockwise_schedule", "blockwise_weight_end", "blockwise_steps", "temperature",
+        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused")},
+}
+
+
+def section_of(name: str) -> tuple[str, str]:
+    """`(section, key)` of a config field in a TOML file."""
+    return _SECTIONS.get(name, ("run", name))
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -65,7 +112,8 @@ def _unknown_key(cls, key: str, source: str) -> ConfigError:
 
 
 def load_toml(cls, path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML file into checked `{field: value}` for `cls` (sections are flattened)."""
+    """Read a sectioned TOML file into checked `{field: value}` for `cls`; a key in the
+    wrong section, outside any section or unknown is an error naming it."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -73,19 +121,62 @@ def load_toml(cls, path: str | os.PathLike) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):  # [section] tables only group keys
-            flat.update(value)
-        else:
-            flat[key] = value
-    known = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in flat.items():
-        if key not in known:
-            raise _unknown_key(cls, key, f"config file {path}")
-        out[key] = coerce(cls, key, value, f"config file {path}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    where = {section_of(name): name for name in fields}
+    sections = sorted({section for section, _ in where})
+    source = f"config file {path}"
+    out: dict[str, Any] = {}
+    for top, value in data.items():
+        if not isinstance(value, dict):
+            if top in fields:
+                section, key = section_of(top)
+                raise ConfigError(f"{source}: {top!r} must be in section [{section}] (as {key} = ...)")
+            raise _unknown_key(cls, top, source)
+        if top not in sections:
+            raise ConfigError(f"{source}: unknown section [{top}] (sections: {', '.join(sections)})")
+        for key, item in value.items():
+            name = where.get((top, key))
+            if name is None:
+                elsewhere = sorted(s for s, k in where if k == key)
+                if elsewhere:
+                    raise ConfigError(f"{source}: {key!r} belongs in section [{elsewhere[0]}], not [{top}]")
+                keys = [k for s, k in where if s == top]
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r} in [{top}]{hint}")
+            out[name] = coerce(cls, name, item, f"{source} [{top}]")
     return out
+
+
+def _library(build, *args) -> Any:
+    """Build (and so validate) a library object; its `ValueError` becomes a `ConfigError`."""
+    try:
+        return build(*args)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error) + _option_hint(str(error))) from None
+
+
+#: the library types whose errors name their own fields, and their sections
+_OWNER_SECTIONS = {"StudentConfig": "student", "DistillationObjective": "objective",
+                   "TransformerConfig": "model", "model": "model"}
+
+
+def _option_hint(message: str) -> str:
+    """` (--flag / [section] key)` for a library error that names `Owner.field=`."""
+    match = re.match(r"(\w+)\.(\w+)=", message)
+    if match is None or match.group(1) not in _OWNER_SECTIONS:
+        return ""
+    section, key = _OWNER_SECTIONS[match.group(1)], match.group(2)
+    for name in _all_fields():
+        if section_of(name) == (section, key):
+            return f" (--{name.replace('_', '-')} / [{section}] {key})"
+    return ""
+
+
+def _all_fields() -> list[str]:
+    return [f.name for cls in (DistillConfig, PretrainConfig) for f in dataclasses.fields(cls)]
 
 
 def _positive(owner: Any, *names: str) -> None:
@@ -152,14 +243,7 @@ class RunConfig:
             raise ConfigError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid: must be in [0, 1)")
-        if self.remat not in _REMAT:
-            raise ConfigError(f"remat={self.remat!r} is invalid: must be one of {sorted(_REMAT)}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is invalid: must be one of {sorted(_DTYPES)}")
-        if self.attention_impl not in _ATTENTION_IMPLS:
-            raise ConfigError(
-                f"attention_impl={self.attention_impl!r} is invalid: must be one of {_ATTENTION_IMPLS}"
-            )
+        _library(check_execution, self.remat, self.dtype, self.attention_impl, "model")
         if self.wandb_mode not in _WANDB_MODES:
             raise ConfigError(f"wandb_mode={self.wandb_mode!r} is invalid: must be one of {_WANDB_MODES}")
 
@@ -181,7 +265,16 @@ class PretrainConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
+        _library(self.model_config, 256)
+
+    def model_config(self, vocab_size: int) -> TransformerConfig:
+        """The `[model]` section as the library's `TransformerConfig` (it validates)."""
+        return TransformerConfig(
+            vocab_size=vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, mlp_dim=self.mlp_dim, max_seq_len=self.seq_len,
+            rope_theta=self.rope_theta, tie_embeddings=self.tie_embeddings, scan_layers=self.scan_layers,
+            remat=self.remat, dtype=self.dtype, attention_impl=self.attention_impl,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,38 +311,28 @@ class DistillConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "calibration_batches", "blockwise_steps", "temperature")
-        for name in ("blockwise_weight", "blockwise_weight_end"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name}={value!r} is invalid: must be in [0, 1]")
-        if self.label_weight < 0:
-            raise ConfigError(f"label_weight={self.label_weight!r} is invalid: must be >= 0")
-        if self.teacher_weight < 0:
-            raise ConfigError(f"teacher_weight={self.teacher_weight!r} is invalid: must be >= 0")
+        _positive(self, "calibration_batches", "blockwise_steps")
+        # the end of the weight's schedule (the schedule is built here, not by the library)
+        if not 0.0 <= self.blockwise_weight_end <= 1.0:
+            raise ConfigError(f"blockwise_weight_end={self.blockwise_weight_end!r} is invalid: must be in [0, 1]")
         if self.teacher_weight == 0 and self.label_weight == 0:
             raise ConfigError(
                 "teacher_weight=0 with label_weight=0 leaves nothing to train on: give "
                 "label_weight > 0 (labels alone) or teacher_weight > 0"
             )
-        choices = {
-            "student_init": ("prune", "random"),
+        choices = {  # the application's own choices; the library objects check the rest
             "blockwise_schedule": _SCHEDULES,
-            "feature_loss": FEATURE_LOSSES,
-            "inject_at": INJECT_LEVELS,
-            "injected_pass": ("auto", "vmap", "scan"),
             "fused": ("auto", "on", "off"),
             "trainable": TRAINABLE,
-            "student_layers": ("all", "group", "every-k"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: must be one of {allowed}")
         if self.mesh is not None:
-            try:
-                parse_mesh(self.mesh)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
+            _library(parse_mesh, self.mesh)
+        if self.student is None:
+            _library(student_config, self)
+        _library(stage_objectives, self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,3 +383,99 @@ def given_flags(namespace, cls) -> dict[str, Any]:
     """The flags of `cls` that were given on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(namespace).items() if k in names and v is not None}
+
+
+# ----------------------------------------------------------------------------- library objects
+# Each section becomes its library object here, once.
+
+
+def lr_schedule(cfg: RunConfig) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then cosine decay to a tenth of it over the
+    run's schedule horizon (`steps`, or `schedule_steps`); past it the rate stays at its
+    final value."""
+    horizon = cfg.horizon
+    warmup = min(cfg.warmup_steps, max(horizon - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(horizon, warmup + 1),
+        end_value=0.1 * cfg.learning_rate,
+    )
+
+
+def blockwise_schedule(cfg: DistillConfig):
+    """The mixing weight `w` of the objective: a float or an optax schedule (for
+    `staged`, the weight of the first stage; see `make_objective`)."""
+    if cfg.blockwise_schedule in ("constant", "staged") or cfg.blockwise_weight == cfg.blockwise_weight_end:
+        return cfg.blockwise_weight
+    steps = cfg.blockwise_steps or cfg.horizon
+    if cfg.blockwise_schedule == "linear":
+        return optax.linear_schedule(cfg.blockwise_weight, cfg.blockwise_weight_end, steps)
+    alpha = cfg.blockwise_weight_end / cfg.blockwise_weight if cfg.blockwise_weight else 0.0
+    return optax.cosine_decay_schedule(cfg.blockwise_weight, steps, alpha=alpha)
+
+
+def stage_switch(cfg: DistillConfig) -> int | None:
+    """The step at which a `staged` run switches from its first stage to its second
+    (`blockwise_steps`, default half the schedule horizon); `None` for other schedules."""
+    if cfg.blockwise_schedule != "staged":
+        return None
+    return cfg.blockwise_steps if cfg.blockwise_steps is not None else cfg.horizon // 2
+
+
+def stage_of(cfg: DistillConfig, index: int) -> int:
+    """The stage that runs step `index`: 1 from a `staged` run's switch on, else 0."""
+    switch = stage_switch(cfg)
+    return 1 if switch is not None and index >= switch else 0
+
+
+def stage_objectives(cfg: DistillConfig) -> list[DistillationObjective]:
+    """The objective of each stage of a run: one, or two for `staged`."""
+    return [make_objective(cfg, stage) for stage in range(2 if stage_switch(cfg) is not None else 1)]
+
+
+def distill_steps(cfg: DistillConfig, mesh: Mesh | None = None) -> tuple[list[DistillationObjective], list[DistillStep]]:
+    """A run's objective and compiled step per stage (one, or two for `staged`; step
+    `index` runs stage `stage_of(cfg, index)`), all sharing one optimizer."""
+    objectives = stage_objectives(cfg)
+    optimizer = make_optimizer(
+        lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, trainable=cfg.trainable
+    )
+    fused = {"auto": "auto", "on": True, "off": False}[cfg.fused]
+    steps = [
+        DistillStep(objective, optimizer, mesh=mesh, trainable=cfg.trainable, fused=fused)
+        for objective in objectives
+    ]
+    return objectives, steps
+
+
+def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
+    """The objective of a run (of stage `stage` for a `staged` run).
+
+    `staged` never mixes passes: stage 0 is `w = blockwise_weight` without label CE (with
+    the default weight 1, blockwise alone), stage 1 is `w = blockwise_weight_end` with
+    the run's `label_weight` (with the default 0, KD and CE alone).
+    """
+    injected_pass = cfg.injected_pass
+    if injected_pass == "auto" and cfg.mesh is not None and parse_mesh(cfg.mesh)[LAYERS_AXIS] > 1:
+        # on a layers axis only the vmap pass keeps every block on its own device (a scan
+        # over the layer-sharded stack gathers it every step); both give the same losses
+        injected_pass = "vmap"
+    weight, label_weight = blockwise_schedule(cfg), cfg.label_weight
+    if cfg.blockwise_schedule == "staged":
+        weight, label_weight = (cfg.blockwise_weight, 0.0) if stage == 0 else (cfg.blockwise_weight_end, cfg.label_weight)
+    return DistillationObjective(
+        blockwise_weight=weight,
+        temperature=cfg.temperature,
+        feature_loss=cfg.feature_loss,
+        inject_at=cfg.inject_at,
+        label_weight=label_weight,
+        teacher_weight=cfg.teacher_weight,
+        injected_pass=injected_pass,
+    )
+
+
+def student_config(cfg: DistillConfig) -> StudentConfig:
+    """The `StudentConfig` of a run that builds its student from the teacher."""
+    return StudentConfig(
+        init=cfg.student_init, mlp_ratio=cfg.mlp_ratio, layers=cfg.student_layers,
+        n_layers=cfg.student_n_layers, kv_heads_ratio=cfg.kv_heads_ratio, seed=cfg.seed,
+    )

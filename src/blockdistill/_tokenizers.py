@@ -307,6 +307,19 @@ class HFTokenizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int32).reshape(-1)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[Int[np.ndarray, " n"]]:
+        """`encode` of many texts at once (the `tokenizers` library's batch encoding, in
+        parallel threads): what the token store uses.
+
+        **Example:**
+
+        ```python
+        ids = tokenizer.encode_batch(["hello world", "def f(x):"])
+        ```
+        """
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32).reshape(-1) for e in encodings]
+
     def decode(self, ids: Int[np.ndarray, " n"] | Int[Array, " n"] | Sequence[int]) -> str:
         """The text of a sequence of token ids (special tokens are kept).
 
