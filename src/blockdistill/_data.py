@@ -717,6 +717,16 @@ class Dataset:
     num_val_documents: int
 
 
+def held_out_rows(n_rows: int, val_fraction: float, source: str, seq_len: int) -> int:
+    """How many of the last rows of a packed corpus are held out when the hashed split
+    leaves a side empty (a corpus of one or a few documents): `ceil(val_fraction * n)`,
+    leaving at least one training row (else a `ValueError` naming the corpus)."""
+    n_val = int(np.ceil(val_fraction * n_rows))
+    if n_rows - n_val < 1:
+        raise ValueError(f"corpus {source!r} is too small to split: {n_rows} sequence(s) of seq_len={seq_len}")
+    return n_val
+
+
 def load_dataset(
     path: str | os.PathLike | None,
     tokenizer: Tokenizer,
@@ -767,13 +777,7 @@ def load_dataset(
     train_docs, val_docs = split_documents(documents, val_fraction)
     if val_fraction > 0.0 and (not train_docs or not val_docs):
         packed = pack_documents(documents, tokenizer, seq_len)
-        n_rows = packed.tokens.shape[0]
-        n_val = int(np.ceil(val_fraction * n_rows))
-        if n_rows - n_val < 1:
-            raise ValueError(
-                f"corpus {source!r} is too small to split: {n_rows} "
-                f"sequence(s) of seq_len={seq_len}"
-            )
+        n_val = held_out_rows(packed.tokens.shape[0], val_fraction, source, seq_len)
         train = Split(*(array[:-n_val] for array in packed))
         val = Split(*(array[-n_val:] for array in packed))
         num_val_documents = 0

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._data import CorpusFiles, Split, Tokenizer, _unit_hash, corpus_files, iter_documents
+from ._data import CorpusFiles, Split, Tokenizer, _unit_hash, corpus_files, held_out_rows, iter_documents
 
 STORE_VERSION = 1
 _TOKENS = "tokens.bin"
@@ -382,9 +382,7 @@ def token_dataset(
     if val_fraction > 0.0 and (len(train_docs) == 0 or len(val_docs) == 0):
         whole = PackedRows(store, np.arange(store.num_documents), seq_len, **pack)
         n_rows = len(whole)
-        n_val = int(np.ceil(val_fraction * n_rows))
-        if n_rows - n_val < 1:
-            raise ValueError(f"corpus {source!r} is too small to split: {n_rows} sequence(s) of seq_len={seq_len}")
+        n_val = held_out_rows(n_rows, val_fraction, source, seq_len)
         train, val, num_val = whole.rows(0, n_rows - n_val), whole.rows(n_rows - n_val, n_rows), 0
     else:
         train = PackedRows(store, train_docs, seq_len, **pack)
