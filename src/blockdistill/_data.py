@@ -121,9 +121,6 @@ class CorpusFiles:
             entries.append([name, stat.st_size, stat.st_mtime_ns])
         return {"source": self.source, "files": entries}
 
-    def total_bytes(self) -> int:
-        return sum(path.stat().st_size for _, path in self.files)
-
 
 def iter_documents(corpus: CorpusFiles):
     """The non-empty documents of `corpus`, one file (or JSONL line) at a time: a corpus

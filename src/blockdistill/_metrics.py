@@ -6,8 +6,6 @@ and turns each number into a scalar series of the same name; a per-layer list su
 `feature_per_layer` becomes one series per layer, `feature_per_layer/layer_0`, ....
 """
 
-from __future__ import annotations
-
 import math
 import pathlib
 import secrets

@@ -16,8 +16,6 @@ and the Grain pipeline that turns them into training batches.
   the batches an uninterrupted one would have.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import json
@@ -176,11 +174,13 @@ def _build(corpus: CorpusFiles, tokenizer: Tokenizer, folder: pathlib.Path, iden
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    bar = None
+    bar, file_sizes = None, {}
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=corpus.total_bytes(), unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
+        file_sizes = {name: path.stat().st_size for name, path in corpus.files}
+
+        bar = tqdm(total=sum(file_sizes.values()), unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
     try:
         offsets, hashes = [0], []
         with open(tmp / _TOKENS, "wb") as out:
@@ -205,7 +205,7 @@ def _build(corpus: CorpusFiles, tokenizer: Tokenizer, folder: pathlib.Path, iden
                     file = document.name.split(":")[0]
                     if file != last_file:
                         last_file = file
-                        bar.update(dict(corpus.files).get(file, pathlib.Path(os.devnull)).stat().st_size)
+                        bar.update(file_sizes.get(file, 0))
             if batch:
                 flush(batch)
         if len(offsets) == 1:

@@ -16,8 +16,6 @@ the protocol. Time spent at a boundary is outside the `tokens_per_s` windows, so
 covers training only.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import os
@@ -31,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._checkpoint import Checkpointer, read_state
+from ._checkpoint import Checkpointer, list_checkpoints, read_state
 from ._files import write_json
 
 METRICS_FILE = "metrics.jsonl"
@@ -49,22 +47,22 @@ class Hook:
     """Something the [`Trainer`][blockdistill._trainer.Trainer] does around its steps.
     Every method is optional; `due(step)` says whether `step` must be a boundary."""
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, trainer: "Trainer") -> None:
         pass
 
     def due(self, step: int) -> bool:
         return False
 
-    def fields(self, trainer: Trainer, step: int) -> dict[str, Any]:
+    def fields(self, trainer: "Trainer", step: int) -> dict[str, Any]:
         return {}
 
-    def after_flush(self, trainer: Trainer, step: int, records: list[dict[str, Any]]) -> None:
+    def after_flush(self, trainer: "Trainer", step: int, records: list[dict[str, Any]]) -> None:
         pass
 
-    def on_step(self, trainer: Trainer, step: int) -> None:
+    def on_step(self, trainer: "Trainer", step: int) -> None:
         pass
 
-    def on_end(self, trainer: Trainer) -> None:
+    def on_end(self, trainer: "Trainer") -> None:
         pass
 
 
@@ -180,8 +178,8 @@ class RunFolder:
         self.metrics_path = folder / METRICS_FILE
 
     def newest_checkpoint(self) -> pathlib.Path | None:
-        steps = Checkpointer(self.out).steps()
-        return Checkpointer(self.out).path(steps[-1]) if steps else None
+        checkpoints = list_checkpoints(self.out)
+        return checkpoints[-1] if checkpoints else None
 
     def newest_state(self) -> dict[str, Any] | None:
         """The JSON state of the newest checkpoint (`None` for a fresh run)."""
@@ -270,7 +268,7 @@ class NonFiniteHook(Hook):
     """Stops the run at a non-finite loss, naming the step and the last good checkpoint
     (it runs before the checkpoint hook, so no checkpoint holds a diverged model)."""
 
-    def __init__(self, folder: RunFolder, checkpoints: CheckpointHook):
+    def __init__(self, folder: RunFolder, checkpoints: "CheckpointHook"):
         self.folder, self.checkpoints = folder, checkpoints
 
     def after_flush(self, trainer: Trainer, step: int, records: list[dict[str, Any]]) -> None:
