@@ -33,6 +33,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -602,7 +603,8 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
         ]
         axis = {"steps": "tokens", "flops": "flops", "seconds": "seconds"}[budget]
         for path in plot(chosen, images, suffix, axis):
-            body += [f"![{path.stem}](images/{path.name})", ""]
+            link = os.path.relpath(path.resolve(), page.resolve().parent)  # as the page sees it
+            body += [f"![{path.stem}]({link})", ""]
     body.append(END)
     section = "\n".join(body)
     if page.exists():
