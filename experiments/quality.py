@@ -50,10 +50,12 @@ COMMAND = "python experiments/quality.py"
 DEFAULT_STEPS = 150  # the main job's budget (DistillConfig.steps)
 DEFAULT_LR = 1e-3  # the main job's peak learning rate (DistillConfig.learning_rate)
 
+#: stands for half the teacher's depth (`student_fields` resolves it from the teacher)
+HALF_DEPTH = "half the teacher's layers"
 #: student shapes (DistillConfig fields); each is run pruned and from random init
 STUDENTS: dict[str, dict[str, Any]] = {
     "mlp": {"mlp_ratio": 0.5},
-    "layers": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": 2},
+    "layers": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": HALF_DEPTH},
     "kv": {"mlp_ratio": 1.0, "kv_heads_ratio": 0.5},
 }
 STUDENT_LABELS = {
@@ -215,6 +217,23 @@ def teacher_identity(teacher: str | None) -> str:
     return digest.hexdigest()
 
 
+def teacher_depth(teacher: str | None) -> int:
+    """The number of layers of the teacher folder (blockdistill or Hugging Face; None: the shipped one)."""
+    from blockdistill._io import shipped_teacher_path
+
+    folder = shipped_teacher_path() if teacher in (None, "shipped") else pathlib.Path(teacher)
+    meta = json.loads((folder / "config.json").read_text())
+    return int(meta["config"]["n_layers"] if meta.get("format") == "blockdistill" else meta["num_hidden_layers"])
+
+
+def student_fields(student: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DistillConfig fields of `student` for the teacher of `extra` (half the depth resolved)."""
+    fields = dict(STUDENTS[student])
+    if fields.get("student_n_layers") == HALF_DEPTH:
+        fields["student_n_layers"] = max(1, teacher_depth((extra or {}).get("teacher")) // 2)
+    return fields
+
+
 def budget(steps: int, quick: bool) -> dict[str, Any]:
     if quick:  # a smoke test of the machinery at 4/150 of the steps, never used for the docs
         steps = max(2, round(steps * 4 / DEFAULT_STEPS))
@@ -233,7 +252,7 @@ def config_for(run: Run, out: pathlib.Path, quick: bool, extra: dict[str, Any] |
     return DistillConfig(
         out=str(out), seed=run.seed, student_init=run.init, progress=False, plots=False,
         keep_checkpoints=1, learning_rate=run.learning_rate, **size,
-        **STUDENTS[run.student], **recipe(run.recipe, size["steps"]), **(extra or {}),
+        **student_fields(run.student, extra), **recipe(run.recipe, size["steps"]), **(extra or {}),
     )
 
 
@@ -634,7 +653,9 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
         expected = {**recipe(record["recipe"], record.get("steps", DEFAULT_STEPS)), **STUDENTS[record["student"]]}
         # a field added to the run config after a record was made had its default then
         config = {**_config_defaults(), **record["config"]}
-        wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
+        # half the depth of the record's teacher: any positive depth
+        wrong = {k: config.get(k) for k, v in expected.items()
+                 if (not (isinstance(config.get(k), int) and config[k] > 0) if v == HALF_DEPTH else config.get(k) != v)}
         if wrong:
             raise ValueError(f"{path}: run {name} was not run with recipe {record['recipe']!r} "
                              f"and student {record['student']!r}: it has {wrong}")

@@ -230,3 +230,26 @@ def test_default_budget_is_the_main_jobs(quality):
     assert quality.DEFAULT_LR == main_job.learning_rate
     full = quality.budget(quality.DEFAULT_STEPS, quick=False)
     assert (full["batch_size"], full["seq_len"]) == (main_job.batch_size, main_job.seq_len)
+
+
+def test_half_depth_student_follows_the_teacher(quality, tmp_path):
+    """The half-depth student is half of whatever teacher the study runs on, and records of
+    a teacher of another depth still load; a depth that is not a positive int is refused."""
+    from blockdistill._io import read_model_config, shipped_teacher_path
+
+    shipped = read_model_config(shipped_teacher_path()).n_layers
+    assert quality.student_fields("layers")["student_n_layers"] == max(1, shipped // 2)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"num_hidden_layers": 8}))
+    assert quality.student_fields("layers", {"teacher": str(hf)})["student_n_layers"] == 4
+    assert quality.student_fields("mlp", {"teacher": str(hf)}) == quality.STUDENTS["mlp"]
+    record = {"recipe": "kd", "student": "layers",
+              "config": {**quality.recipe("kd"), **quality.student_fields("layers", {"teacher": str(hf)})}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"layers-prune/kd/seed0": record}))
+    assert quality.load_results(path)["layers-prune/kd/seed0"]["config"]["student_n_layers"] == 4
+    record["config"]["student_n_layers"] = "two"
+    path.write_text(json.dumps({"layers-prune/kd/seed0": record}))
+    with pytest.raises(ValueError, match="student_n_layers"):
+        quality.load_results(path)
