@@ -50,6 +50,12 @@ def test_rows_equal_the_in_memory_packing(tmp_path, cache, kind, seq_len):
         picked = [len(rows) - 1, 0, len(rows) // 2]
         _assert_split_equal(rows.take(picked), [a[picked] for a in split])
         _assert_split_equal(rows[1], [a[1] for a in split])
+        # a spread sample: evenly spaced over the whole split, in order, never past its end
+        n = len(rows)
+        spread = [i * n // 3 for i in range(3)]
+        assert spread[-1] > n // 2
+        _assert_split_equal(rows.spread(3), [a[spread] for a in split])
+        _assert_split_equal(rows.spread(n + 5), split)
 
 
 def test_a_tiny_corpus_holds_out_its_last_rows(tmp_path, cache):

@@ -118,7 +118,7 @@ def evaluate(model: Transformer, batches: list[Split], mesh: Mesh | None = None)
 
 def _val_batches(cfg: RunConfig | EvalConfig, dataset: TokenDataset) -> list[Split]:
     return eval_batches(
-        *dataset.val.materialize(cfg.eval_batches * cfg.batch_size), batch_size=cfg.batch_size,
+        *dataset.val.spread(cfg.eval_batches * cfg.batch_size), batch_size=cfg.batch_size,
         max_batches=cfg.eval_batches, pad_id=dataset.tokenizer.pad_id,
     )
 
@@ -404,7 +404,7 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: TokenDataset) -> tuple
         return Teacher(teacher_model), student
     student_cfg = student_config(cfg)
     calibration, calibration_mask, calibration_segments = (
-        jnp.asarray(array) for array in dataset.train.materialize(cfg.calibration_batches * cfg.batch_size)
+        jnp.asarray(array) for array in dataset.train.spread(cfg.calibration_batches * cfg.batch_size)
     )
     student = make_student(
         teacher_model, student_cfg, calibration, calibration_mask=calibration_mask,

@@ -318,6 +318,13 @@ class PackedRows:
         count = len(self) if limit is None else min(limit, len(self))
         return self.take(np.arange(count))
 
+    def spread(self, limit: int) -> Split:
+        """`limit` rows spread evenly over the whole split, in order (every row when it has
+        no more): a sample of every part of the corpus, where the first rows would be its
+        first few documents. Evaluation and pruning calibration read these."""
+        count = min(limit, len(self))
+        return self.take(np.arange(count, dtype=np.int64) * len(self) // max(count, 1))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenDataset:
