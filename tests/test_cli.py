@@ -457,3 +457,27 @@ def test_every_option_is_documented():
     for cls in (DistillConfig, PretrainConfig, EvalConfig):
         for field in dataclasses.fields(cls):
             assert f"`{field.name}`" in page, f"{cls.__name__}.{field.name} is not in docs/cli.md"
+
+
+def test_every_flag_says_what_it_means_as_the_docs_do():
+    """Each option's help is its meaning, default and TOML place; the tables of
+    docs/cli.md give the same meanings (one text, kept equal by this test)."""
+    import pathlib
+    import re
+
+    from blockdistill._runconfig import HELP
+    from blockdistill.cli import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if a.choices and "distill" in a.choices).choices
+    for command in ("distill", "pretrain", "eval"):
+        for action in subparsers[command]._actions:
+            if action.dest in ("help", "config", "model"):
+                continue
+            assert action.help and HELP[action.dest] in action.help.replace("%%", "%"), (command, action.dest)
+    distill = subparsers["distill"].format_help()
+    assert re.search(r"--label-weight FLOAT\s+weight of next-token", distill)
+    assert "[objective] label_weight" in " ".join(distill.split())
+    docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", docs.read_text(), re.MULTILINE))
+    assert rows == {k: v for k, v in HELP.items() if k not in ("model", "tokenizer")}

@@ -69,6 +69,71 @@ _SECTIONS: dict[str, tuple[str, str]] = {
 }
 
 
+#: what each option means: the flags' help, and the tables of docs/cli.md (a test keeps them equal)
+HELP: dict[str, str] = {
+    'out': 'the run folder',
+    'data': "text file, folder, glob or JSONL (`text` field); default: the `.py` files of the running Python's standard library",
+    'data_glob': 'file pattern when `data` is a folder',
+    'token_cache': 'where corpora are tokenized to, once (token stores)',
+    'val_fraction': 'documents held out for evaluation (chosen by a hash of their path)',
+    'seq_len': 'tokens per sequence',
+    'batch_size': 'sequences per step',
+    'steps': 'training steps',
+    'schedule_steps': 'the horizon of the learning-rate and blockwise schedules',
+    'extend': 'resume the run in `out` with more `steps`, keeping its schedules',
+    'eval_every': 'evaluate every N steps (and at step 0 and at the end)',
+    'eval_batches': 'held-out batches per evaluation (rows spread evenly over the held-out split, the same every time)',
+    'checkpoint_every': 'checkpoint every N steps (and at the end)',
+    'keep_checkpoints': 'newest checkpoints kept',
+    'log_every': 'fetch metrics from the device and append them every N steps',
+    'seed': 'data order, initialisation',
+    'learning_rate': 'peak learning rate of AdamW (linear warm-up, cosine decay to a tenth)',
+    'warmup_steps': 'warm-up steps',
+    'weight_decay': "AdamW's decoupled weight decay",
+    'clip_norm': 'global gradient-norm clipping',
+    'scan_layers': '`jax.lax.scan` over layers (false: unrolled loop)',
+    'remat': '`none`, `full` or `dots` (rematerialise layers in the backward pass)',
+    'dtype': 'compute dtype (`bfloat16` for accelerators; parameters stay float32)',
+    'attention_impl': 'attention kernel: `xla`, `blocked`, `cudnn` or `auto` (blocked on CPU, cuDNN on GPU in bf16/fp16); all compute the same attention',
+    'progress': 'show the progress bar',
+    'plots': 'write the PNG plots',
+    'tensorboard': 'also write the metrics as TensorBoard scalars to `out/tensorboard/`',
+    'wandb': 'also log the metrics to Weights & Biases',
+    'wandb_project': 'the W&B project',
+    'wandb_mode': '`online`, `offline` (sync later with `wandb sync`) or `disabled`',
+    'dim': 'width',
+    'n_layers': 'depth',
+    'n_heads': 'query heads',
+    'n_kv_heads': 'key/value heads',
+    'mlp_dim': 'MLP width',
+    'rope_theta': 'RoPE base',
+    'tie_embeddings': 'share the embedding with the output head',
+    'teacher': 'a blockdistill model folder, a Hugging Face folder, or `shipped`',
+    'student': 'start from this model folder instead of deriving a student from the teacher',
+    'student_init': "`prune` (copy the teacher's weights, then shrink) or `random`",
+    'mlp_ratio': 'fraction of MLP channels kept (ranked by mean activation on a calibration batch)',
+    'student_layers': '`all`, `group` (student layer j starts from the first teacher layer of group j) or `every-k`',
+    'student_n_layers': "the student's depth with `group` / `every-k`",
+    'kv_heads_ratio': 'fraction of KV heads kept (adjacent heads merged by averaging)',
+    'calibration_batches': 'batches used to rank MLP channels (training rows spread evenly over the corpus)',
+    'blockwise_weight': 'the mixing weight `w` (at the start of its schedule)',
+    'blockwise_schedule': '`constant`, `linear` or `cosine` from `blockwise_weight` to `blockwise_weight_end`; or `staged`: `blockwise_weight` without label CE until step `blockwise_steps`, then `blockwise_weight_end` with `label_weight` (with the defaults: blockwise alone, then KD + CE; each stage compiles only its own passes, so no step runs two)',
+    'blockwise_weight_end': '`w` at the end of the schedule',
+    'blockwise_steps': 'length of the schedule; for `staged`, the step of the switch',
+    'temperature': 'KL temperature `T`',
+    'feature_loss': '`cosine`, `l2` or `nmse`',
+    'inject_at': '`layer` (whole blocks) or `attention` (MaxText mode)',
+    'label_weight': "weight of next-token cross-entropy on the data's labels",
+    'teacher_weight': 'scales both teacher terms (KL and blockwise); `0` with `label_weight` > 0 trains on the labels alone, the no-teacher control (the teacher then only sets the eval gap)',
+    'injected_pass': "`vmap`, `scan` or `auto` (the unfused path's injected pass)",
+    'fused': "`on`, `off` or `auto`: run teacher and student layer by layer in one scan (see `DistillStep`'s `fused`; the same numbers, flat memory in depth); `auto` fuses wherever it applies",
+    'trainable': '`all`, `attention`, `mlp` or `attention+mlp`',
+    'mesh': 'a device mesh such as `data=2,layers=4` (see [Scaling](scaling.md))',
+    'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',
+    'tokenizer': 'the tokenizer folder (or `byte`); default: the one the model folder recorded',
+}
+
+
 def section_of(name: str) -> tuple[str, str]:
     """`(section, key)` of a config field in a TOML file."""
     return _SECTIONS.get(name, ("run", name))
@@ -368,15 +433,20 @@ def add_flags(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
     """One `--field-name` flag per field of `cls` (default None: "not given")."""
     import argparse
 
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for name, annotation in _field_types(cls).items():
         if name in skip or name.isupper():
             continue
         base, _ = _base_type(annotation)
         flag = "--" + name.replace("_", "-")
+        section, key = section_of(name)
+        default = defaults[name]
+        shown = "" if default is None else f"default: {str(default).lower() if isinstance(default, bool) else default}; "
+        text = f"{HELP[name]} ({shown}[{section}] {key})".replace("%", "%%")
         if base is bool:
-            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, dest=name, default=None, type=base, metavar=base.__name__.upper())
+            parser.add_argument(flag, dest=name, default=None, type=base, metavar=base.__name__.upper(), help=text)
 
 
 def given_flags(namespace, cls) -> dict[str, Any]:
