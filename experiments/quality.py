@@ -93,7 +93,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 _OBJECTIVE_BASE = {"blockwise_weight_end": 0.0, "blockwise_steps": None, "temperature": 1.0,
                    "feature_loss": "cosine", "inject_at": "layer", "label_weight": 0.0, "teacher_weight": 1.0}
 #: the main job's recipe (the DistillConfig defaults), whose cost sets the equal-cost budgets
-MAIN_RECIPE = "layer-cosine+ce"
+MAIN_RECIPE = "kd"
 MAIN_STUDENT = "mlp"
 
 

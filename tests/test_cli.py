@@ -75,7 +75,8 @@ def run_main(args, capsys):
 
 def test_distill_writes_everything(tmp_path, teacher, corpus, capsys):
     out = tmp_path / "run"
-    args = [a for a in base_args(out, teacher, corpus) if a != "--no-plots"]
+    # a recipe with both terms, so that every metric and plot is written
+    args = [a for a in base_args(out, teacher, corpus, **{"blockwise-weight": 0.5}) if a != "--no-plots"]
     code, stdout, _ = run_main(args, capsys)
     assert code == 0
     records = read_metrics(out)
@@ -109,8 +110,8 @@ def test_staged_and_label_only_runs(tmp_path, teacher, corpus, capsys):
     (`teacher_weight=0`) never reads the teacher; `train_flops` counts what ran."""
     out = tmp_path / "staged"
     args = base_args(out, teacher, corpus, steps=6, **{
-        "eval-every": 3, "blockwise-schedule": "staged", "blockwise-steps": 3, "inject-at": "layer",
-        "label-weight": 0.5,
+        "eval-every": 3, "blockwise-schedule": "staged", "blockwise-weight": 1.0, "blockwise-steps": 3,
+        "inject-at": "layer", "label-weight": 0.5,
     })
     assert run_main(args, capsys)[0] == 0
     records = read_metrics(out)[1:]

@@ -117,7 +117,7 @@ HELP: dict[str, str] = {
     'kv_heads_ratio': 'fraction of KV heads kept (adjacent heads merged by averaging)',
     'calibration_batches': 'batches used to rank MLP channels (training rows spread evenly over the corpus)',
     'blockwise_weight': 'the mixing weight `w` (at the start of its schedule)',
-    'blockwise_schedule': '`constant`, `linear` or `cosine` from `blockwise_weight` to `blockwise_weight_end`; or `staged`: `blockwise_weight` without label CE until step `blockwise_steps`, then `blockwise_weight_end` with `label_weight` (with the defaults: blockwise alone, then KD + CE; each stage compiles only its own passes, so no step runs two)',
+    'blockwise_schedule': '`constant`, `linear` or `cosine` from `blockwise_weight` to `blockwise_weight_end`; or `staged`: `blockwise_weight` without label CE until step `blockwise_steps`, then `blockwise_weight_end` with `label_weight` (with `blockwise_weight` 1 and the default end 0: blockwise alone, then KD, plus CE when `label_weight` > 0; each stage compiles only its own passes, so no step runs two)',
     'blockwise_weight_end': '`w` at the end of the schedule',
     'blockwise_steps': 'length of the schedule; for `staged`, the step of the switch',
     'temperature': 'KL temperature `T`',
@@ -360,14 +360,15 @@ class DistillConfig(RunConfig):
     student_n_layers: int | None = None
     kv_heads_ratio: float = 1.0
     calibration_batches: int = 4
-    blockwise_weight: float = 1.0
+    # the main job's recipe, from the quality study (docs/quality.md): logit KD alone
+    blockwise_weight: float = 0.0
     blockwise_schedule: str = "constant"
     blockwise_weight_end: float = 0.0
     blockwise_steps: int | None = None
     temperature: float = 1.0
     feature_loss: str = "cosine"
     inject_at: str = "layer"
-    label_weight: float = 0.5
+    label_weight: float = 0.0
     teacher_weight: float = 1.0
     injected_pass: str = "auto"
     fused: str = "auto"
