@@ -216,7 +216,7 @@ def cli_args(out, teacher, corpus, mesh=None, **extra):
         "learning-rate": 3e-3, "warmup-steps": 2, "student-init": "random",
         # a schedule from blockwise into KD without labels: at first only the blockwise
         # pass runs, later both, and both are compared
-        "blockwise-schedule": "linear", "label-weight": 0,
+        "blockwise-weight": 1, "blockwise-schedule": "linear", "label-weight": 0,
     }
     if mesh is not None:
         args["mesh"] = mesh
