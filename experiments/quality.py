@@ -646,6 +646,14 @@ def _config_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
 
 
+def _field_matches(value: Any, expected: Any) -> bool:
+    """A recorded config value is its student's or recipe's; half the depth of the record's
+    teacher (`HALF_DEPTH`) is any positive depth."""
+    if expected == HALF_DEPTH:
+        return isinstance(value, int) and value > 0
+    return value == expected
+
+
 def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     """The recorded runs; each must have been run with its recipe's and student's fields."""
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -653,9 +661,7 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
         expected = {**recipe(record["recipe"], record.get("steps", DEFAULT_STEPS)), **STUDENTS[record["student"]]}
         # a field added to the run config after a record was made had its default then
         config = {**_config_defaults(), **record["config"]}
-        # half the depth of the record's teacher: any positive depth
-        wrong = {k: config.get(k) for k, v in expected.items()
-                 if (not (isinstance(config.get(k), int) and config[k] > 0) if v == HALF_DEPTH else config.get(k) != v)}
+        wrong = {k: config.get(k) for k, v in expected.items() if not _field_matches(config.get(k), v)}
         if wrong:
             raise ValueError(f"{path}: run {name} was not run with recipe {record['recipe']!r} "
                              f"and student {record['student']!r}: it has {wrong}")

@@ -14,8 +14,6 @@ Checkpoints of the earlier format (`student.eqx`, `opt_state.eqx`, `state.json` 
 still load.
 """
 
-from __future__ import annotations
-
 import json
 import pathlib
 from typing import Any
