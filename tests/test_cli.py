@@ -466,16 +466,18 @@ def test_every_flag_says_what_it_means_as_the_docs_do():
     import pathlib
     import re
 
-    from blockdistill._runconfig import HELP
+    from blockdistill._runconfig import HELP, CacheConfig
     from blockdistill.cli import _parser
 
     parser = _parser()
     subparsers = next(a for a in parser._actions if a.choices and "distill" in a.choices).choices
-    for command in ("distill", "pretrain", "eval"):
+    for command in ("distill", "pretrain", "eval", "cache-teacher"):
+        changes = CacheConfig.HELP_CHANGES if command == "cache-teacher" else {}
         for action in subparsers[command]._actions:
             if action.dest in ("help", "config", "model"):
                 continue
-            assert action.help and HELP[action.dest] in action.help.replace("%%", "%"), (command, action.dest)
+            meaning = changes.get(action.dest, HELP[action.dest])
+            assert action.help and meaning in action.help.replace("%%", "%"), (command, action.dest)
     distill = subparsers["distill"].format_help()
     assert re.search(r"--label-weight FLOAT\s+weight of next-token", distill)
     assert "[objective] label_weight" in " ".join(distill.split())

@@ -7,6 +7,15 @@ from ._attention import (
     RMSNorm as RMSNorm,
     segment_positions as segment_positions,
 )
+from ._cache import (
+    TeacherCache as TeacherCache,
+    TopKLogits as TopKLogits,
+    build_teacher_cache as build_teacher_cache,
+    bytes_per_token as bytes_per_token,
+    cached_kl_divergence as cached_kl_divergence,
+    model_digest as model_digest,
+    top_k_logits as top_k_logits,
+)
 from ._config import RopeScaling as RopeScaling, TransformerConfig as TransformerConfig
 from ._data import (
     Batcher as Batcher,
@@ -31,6 +40,7 @@ from ._store import (
     TokenDataset as TokenDataset,
     TokenStore as TokenStore,
     batch_iterator as batch_iterator,
+    run_rows as run_rows,
     token_dataset as token_dataset,
     token_store as token_store,
 )
@@ -82,6 +92,13 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "TeacherCache",
+    "TopKLogits",
+    "build_teacher_cache",
+    "bytes_per_token",
+    "cached_kl_divergence",
+    "model_digest",
+    "top_k_logits",
     "check_mesh",
     "host_arrays",
     "make_mesh",
@@ -97,6 +114,7 @@ __all__ = [
     "TokenDataset",
     "TokenStore",
     "batch_iterator",
+    "run_rows",
     "corpus_files",
     "token_dataset",
     "token_store",

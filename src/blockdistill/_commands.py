@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ._cache import TeacherCache, TopKLogits, build_teacher_cache, model_digest
 from ._checkpoint import Checkpointer
 from ._data import Batcher, Split, eval_batches
 from ._files import write_json
@@ -27,7 +28,7 @@ from ._tokenizers import (
     tokenizer_record,
 )
 from ._flops import pretrain_flops, step_flops
-from ._store import PackedRows, TokenDataset, batch_iterator, token_dataset
+from ._store import PackedRows, TokenDataset, batch_iterator, run_rows, token_dataset
 from ._metrics import TensorBoardWriter, WandbWriter
 from ._model import Transformer
 from ._objective import DistillationObjective, next_token_cross_entropy, next_token_pairs
@@ -53,6 +54,7 @@ from ._parallel import (
     shard_opt_state,
 )
 from ._runconfig import (
+    CacheConfig,
     ConfigError,
     DistillConfig,
     EvalConfig,
@@ -116,14 +118,19 @@ def evaluate(model: Transformer, batches: list[Split], mesh: Mesh | None = None)
     return float(np.sum(total) / max(np.sum(count), 1.0))
 
 
-def _val_batches(cfg: RunConfig | EvalConfig, dataset: TokenDataset) -> list[Split]:
+def _val_batches(cfg: RunConfig | EvalConfig | CacheConfig, dataset: TokenDataset) -> list[Split]:
     return eval_batches(
         *dataset.val.spread(cfg.eval_batches * cfg.batch_size), batch_size=cfg.batch_size,
         max_batches=cfg.eval_batches, pad_id=dataset.tokenizer.pad_id,
     )
 
 
-def _open_dataset(cfg: RunConfig | EvalConfig, tokenizer: Tokenizer) -> TokenDataset:
+def _eval_rows(cfg: RunConfig | EvalConfig | CacheConfig, dataset: TokenDataset) -> int:
+    """How many held-out rows an evaluation reads (see `_val_batches`)."""
+    return min(cfg.eval_batches * cfg.batch_size, len(dataset.val))
+
+
+def _open_dataset(cfg: RunConfig | EvalConfig | CacheConfig, tokenizer: Tokenizer) -> TokenDataset:
     """The run's corpus: tokenized once into a token store (reused by later runs), packed
     on demand."""
     show = getattr(cfg, "progress", False) and jax.process_index() == 0
@@ -136,19 +143,23 @@ class _Batches:
     rows of each global batch only; its position is JSON for the checkpoint. A checkpoint
     written before the pipeline (a `Batcher` position) resumes with that `Batcher`."""
 
-    def __init__(self, rows: PackedRows, cfg: RunConfig, share: slice | None):
+    def __init__(self, rows: PackedRows, cfg: RunConfig, share: slice | None, teacher_cache: TeacherCache | None = None):
         self.rows, self.cfg, self.share = rows, cfg, share
-        self.iterator = batch_iterator(rows, batch_size=cfg.batch_size, seed=cfg.seed, share=share)
+        self.iterator = batch_iterator(rows, batch_size=cfg.batch_size, seed=cfg.seed, share=share,
+                                       teacher_cache=teacher_cache)
         self.legacy: Batcher | None = None
+        self.cached = teacher_cache is not None
 
     def restore(self, state: dict[str, Any]) -> None:
         if {"epoch", "index"} <= state.keys():
+            if self.cached:
+                raise ConfigError("this checkpoint predates the Grain pipeline; it cannot resume with a teacher cache")
             self.legacy = Batcher(*self.rows.materialize(), batch_size=self.cfg.batch_size, seed=self.cfg.seed)
             self.legacy.load_state_dict(state)
         else:
             self.iterator.set_state(state)
 
-    def __next__(self) -> Split:
+    def __next__(self) -> Split | tuple[Split, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if self.legacy is None:
             return next(self.iterator)
         batch = next(self.legacy)
@@ -158,7 +169,7 @@ class _Batches:
         return self.legacy.state_dict() if self.legacy is not None else self.iterator.get_state()
 
 
-def _batch_size_check(cfg: RunConfig, dataset: TokenDataset) -> None:
+def _batch_size_check(cfg: RunConfig | CacheConfig, dataset: TokenDataset) -> None:
     n = len(dataset.train)
     if cfg.batch_size > n:
         raise ConfigError(
@@ -241,19 +252,23 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
     metric_keys: tuple[str, ...] | None = None,
+    teacher_cache: TeacherCache | None = None,
+    cached_stages: tuple[bool, ...] = (),
 ) -> tuple[Transformer, int]:
     """Train `model` with `step` (or one step per stage, chosen by `stage_of_step(index)`)
     for `cfg.steps` steps in `folder`, resuming from its newest checkpoint: the Trainer with
     the metrics, evaluation, non-finite, checkpoint, progress, signal and plot hooks.
-    `metric_keys` keeps only those of the step's metrics. Returns the trained model (as
-    placed) and the step reached."""
+    `metric_keys` keeps only those of the step's metrics. With `teacher_cache`, the stages
+    marked in `cached_stages` read each batch's teacher logits from it instead of running
+    the teacher. Returns the trained model (as placed) and the step reached."""
     steps = step if isinstance(step, list) else [step]
     optimizer = steps[0].optimizer
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     if mesh is not None:
         model = shard_model(model, mesh)
         opt_state = shard_opt_state(opt_state, model, mesh)
-    batches = _Batches(dataset.train, cfg, None if mesh is None else process_rows(mesh, cfg.batch_size))
+    batches = _Batches(dataset.train, cfg, None if mesh is None else process_rows(mesh, cfg.batch_size),
+                       teacher_cache)
     val = _val_batches(cfg, dataset)
     checkpointer = Checkpointer(folder.out, keep=cfg.keep_checkpoints)
     start, last = 0, None
@@ -278,14 +293,25 @@ def fit(
     if cfg.plots:
         hooks.append(PlotHook(folder))
 
-    def step_fn(model, opt_state, batch, index):
+    def place(arrays):
         if mesh is None:
-            tokens, mask, segment_ids = (jnp.asarray(array) for array in batch)
-        else:  # this process's rows of the global batch
-            tokens, mask, segment_ids = shard_local_batch(mesh, cfg.batch_size, *batch)
+            return tuple(jnp.asarray(array) for array in arrays)
+        return shard_local_batch(mesh, cfg.batch_size, *arrays)  # this process's rows of the global batch
+
+    def step_fn(model, opt_state, batch, index):
+        cached = None
+        if teacher_cache is not None:
+            batch, cached = batch
+        tokens, mask, segment_ids = place(batch)
         # a staged run switches programs at a step: each stage compiles only its passes
-        chosen = steps[stage_of_step(index) if stage_of_step is not None else 0]
-        model, opt_state, metrics = chosen(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
+        stage = stage_of_step(index) if stage_of_step is not None else 0
+        chosen = steps[stage]
+        if cached is not None and cached_stages[stage]:  # the teacher's logits from the cache
+            ids, logprobs, log_tail = place(cached)
+            model, opt_state, metrics = chosen(model, opt_state, None, tokens, mask, index, segment_ids=segment_ids,
+                                               teacher_logits=TopKLogits(ids, logprobs, log_tail))
+        else:
+            model, opt_state, metrics = chosen(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
         if metric_keys is not None:  # the run's own metrics only (pretraining: no teacher terms)
             metrics = {key: metrics[key] for key in metric_keys}
         return model, opt_state, metrics
@@ -371,37 +397,49 @@ def _count_params(model: eqx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 
 
+def _count_config_params(config) -> int:
+    """Parameters of a model of `config`, from shapes alone (nothing is allocated)."""
+    shapes = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes) if isinstance(x, jax.ShapeDtypeStruct))
+
+
 # ----------------------------------------------------------------------------- distill
 
 
-def load_teacher_and_student(cfg: DistillConfig, dataset: TokenDataset) -> tuple[Teacher, Transformer]:
-    """The frozen teacher and the initial student the config describes."""
+def load_teacher_and_student(
+    cfg: DistillConfig, dataset: TokenDataset, *, load_teacher: bool = True
+) -> tuple[Teacher | None, Transformer]:
+    """The frozen teacher and the initial student the config describes. With
+    `load_teacher=False` (a run that reads every teacher output from a cache, from a
+    given `student` folder) the teacher's weights are not read: `None` comes back, the
+    fit of the two checked from the teacher's `config.json`."""
     from ._io import load_model
     from ._prune import make_student
 
     exec_opts = dict(
         scan_layers=cfg.scan_layers, remat=cfg.remat, dtype=cfg.dtype, attention_impl=cfg.attention_impl
     )
-    teacher_model = load_model(cfg.teacher, **exec_opts)
-    if teacher_model.config.vocab_size < dataset.tokenizer.vocab_size:
+    if not load_teacher and cfg.student is None:
+        raise ValueError("a student derived from the teacher needs the teacher's weights (load_teacher=False)")
+    teacher_model = load_model(cfg.teacher, **exec_opts) if load_teacher else None
+    t = teacher_model.config if teacher_model is not None else read_model_config(cfg.teacher)
+    if t.vocab_size < dataset.tokenizer.vocab_size:
         raise ConfigError(
-            f"teacher vocab_size {teacher_model.config.vocab_size} is smaller than the "
-            f"tokenizer's {dataset.tokenizer.vocab_size}"
+            f"teacher vocab_size {t.vocab_size} is smaller than the tokenizer's {dataset.tokenizer.vocab_size}"
         )
-    if cfg.seq_len > teacher_model.config.max_seq_len:
-        raise ConfigError(
-            f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={teacher_model.config.max_seq_len}"
-        )
+    if cfg.seq_len > t.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={t.max_seq_len}")
+    teacher = None if teacher_model is None else Teacher(teacher_model)
     if cfg.student is not None:
         student = load_model(cfg.student, **exec_opts)
-        t, s = teacher_model.config, student.config
+        s = student.config
         if t.dim != s.dim:
             raise ConfigError(f"teacher width dim={t.dim} != student width dim={s.dim} ({cfg.student})")
         if t.vocab_size != s.vocab_size:
             raise ConfigError(
                 f"teacher vocab_size={t.vocab_size} != student vocab_size={s.vocab_size} ({cfg.student})"
             )
-        return Teacher(teacher_model), student
+        return teacher, student
     student_cfg = student_config(cfg)
     calibration, calibration_mask, calibration_segments = (
         jnp.asarray(array) for array in dataset.train.spread(cfg.calibration_batches * cfg.batch_size)
@@ -410,7 +448,7 @@ def load_teacher_and_student(cfg: DistillConfig, dataset: TokenDataset) -> tuple
         teacher_model, student_cfg, calibration, calibration_mask=calibration_mask,
         calibration_segment_ids=calibration_segments, key=jax.random.key(cfg.seed),
     )
-    return Teacher(teacher_model), student
+    return teacher, student
 
 
 def mean_step_flops(cfg: DistillConfig) -> float:
@@ -452,25 +490,47 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg = check_resumable(cfg, out, state)
     dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
-    teacher, student = load_teacher_and_student(cfg, dataset)
     objectives, steps = distill_steps(cfg, mesh)
+    teacher_cache, cached_stages, teacher_loss = None, (False,) * len(objectives), None
+    if cfg.teacher_cache is not None:
+        teacher_cache = open_teacher_cache(cfg, tokenizer, dataset)
+        cached_stages = tuple(o.uses_teacher and not o.passes(0)[1] for o in objectives)
+        if not any(cached_stages):
+            raise ConfigError(
+                f"teacher_cache={cfg.teacher_cache!r}: every step of this recipe has a blockwise term, "
+                "which needs the teacher's states (a cache holds only logits): it would never be read"
+            )
+        teacher_loss = teacher_cache.teacher_eval_loss(_eval_rows(cfg, dataset))
+    # the teacher runs in the stages that do not read the cache
+    needs_teacher = any(o.uses_teacher and not c for o, c in zip(objectives, cached_stages))
+    teacher, student = load_teacher_and_student(
+        cfg, dataset, load_teacher=needs_teacher or cfg.student is None or teacher_loss is None
+    )
+    teacher_config = teacher.config if teacher is not None else read_model_config(cfg.teacher)
     if objectives[0].uses_teacher:
-        objectives[0].resolve_layer_map(teacher.config.n_layers, student.config.n_layers)
+        objectives[0].resolve_layer_map(teacher_config.n_layers, student.config.n_layers)
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size, n_layers=student.config.n_layers)
+
+    def flops_of(index: int) -> float:
+        stage = stage_of(cfg, index)
+        return step_flops(objectives[stage], teacher_config, student.config,
+                          seq_len=cfg.seq_len, batch=cfg.batch_size, step=index, cached=cached_stages[stage])
+
+    run_tokenizer(out, tokenizer)
+    if teacher_loss is None:
+        teacher_loss = evaluate(teacher.model, _val_batches(cfg, dataset), mesh)
+    teacher_params = _count_params(teacher.model) if teacher is not None else _count_config_params(teacher_config)
+    if not needs_teacher:
+        teacher = None  # loaded only to derive the student or to score it: training never runs it
+    elif mesh is not None:
         # the teacher stays whole on every device: scanning a layer-sharded teacher would
         # all-gather its whole stack every step (see docs/scaling.md)
         teacher = shard_model(teacher, mesh, shard_layers=False)
-
-    def flops_of(index: int) -> float:
-        return step_flops(objectives[stage_of(cfg, index)], teacher.config, student.config,
-                          seq_len=cfg.seq_len, batch=cfg.batch_size, step=index)
-
-    run_tokenizer(out, tokenizer)
-    teacher_loss = evaluate(teacher.model, _val_batches(cfg, dataset), mesh)
     trained, reached = fit(cfg, folder, steps, student, dataset, teacher=teacher, teacher_loss=teacher_loss,
                            step_flops=flops_of, stage_of_step=lambda index: stage_of(cfg, index),
-                           extra_state={"student_config": student.config.to_dict()}, mesh=mesh)
+                           extra_state={"student_config": student.config.to_dict()}, mesh=mesh,
+                           teacher_cache=teacher_cache, cached_stages=cached_stages)
     student = host_arrays(trained) if mesh is not None else trained
     result = {"step": reached, "evals": folder.evals()}
     evals = result["evals"]
@@ -482,8 +542,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         save_model(student, out / "student", tokenizer=tokenizer, extra={
             "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
         })
-    scfg, tcfg = student.config, teacher.config
-    ratio = _count_params(student) / _count_params(teacher.model)
+    scfg, tcfg = student.config, teacher_config
+    ratio = _count_params(student) / teacher_params
     lines = [
         f"teacher: {tcfg.n_layers} layers, mlp {tcfg.mlp_dim}, kv heads {tcfg.n_kv_heads}; "
         f"student: {scfg.n_layers} layers, mlp {scfg.mlp_dim}, kv heads {scfg.n_kv_heads} "
@@ -493,10 +553,112 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         _gap_line(closed, final, teacher_loss),
         f"student saved to {out / 'student'}; metrics in {folder.metrics_path}; plots in {out}",
     ]
+    if teacher_cache is not None:
+        cached_steps = sum(cached_stages[stage_of(cfg, i)] for i in range(cfg.steps))
+        lines.insert(3, f"teacher logits read from {teacher_cache.folder} (top {teacher_cache.top_k}, mean tail mass "
+                        f"{teacher_cache.mean_tail_mass:.2e}) in {cached_steps} of {cfg.steps} steps")
     summary = {"teacher_loss": teacher_loss, "initial_loss": initial, "final_loss": final,
                "gap_closed": closed, "lines": lines}
     if folder.writer:
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "lines"})
+    _report(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+
+def cache_identity(teacher: str, tokenizer: Tokenizer, dataset: TokenDataset) -> dict[str, Any]:
+    """What a teacher cache is made from, as its `meta` records it and a run compares it:
+    the teacher's weights (digest), the tokenizer, and the training rows (the token store
+    of the corpus, the split, the sequence length and the row count)."""
+    return {
+        "teacher": {"sha256": model_digest(teacher)},
+        "tokenizer": tokenizer_record(tokenizer),
+        "data": {"store": dataset.store.folder.name, "source": dataset.source, "split": "train",
+                 "seq_len": dataset.seq_len, "rows": len(dataset.train)},
+    }
+
+
+def open_teacher_cache(cfg: DistillConfig, tokenizer: Tokenizer, dataset: TokenDataset) -> TeacherCache:
+    """The run's teacher cache, checked against its teacher, tokenizer, training rows and
+    temperature (a `ConfigError` naming each mismatch)."""
+    try:
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check({**cache_identity(cfg.teacher, tokenizer, dataset), "temperature": float(cfg.temperature)})
+        if cache.row_index is not None:  # a cache of some runs' rows: this run must read only those
+            cache.positions(run_rows(len(dataset.train), batch_size=cfg.batch_size, steps=cfg.steps, seeds=(cfg.seed,)))
+    except KeyError as error:
+        raise ConfigError(f"{error.args[0]} (this run: {cfg.steps} steps at batch size {cfg.batch_size}, "
+                          f"seed {cfg.seed})") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return cache
+
+
+def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
+    """`blockdistill cache-teacher`: run the teacher once over the corpus's training rows
+    and store its top-k log-probabilities (see [`blockdistill.build_teacher_cache`][])."""
+    import signal
+
+    from ._cache import bytes_per_token
+    from ._io import load_model
+
+    out = pathlib.Path(cfg.out)
+    mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
+    if mesh is not None:
+        check_mesh(mesh, batch_size=cfg.batch_size)
+    tokenizer = load_tokenizer(cfg.teacher)
+    dataset = _open_dataset(cfg, tokenizer)
+    model = load_model(cfg.teacher, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={model.config.max_seq_len}")
+    if cfg.top_k > model.config.vocab_size:
+        raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({model.config.vocab_size})")
+    stop = []
+    handlers = {}
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handlers[signum] = signal.signal(signum, request_stop)
+    row_index, selection = None, "all"
+    if cfg.steps is not None:
+        _batch_size_check(cfg, dataset)
+        row_index = run_rows(len(dataset.train), batch_size=cfg.batch_size, steps=cfg.steps, seeds=cfg.seed_list())
+        selection = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seeds": list(cfg.seed_list())}
+    try:
+        cache = build_teacher_cache(
+            model, dataset.train, out, top_k=cfg.top_k, temperature=cfg.temperature, values_dtype=cfg.cache_dtype,
+            batch_size=cfg.batch_size, identity=cache_identity(cfg.teacher, tokenizer, dataset), mesh=mesh,
+            progress=cfg.progress, should_stop=lambda: bool(stop), row_index=row_index, selection=selection,
+        )
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if not cache.meta.get("complete"):
+        raise KeyboardInterrupt(f"interrupted after {cache.rows_done()} of {cache.num_cached} rows; "
+                                "rerun the same command to resume")
+    rows = _eval_rows(cfg, dataset)
+    if cache.teacher_eval_loss(rows) is None and jax.process_index() == 0:
+        loss = evaluate(model, _val_batches(cfg, dataset), mesh)
+        write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "loss": loss}})
+        cache = TeacherCache(out)
+    per_token = bytes_per_token(cfg.top_k, cfg.cache_dtype)
+    which = "every training row" if row_index is None else (
+        f"the rows of {cfg.steps}-step runs at batch size {cfg.batch_size}, "
+        f"seed{'s' if len(cfg.seed_list()) > 1 else ''} {cfg.seeds}")
+    lines = [
+        f"cached the teacher's top {cfg.top_k} log-probabilities (temperature {cfg.temperature}) for "
+        f"{cache.num_cached} of {cache.num_rows} training rows of {cache.seq_len} tokens ({which}) in {out}",
+        f"{per_token} bytes per token, {per_token * cache.num_cached * cache.seq_len / 1e6:.1f} MB; "
+        f"mean tail mass outside the top {cfg.top_k}: {cache.mean_tail_mass:.2e}",
+        f"teacher held-out loss {cache.teacher_eval_loss(rows):.4f} on {rows} rows; distill with "
+        f"--teacher-cache {out}",
+    ]
+    summary = {"rows": cache.num_cached, "bytes_per_token": per_token, "mean_tail_mass": cache.mean_tail_mass,
+               "lines": lines}
     _report(summary)
     return summary
 
@@ -520,4 +682,4 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
     return {"eval_loss": loss}
 
 
-__all__ = ["distill", "evaluate", "evaluate_command", "pretrain", "read_model_config"]
+__all__ = ["cache_teacher", "distill", "evaluate", "evaluate_command", "pretrain", "read_model_config"]

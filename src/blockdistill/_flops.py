@@ -64,13 +64,16 @@ def step_flops(
     seq_len: int,
     batch: int,
     step: int = 0,
+    cached: bool = False,
 ) -> float:
     """Training FLOPs of one distillation step of `objective` at `step` (the passes
     active then) on `batch` rows of `seq_len` tokens.
 
     - The teacher runs forward only: every layer and its head when the free pass runs
       (the KL reads its logits); without it, the layers a blockwise term reads (at
-      attention level all but the last layer's MLP); not at all with `teacher_weight=0`.
+      attention level all but the last layer's MLP); not at all with `teacher_weight=0`,
+      nor with `cached=True` (the KL reads the teacher's cached logits: see
+      [`blockdistill.TeacherCache`][]; only for an objective without a blockwise term).
     - The free pass: the student's layers and head, forward and backward.
     - The blockwise term: each student block on the teacher's input, forward and
       backward (at attention level only the attention, whose q/k/v projections read a
@@ -88,8 +91,10 @@ def step_flops(
     t, s = layer_flops(teacher, seq_len), layer_flops(student, seq_len)
     t_layer, s_layer = sum(t.values()), sum(s.values())
     teacher_fwd = student_fwd = student_bwd = 0.0
+    if cached and objective.passes(0)[1]:
+        raise ValueError("cached=True needs an objective without a blockwise term (the cache holds no states)")
     if free:
-        if objective.uses_teacher:
+        if objective.uses_teacher and not cached:
             teacher_fwd = teacher.n_layers * t_layer + _head_flops(teacher, seq_len)
         forward = student.n_layers * s_layer + _head_flops(student, seq_len)
         student_fwd += forward

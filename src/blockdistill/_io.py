@@ -67,8 +67,10 @@ def save_model(
 
 
 def read_model_config(path: PathLike) -> TransformerConfig:
-    """The [`blockdistill.TransformerConfig`][] of a saved blockdistill model folder."""
-    path = pathlib.Path(path)
+    """The [`blockdistill.TransformerConfig`][] of a model folder, read from its
+    `config.json` alone (no weights are read): a blockdistill folder, a Hugging Face one
+    (as [`blockdistill.from_hf`][] would build it) or `"shipped"`."""
+    path = SHIPPED_TEACHER if str(path) == "shipped" else pathlib.Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"model folder {path} has no {CONFIG_FILE}")
@@ -76,9 +78,14 @@ def read_model_config(path: PathLike) -> TransformerConfig:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_file} is not a blockdistill model (format={meta.get('format')!r})")
-    return TransformerConfig.from_dict(meta["config"])
+    if meta.get("format") == FORMAT:
+        return TransformerConfig.from_dict(meta["config"])
+    if "model_type" in meta:
+        from ._hf import _config_from_hf
+
+        return _config_from_hf(meta, path, {})
+    raise ValueError(f"{config_file} is neither a blockdistill model (format={meta.get('format')!r}) "
+                     "nor a Hugging Face one (no model_type)")
 
 
 def deserialise(path: pathlib.Path, like: Any) -> Any:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._cache import TopKLogits, cached_kl_divergence
 from ._layer import InjectAt, check_inject_at
 from ._config import TransformerConfig
 from ._model import ModelOutput, Transformer
@@ -16,6 +17,7 @@ from ._types import Array, BatchMask, BatchSegments, BatchTokens, Bool, Float
 FeatureLoss = Literal["cosine", "l2", "nmse"]
 FEATURE_LOSSES = ("cosine", "l2", "nmse")
 InjectedPass = Literal["auto", "vmap", "scan"]
+CACHED_KL = ("tail", "renormalized")
 Schedule = float | Callable[[Array | int], Array | float]
 Metrics = dict[str, Array]
 
@@ -234,11 +236,17 @@ class DistillationObjective(eqx.Module):
       vmap won by up to 10%. On a mesh with a `layers` axis, choose `"vmap"`: each device
       then computes its own blocks (the CLI does this for `auto`). Both give the same
       losses and gradients.
+    - `cached_kl`: the KL against a cached, sparse teacher ([`blockdistill.TopKLogits`][]
+      as `teacher_out`): `"tail"` (default; top-k plus one tail bucket, never above the
+      dense KL) or `"renormalized"` (both renormalised over the top-k); see
+      [`blockdistill.cached_kl_divergence`][].
 
     **Call:** `objective(student, teacher_out, tokens, mask=None, step=0, *,
     segment_ids=None) -> (loss, metrics)` on a batch: `tokens` is
     `Int[Array, "batch seq"]`, `teacher_out` the batched [`blockdistill.ModelOutput`][]
-    of the teacher on `tokens` (with the same `segment_ids`, for rows that pack several
+    of the teacher on `tokens`, or its cached top-k logits ([`blockdistill.TopKLogits`][],
+    for an objective without a blockwise term: the KL is then
+    [`blockdistill.cached_kl_divergence`][]) (with the same `segment_ids`, for rows that pack several
     documents: the student's passes then keep to each document too, and CE pairs do not
     cross documents). `metrics` holds `loss`,
     `kl`, `feature`, `ce`, `blockwise_weight`, `temperature` (scalars) and
@@ -263,6 +271,7 @@ class DistillationObjective(eqx.Module):
     layer_map: tuple[tuple[int, int], ...] | None = eqx.field(static=True, default=None)
     injected_pass: InjectedPass = eqx.field(static=True, default="auto")
     teacher_weight: float = eqx.field(static=True, default=1.0)
+    cached_kl: str = eqx.field(static=True, default="tail")
 
     def __check_init__(self):
         _check_weight("blockwise_weight", self.blockwise_weight)
@@ -294,6 +303,10 @@ class DistillationObjective(eqx.Module):
                 f"must be one of {FEATURE_LOSSES}"
             )
         check_inject_at(self.inject_at)
+        if self.cached_kl not in CACHED_KL:
+            raise ValueError(
+                f"DistillationObjective.cached_kl={self.cached_kl!r} is invalid: must be one of {CACHED_KL}"
+            )
         if self.injected_pass not in ("auto", "vmap", "scan"):
             raise ValueError(
                 f"DistillationObjective.injected_pass={self.injected_pass!r} is invalid: "
@@ -325,6 +338,7 @@ class DistillationObjective(eqx.Module):
         layer_map: Sequence[Sequence[int]] | None = None,
         injected_pass: str = "auto",
         teacher_weight: float = 1.0,
+        cached_kl: str = "tail",
     ):
         # names are plain `str` here (not Literal) so that a wrong one is the ValueError
         # of __check_init__, which names the field, in and out of the type-checked tests
@@ -337,6 +351,7 @@ class DistillationObjective(eqx.Module):
         self.layer_map = None if layer_map is None else _validate_layer_map(layer_map)
         self.injected_pass = injected_pass
         self.teacher_weight = teacher_weight
+        self.cached_kl = cached_kl
 
     # ------------------------------------------------------------------ helpers
 
@@ -377,6 +392,21 @@ class DistillationObjective(eqx.Module):
             teacher_vocab=teacher_out.logits.shape[-1],
             teacher_layers=teacher_out.states.layer_in.shape[1],
         )
+
+    def check_cached(self, teacher_out: TopKLogits, tokens: Array) -> None:
+        """Raise a `ValueError` when cached teacher logits cannot serve this objective: a
+        blockwise term needs the teacher's states, which a cache does not hold, or the
+        cached rows do not match `tokens`."""
+        if self.passes(0)[1]:
+            raise ValueError(
+                "cached teacher logits (TopKLogits) hold no teacher states: an objective with a "
+                f"blockwise term (blockwise_weight={self.blockwise_weight!r}) needs the teacher itself"
+            )
+        if teacher_out.ids.shape[:-1] != tokens.shape:
+            raise ValueError(
+                f"cached teacher ids have shape {tuple(teacher_out.ids.shape)}, which does not "
+                f"match tokens of shape {tuple(tokens.shape)}"
+            )
 
     def check_shapes(
         self, student: TransformerConfig, *, teacher_dim: int, teacher_vocab: int, teacher_layers: int
@@ -444,7 +474,7 @@ class DistillationObjective(eqx.Module):
     def __call__(
         self,
         student: Transformer,
-        teacher_out: ModelOutput | None,
+        teacher_out: ModelOutput | TopKLogits | None,
         tokens: BatchTokens,
         mask: BatchMask | None = None,
         step: int | Array = 0,
@@ -456,6 +486,8 @@ class DistillationObjective(eqx.Module):
                 raise ValueError(
                     f"teacher_out=None needs teacher_weight=0 (got teacher_weight={self.teacher_weight!r})"
                 )
+        elif isinstance(teacher_out, TopKLogits):
+            self.check_cached(teacher_out, tokens)
         else:
             self.check_pair(student, teacher_out, tokens)
         if segment_ids is not None and segment_ids.shape != tokens.shape:
@@ -472,7 +504,12 @@ class DistillationObjective(eqx.Module):
 
         def free_pass(student):
             logits = jax.vmap(lambda t, seg: student(t, segment_ids=seg).logits)(tokens, segment_ids)
-            kl = zero if teacher_out is None else kl_divergence(logits, teacher_out.logits, mask, temperature)
+            if teacher_out is None:
+                kl = zero
+            elif isinstance(teacher_out, TopKLogits):
+                kl = cached_kl_divergence(logits, teacher_out, mask, temperature, tail=self.cached_kl == "tail")
+            else:
+                kl = kl_divergence(logits, teacher_out.logits, mask, temperature)
             ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
             return kl, ce
 

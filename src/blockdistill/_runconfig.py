@@ -59,13 +59,15 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "model": ("model", "path"),
     "tokenizer": ("model", "tokenizer"),
     "teacher": ("teacher", "path"),
+    "teacher_cache": ("teacher", "cache"),
+    **{name: ("cache", name) for name in ("top_k", "cache_dtype", "seeds")},
     **{name: ("student", key) for name, key in (
         ("student", "path"), ("student_init", "init"), ("mlp_ratio", "mlp_ratio"), ("student_layers", "layers"),
         ("student_n_layers", "n_layers"), ("kv_heads_ratio", "kv_heads_ratio"),
         ("calibration_batches", "calibration_batches"))},
     **{name: ("objective", name) for name in (
         "blockwise_weight", "blockwise_schedule", "blockwise_weight_end", "blockwise_steps", "temperature",
-        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused")},
+        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused", "cached_kl")},
 }
 
 
@@ -109,6 +111,11 @@ HELP: dict[str, str] = {
     'rope_theta': 'RoPE base',
     'tie_embeddings': 'share the embedding with the output head',
     'teacher': 'a blockdistill model folder, a Hugging Face folder, or `shipped`',
+    'teacher_cache': "a teacher cache from `blockdistill cache-teacher`: steps without a blockwise term read the teacher's top-k logits from it and do not run the teacher (see [Teacher cache](teacher_cache.md))",
+    'cached_kl': "the KL against the cache: `tail` (top-k plus one tail bucket; never above the dense KL) or `renormalized` (both renormalised over the top-k)",
+    'top_k': 'teacher ids kept per position',
+    'cache_dtype': "`float16` or `bfloat16`: the stored log-probabilities' type",
+    'seeds': 'with `steps`: the seeds of the runs whose rows are cached (comma-separated)',
     'student': 'start from this model folder instead of deriving a student from the teacher',
     'student_init': "`prune` (copy the teacher's weights, then shrink) or `random`",
     'mlp_ratio': 'fraction of MLP channels kept (ranked by mean activation on a calibration batch)',
@@ -374,6 +381,8 @@ class DistillConfig(RunConfig):
     fused: str = "auto"
     trainable: str = "all"
     mesh: str | None = None
+    teacher_cache: str | None = None
+    cached_kl: str = "tail"
 
     def __post_init__(self):
         super().__post_init__()
@@ -396,9 +405,75 @@ class DistillConfig(RunConfig):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: must be one of {allowed}")
         if self.mesh is not None:
             _library(parse_mesh, self.mesh)
+        if self.teacher_cache is not None and self.teacher_weight == 0:
+            raise ConfigError(
+                f"teacher_cache={self.teacher_cache!r} with teacher_weight=0: a run on the labels alone "
+                "never reads the teacher or its cache"
+            )
         if self.student is None:
             _library(student_config, self)
         _library(stage_objectives, self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Options of `blockdistill cache-teacher` (run a teacher once over a corpus's training
+    rows and store its top-k logits)."""
+
+    out: str = "runs/teacher-cache"
+    teacher: str = "shipped"
+    data: str | None = None
+    data_glob: str | None = None
+    token_cache: str | None = None
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    batch_size: int = 8
+    steps: int | None = None
+    seeds: str = "0"
+    top_k: int = 64
+    temperature: float = 1.0
+    cache_dtype: str = "float16"
+    eval_batches: int = 16
+    dtype: str = "float32"
+    attention_impl: str = "auto"
+    mesh: str | None = None
+    progress: bool = True
+
+    #: what some options mean for this command (the others mean what they mean for `distill`)
+    HELP_CHANGES = {"out": "the cache folder",
+                    "batch_size": "rows per teacher forward; with `steps`, also the batch size of the runs whose "
+                                  "rows are cached",
+                    "steps": "cache only the rows that runs of this many steps read (with `batch_size` and "
+                             "`seeds`); default: every training row",
+                    "eval_batches": "the teacher's held-out loss is measured on eval_batches x batch_size rows and "
+                                    "kept in the cache (a run with as many rows reads it instead of loading the teacher)"}
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "eval_batches", "top_k", "temperature", "steps")
+        self.seed_list()
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid: must be in [0, 1)")
+        self._check_choices()
+
+    def seed_list(self) -> tuple[int, ...]:
+        """`seeds` as integers (a `ConfigError` naming a bad one)."""
+        try:
+            seeds = tuple(int(part) for part in self.seeds.split(","))
+        except ValueError:
+            raise ConfigError(f"seeds={self.seeds!r} is invalid: must be comma-separated integers") from None
+        if any(not 0 <= seed < 2**32 for seed in seeds):
+            raise ConfigError(f"seeds={self.seeds!r} is invalid: each must be in [0, 2**32)")
+        return seeds
+
+    def _check_choices(self):
+        if self.cache_dtype not in ("float16", "bfloat16"):
+            raise ConfigError(f"cache_dtype={self.cache_dtype!r} is invalid: must be 'float16' or 'bfloat16'")
+        _library(check_execution, "none", self.dtype, self.attention_impl, "model")
+        if self.mesh is not None:
+            _library(parse_mesh, self.mesh)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,7 +518,8 @@ def add_flags(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
         section, key = section_of(name)
         default = defaults[name]
         shown = "" if default is None else f"default: {str(default).lower() if isinstance(default, bool) else default}; "
-        text = f"{HELP[name]} ({shown}[{section}] {key})".replace("%", "%%")
+        meaning = getattr(cls, "HELP_CHANGES", {}).get(name, HELP[name])
+        text = f"{meaning} ({shown}[{section}] {key})".replace("%", "%%")
         if base is bool:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -485,11 +561,17 @@ def blockwise_schedule(cfg: DistillConfig):
 
 
 def stage_switch(cfg: DistillConfig) -> int | None:
-    """The step at which a `staged` run switches from its first stage to its second
-    (`blockwise_steps`, default half the schedule horizon); `None` for other schedules."""
-    if cfg.blockwise_schedule != "staged":
-        return None
-    return cfg.blockwise_steps if cfg.blockwise_steps is not None else cfg.horizon // 2
+    """The step at which a run switches from its first stage to its second: a `staged`
+    run's `blockwise_steps` (default half the schedule horizon); with a teacher cache, the
+    step at which a `linear` or `cosine` weight reaches 0 (`blockwise_steps`), if the run
+    goes on past it (from there it is plain KD, which reads the cache). `None` otherwise."""
+    if cfg.blockwise_schedule == "staged":
+        return cfg.blockwise_steps if cfg.blockwise_steps is not None else cfg.horizon // 2
+    if (cfg.teacher_cache is not None and cfg.blockwise_schedule in ("linear", "cosine")
+            and cfg.blockwise_weight > 0 and cfg.blockwise_weight_end == 0):
+        end = cfg.blockwise_steps or cfg.horizon
+        return end if end < cfg.steps else None
+    return None
 
 
 def stage_of(cfg: DistillConfig, index: int) -> int:
@@ -533,6 +615,8 @@ def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
     weight, label_weight = blockwise_schedule(cfg), cfg.label_weight
     if cfg.blockwise_schedule == "staged":
         weight, label_weight = (cfg.blockwise_weight, 0.0) if stage == 0 else (cfg.blockwise_weight_end, cfg.label_weight)
+    elif stage == 1:  # a scheduled weight after it reached 0 (`stage_switch`): KD alone
+        weight = 0.0
     return DistillationObjective(
         blockwise_weight=weight,
         temperature=cfg.temperature,
@@ -541,6 +625,7 @@ def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
         label_weight=label_weight,
         teacher_weight=cfg.teacher_weight,
         injected_pass=injected_pass,
+        cached_kl=cfg.cached_kl,
     )
 
 

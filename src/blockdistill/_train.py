@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from ._cache import TopKLogits
 from ._fused import fused_value_and_grad, fusion_blocker
 from ._model import Transformer
 from ._objective import DistillationObjective, Metrics
@@ -111,7 +112,7 @@ def trainable_filter(student: eqx.Module, trainable: Trainable | Callable[[list[
 
 
 def _distill_step(
-    frozen: tuple[Teacher | None, BatchTokens, BatchMask, Array, BatchSegments | None],
+    frozen: tuple[Teacher | None, BatchTokens, BatchMask, Array, BatchSegments | None, TopKLogits | None],
     student: Transformer,
     opt_state: optax.OptState,
     *,
@@ -121,10 +122,12 @@ def _distill_step(
     mesh: Mesh | None = None,
     fused: bool = False,
 ) -> tuple[Transformer, optax.OptState, Metrics]:
-    teacher, tokens, mask, step, segment_ids = frozen
+    teacher, tokens, mask, step, segment_ids, teacher_logits = frozen
     tokens, mask = constrain(tokens, DATA_AXIS), constrain(mask, DATA_AXIS)
     if segment_ids is not None:
         segment_ids = constrain(segment_ids, DATA_AXIS)
+    if teacher_logits is not None:
+        teacher_logits = jax.tree.map(lambda x: constrain(x, DATA_AXIS), teacher_logits)
     spec = trainable_filter(student, trainable)
     if fused:
         (_, metrics), train_grads = fused_value_and_grad(
@@ -132,11 +135,14 @@ def _distill_step(
         )
         rest = eqx.filter(student, spec, inverse=True)
     else:
-        if objective.uses_teacher:
+        if teacher_logits is not None:  # the teacher's cached logits: the teacher does not run
+            teacher_out = teacher_logits
+        elif objective.uses_teacher:
             teacher_out = jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
         else:  # labels alone (teacher_weight=0): the teacher does not run
             teacher_out = None
-        if teacher_out is not None and mesh is not None and teacher.config.n_layers == student.config.n_layers:
+        layer_parallel = mesh is not None and teacher is not None and teacher_logits is None
+        if layer_parallel and teacher_out is not None and teacher.config.n_layers == student.config.n_layers:
             # one teacher layer per student layer: every device keeps only its own layers
             # of the teacher's states (a local slice of the replicated teacher's output).
             # With a layer map, the objective's selection slices them locally instead.
@@ -211,12 +217,16 @@ class DistillStep(eqx.Module):
       fusion cannot run is a `ValueError` that says why.
 
     **Call:** `step(student, opt_state, teacher, tokens, mask, step_index, *,
-    segment_ids=None) -> (student, opt_state, metrics)` (`teacher` may be `None` for an
+    segment_ids=None, teacher_logits=None) -> (student, opt_state, metrics)` (`teacher` may be `None` for an
     objective without the teacher, `teacher_weight=0`: plain language-model training) with `tokens`
     `Int[Array, "batch seq"]`, `mask` `Bool[Array, "batch seq"]` (the positions that
     count in the losses), `step_index` an int32 scalar (the schedules' step) and
     `segment_ids` optional `Int[Array, "batch seq"]` document ids of packed rows (see
     [`blockdistill.Transformer`][]); teacher and student both keep to each document.
+    `teacher_logits=` a [`blockdistill.TopKLogits`][] of the batch (read from a
+    [`blockdistill.TeacherCache`][]) replaces the teacher for an objective without a
+    blockwise term: the teacher does not run (pass `teacher=None`), and the KL is
+    [`blockdistill.cached_kl_divergence`][].
 
     **Example:**
 
@@ -257,14 +267,17 @@ class DistillStep(eqx.Module):
             raise ValueError(f"DistillStep(fused=True) cannot fuse this step: {blocker}")
         return blocker is None
 
-    def _run(self, lower, student, opt_state, teacher, tokens, mask, step, segment_ids):
-        if teacher is None and self.objective.uses_teacher:
+    def _run(self, lower, student, opt_state, teacher, tokens, mask, step, segment_ids, teacher_logits=None):
+        if teacher_logits is not None:
+            self.objective.check_cached(teacher_logits, tokens)
+            teacher = None  # the cache stands in for it
+        elif teacher is None and self.objective.uses_teacher:
             raise ValueError(
                 f"DistillStep: teacher=None needs an objective without the teacher (teacher_weight=0, "
                 f"got teacher_weight={self.objective.teacher_weight!r})"
             )
         step = jnp.asarray(step, jnp.int32)
-        frozen = (teacher, tokens, mask, step, segment_ids)
+        frozen = (teacher, tokens, mask, step, segment_ids, teacher_logits)
         compiled = compiled_step(
             _distill_step, objective=self.objective, optimizer=self.optimizer,
             trainable=self.trainable, mesh=self.mesh, fused=self.uses_fusion(teacher, student),
@@ -286,8 +299,9 @@ class DistillStep(eqx.Module):
         step: int | Array = 0,
         *,
         segment_ids: BatchSegments | None = None,
+        teacher_logits: TopKLogits | None = None,
     ) -> tuple[Transformer, optax.OptState, Metrics]:
-        return self._run(False, student, opt_state, teacher, tokens, mask, step, segment_ids)
+        return self._run(False, student, opt_state, teacher, tokens, mask, step, segment_ids, teacher_logits)
 
     def lower(
         self,
@@ -299,11 +313,12 @@ class DistillStep(eqx.Module):
         step: int | Array = 0,
         *,
         segment_ids: BatchSegments | None = None,
+        teacher_logits: TopKLogits | None = None,
     ) -> jax.stages.Lowered:
         """The step lowered for these arguments, without running it: `.as_text()` is
         its StableHLO, `.compile().as_text()` the optimized, partitioned HLO (on a mesh,
         with the collectives XLA inserted; see [`blockdistill.testing.hlo_collectives`][])."""
-        return self._run(True, student, opt_state, teacher, tokens, mask, step, segment_ids)
+        return self._run(True, student, opt_state, teacher, tokens, mask, step, segment_ids, teacher_logits)
 
 
 class _AsyncStep:

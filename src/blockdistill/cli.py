@@ -8,12 +8,21 @@ import argparse
 import os
 import sys
 
-from ._runconfig import DistillConfig, EvalConfig, PretrainConfig, add_flags, build_config, given_flags
+from ._runconfig import (
+    CacheConfig,
+    DistillConfig,
+    EvalConfig,
+    PretrainConfig,
+    add_flags,
+    build_config,
+    given_flags,
+)
 
 _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
 
   blockdistill distill --out runs/demo        distill the shipped teacher (the main job)
   blockdistill pretrain --out runs/teacher    train a teacher from scratch
+  blockdistill cache-teacher --out CACHE      run the teacher once, keep its top-k logits
   blockdistill eval MODEL                     held-out loss of a model folder
   blockdistill export-hf RUN_OR_MODEL OUT     write a folder transformers can load
 """
@@ -31,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
         add_flags(sub, cls)
+    text = "run the teacher once over the corpus and store its top-k logits (distill --teacher-cache reads them)"
+    sub = commands.add_parser("cache-teacher", help=text, description=text)
+    sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+    add_flags(sub, CacheConfig)
     sub = commands.add_parser("eval", help="held-out loss of a model folder")
     sub.add_argument("model", nargs="?", help="model folder (blockdistill or Hugging Face), default: shipped")
     sub.add_argument("--config", metavar="FILE")
@@ -114,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.model is not None:
                 overrides["model"] = args.model
             _commands.evaluate_command(build_config(EvalConfig, args.config, overrides))
+            return 0
+        if args.command == "cache-teacher":
+            _commands.cache_teacher(build_config(CacheConfig, args.config, given_flags(args, CacheConfig)))
             return 0
         cls = DistillConfig if args.command == "distill" else PretrainConfig
         cfg = build_config(cls, args.config, given_flags(args, cls))

@@ -1,0 +1,347 @@
+"""The offline teacher cache: the sparse KL against the dense one (values, gradients and
+the documented bounds), the cache on disk (alignment, resumption, refusals) and
+distillation that reads it instead of running the teacher."""
+
+import json
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blockdistill as bd
+from blockdistill.cli import main
+
+VOCAB = 61
+TEMPERATURES = (1.0, 2.0)
+
+
+def logits_pair(seed=0, shape=(2, 7, VOCAB)):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return 2.0 * jax.random.normal(k1, shape), 3.0 * jax.random.normal(k2, shape)
+
+
+def mask_of(shape, seed=3):
+    mask = jax.random.bernoulli(jax.random.key(seed), 0.8, shape[:-1])
+    return mask.at[0, 0].set(True)
+
+
+# ----------------------------------------------------------------------------- the sparse KL
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("tail", [True, False])
+def test_full_vocabulary_cache_is_the_dense_kl(temperature, tail):
+    student, teacher = logits_pair()
+    mask = mask_of(student.shape)
+    cached = bd.top_k_logits(teacher, VOCAB, temperature)
+    assert bool(jnp.all(jnp.isneginf(cached.log_tail)))  # nothing left in the tail
+    dense = lambda s: bd.kl_divergence(s, teacher, mask, temperature)  # noqa: E731
+    sparse = lambda s: bd.cached_kl_divergence(s, cached, mask, temperature, tail=tail)  # noqa: E731
+    np.testing.assert_allclose(sparse(student), dense(student), rtol=1e-5, atol=1e-6)
+    g_dense, g_sparse = jax.grad(dense)(student), jax.grad(sparse)(student)
+    assert bool(jnp.all(jnp.isfinite(g_sparse)))
+    np.testing.assert_allclose(g_sparse, g_dense, rtol=1e-5, atol=1e-6)
+
+
+def _tail_conditionals(student, teacher, cached, temperature):
+    log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+    in_top = jnp.put_along_axis(jnp.zeros(log_p.shape, bool), cached.ids, True, axis=-1, inplace=False)
+    p_tail, q_tail = (jnp.sum(jnp.where(in_top, 0.0, jnp.exp(x)), axis=-1) for x in (log_p, log_q))
+    p_cond = jnp.where(in_top, 0.0, jnp.exp(log_p)) / p_tail[..., None]
+    q_cond = jnp.where(in_top, 0.0, jnp.exp(log_q)) / q_tail[..., None]
+    return in_top, p_tail, p_cond, q_cond
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_small_k_stays_within_the_documented_bounds(k, temperature):
+    """KL_dense - KL_cached = p_tail KL(p|tail || q|tail) in [0, p_tail max log(p|tail / q|tail)];
+    gradients equal on the top-k ids and differ by at most 2 T p_tail (L1) per position."""
+    student, teacher = logits_pair(seed=k)
+    mask = jnp.ones(student.shape[:-1], bool)
+    n = mask.size
+    cached = bd.top_k_logits(teacher, k, temperature)
+    dense = lambda s: bd.kl_divergence(s, teacher, mask, temperature)  # noqa: E731
+    sparse = lambda s: bd.cached_kl_divergence(s, cached, mask, temperature)  # noqa: E731
+    in_top, p_tail, p_cond, q_cond = _tail_conditionals(student, teacher, cached, temperature)
+    np.testing.assert_allclose(jnp.exp(cached.log_tail), p_tail, rtol=1e-5)
+    safe = lambda x: jnp.where(in_top, 1.0, x)  # noqa: E731
+    kl_cond = jnp.sum(jnp.where(in_top, 0.0, p_cond * (jnp.log(safe(p_cond)) - jnp.log(safe(q_cond)))), axis=-1)
+    gap = float(dense(student) - sparse(student))
+    per_token_gap = temperature**2 * p_tail * kl_cond
+    np.testing.assert_allclose(gap, float(jnp.mean(per_token_gap)), rtol=1e-4, atol=1e-6)
+    assert gap >= -1e-6
+    ratio_max = jnp.max(jnp.where(in_top, -jnp.inf, jnp.log(safe(p_cond)) - jnp.log(safe(q_cond))), axis=-1)
+    assert bool(jnp.all(per_token_gap <= temperature**2 * p_tail * ratio_max + 1e-6))
+    difference = (jax.grad(dense)(student) - jax.grad(sparse)(student)) * n  # per position
+    np.testing.assert_allclose(jnp.where(in_top, difference, 0.0), 0.0, atol=1e-5)
+    l1 = jnp.sum(jnp.abs(difference), axis=-1)
+    np.testing.assert_allclose(l1, temperature * p_tail * jnp.sum(jnp.abs(p_cond - q_cond), axis=-1), rtol=1e-3,
+                               atol=1e-5)
+    assert bool(jnp.all(l1 <= 2 * temperature * p_tail + 1e-5))
+
+
+def test_renormalized_kl_is_the_kl_of_the_top_k_conditionals():
+    student, teacher = logits_pair(seed=5)
+    mask = jnp.ones(student.shape[:-1], bool)
+    cached = bd.top_k_logits(teacher, 8)
+    log_p = jax.nn.log_softmax(teacher, axis=-1)
+    log_q = jax.nn.log_softmax(student, axis=-1)
+    take = lambda x: jnp.take_along_axis(x, cached.ids, axis=-1)  # noqa: E731
+    p, q = jax.nn.softmax(take(log_p), axis=-1), jax.nn.softmax(take(log_q), axis=-1)
+    expected = jnp.mean(jnp.sum(p * (jnp.log(p) - jnp.log(q)), axis=-1))
+    np.testing.assert_allclose(bd.cached_kl_divergence(student, cached, mask, tail=False), expected, rtol=1e-5)
+
+
+def test_bad_sparse_inputs_name_the_value():
+    student, teacher = logits_pair()
+    with pytest.raises(ValueError, match=r"top_k=0 is invalid"):
+        bd.top_k_logits(teacher, 0)
+    with pytest.raises(ValueError, match=rf"top_k={VOCAB + 1} is invalid"):
+        bd.top_k_logits(teacher, VOCAB + 1)
+    cached = bd.top_k_logits(teacher[:1], 4)
+    with pytest.raises(ValueError, match="do not match student logits"):
+        bd.cached_kl_divergence(student, cached, jnp.ones(student.shape[:-1], bool))
+    with pytest.raises(ValueError, match="cached_kl='dense' is invalid"):
+        bd.DistillationObjective(blockwise_weight=0.0, cached_kl="dense")
+
+
+def test_objective_with_a_blockwise_term_refuses_cached_logits():
+    model = bd.Transformer(bd.TransformerConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                                                mlp_dim=32, max_seq_len=16), key=jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, VOCAB)
+    cached = bd.top_k_logits(jax.vmap(model)(tokens).logits, 4)
+    with pytest.raises(ValueError, match="hold no teacher states"):
+        bd.DistillationObjective(blockwise_weight=0.5)(model, cached, tokens)
+
+
+# ----------------------------------------------------------------------------- distillation steps
+
+
+def test_step_on_a_full_vocabulary_cache_equals_the_dense_kd_step():
+    """One KD step reading cached logits (k = vocabulary, float32) equals the step that runs
+    the teacher: same loss, metrics and updated student."""
+    cfg = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    teacher = bd.Teacher(bd.Transformer(bd.TransformerConfig(**cfg, mlp_dim=64), key=jax.random.key(0)))
+    student = bd.Transformer(bd.TransformerConfig(**cfg, mlp_dim=32), key=jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (4, 12), 0, VOCAB)
+    mask = jnp.ones(tokens.shape, bool).at[1, 9:].set(False)
+    segments = jnp.ones(tokens.shape, jnp.int32).at[2, 6:].set(2)
+    objective = bd.DistillationObjective(blockwise_weight=0.0, temperature=2.0, label_weight=0.3)
+    optimizer = optax.sgd(1e-1)  # updates proportional to gradients (Adam's first step is their sign)
+    step = bd.DistillStep(objective, optimizer)
+    logits = jax.vmap(lambda t, s: teacher(t, segment_ids=s).logits)(tokens, segments)
+    cached = bd.top_k_logits(logits, VOCAB, 2.0)
+
+    def run(**kw):
+        model = jax.tree.map(jnp.copy, student)
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+        return step(model, opt_state, kw.pop("teacher"), tokens, mask, 3, segment_ids=segments, **kw)
+
+    dense_model, _, dense_metrics = run(teacher=teacher)
+    cached_model, _, cached_metrics = run(teacher=None, teacher_logits=cached)
+    for key in ("loss", "kl", "ce", "grad_norm"):
+        np.testing.assert_allclose(cached_metrics[key], dense_metrics[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(eqx.filter(cached_model, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(dense_model, eqx.is_array))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="hold no teacher states"):
+        bd.DistillStep(bd.DistillationObjective(blockwise_weight=1.0, inject_at="layer"), optimizer)(
+            student, optimizer.init(eqx.filter(student, eqx.is_array)), None, tokens, mask, 0, teacher_logits=cached)
+
+
+# ----------------------------------------------------------------------------- the cache on disk
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, corpus):
+    cfg = bd.TransformerConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=64)
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    model = bd.Transformer(cfg, key=jax.random.key(0))
+    bd.save_model(model, path, tokenizer=bd.ByteTokenizer())
+    data = bd.token_dataset(corpus, bd.ByteTokenizer(), seq_len=64, glob="*.txt",
+                            cache=tmp_path_factory.mktemp("tokens"))
+    return model, path, data
+
+
+def test_cache_rows_are_the_teachers_top_k_of_each_row(tiny, tmp_path):
+    model, _, data = tiny
+    cache = bd.build_teacher_cache(model, data.train, tmp_path / "c", top_k=8, batch_size=3)
+    assert cache.meta["complete"] and cache.num_rows == len(data.train) and cache.top_k == 8
+    rows = [0, len(data.train) // 2, len(data.train) - 1]  # the last batch was padded
+    ids, logprobs, log_tail = cache.take(rows)
+    tokens, mask, segments = (jnp.asarray(a) for a in data.train.take(rows))
+    expected = bd.top_k_logits(jax.vmap(lambda t, s: model(t, segment_ids=s).logits)(tokens, segments), 8)
+    np.testing.assert_array_equal(ids, expected.ids)
+    np.testing.assert_allclose(logprobs, expected.logprobs, rtol=2e-3, atol=2e-3)  # float16 on disk
+    np.testing.assert_allclose(log_tail, expected.log_tail, rtol=1e-5, atol=1e-6)
+    assert logprobs.dtype == np.float32 and ids.dtype == np.int32
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "c").glob("*.npy"))
+    tokens_cached = cache.num_rows * cache.seq_len
+    assert on_disk >= bd.bytes_per_token(8) * tokens_cached
+    assert on_disk - bd.bytes_per_token(8) * tokens_cached < 4096  # the .npy headers
+    assert 0.0 < cache.mean_tail_mass < 1.0
+
+
+def test_interrupted_cache_resumes_to_the_same_bytes(tiny, tmp_path):
+    model, _, data = tiny
+    whole = bd.build_teacher_cache(model, data.train, tmp_path / "whole", top_k=4, batch_size=2)
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return len(calls) > 3
+
+    partial = bd.build_teacher_cache(model, data.train, tmp_path / "part", top_k=4, batch_size=2, flush_every=1,
+                                     should_stop=stop_after_three)
+    assert not partial.meta["complete"] and partial.rows_done() == 6
+    with pytest.raises(ValueError, match=r"incomplete \(6 of"):
+        bd.TeacherCache(tmp_path / "part")
+    resumed = bd.build_teacher_cache(model, data.train, tmp_path / "part", top_k=4, batch_size=2)
+    for name in ("ids.npy", "logprobs.npy", "log_tail.npy"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert resumed.meta == whole.meta
+    with pytest.raises(ValueError, match=r"other settings \(top_k: 4 -> 8\)"):
+        bd.build_teacher_cache(model, data.train, tmp_path / "part", top_k=8, batch_size=2)
+
+
+def test_cache_on_a_mesh_equals_one_device(tiny, tmp_path):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    model, _, data = tiny
+    one = bd.build_teacher_cache(model, data.train, tmp_path / "one", top_k=4, batch_size=4)
+    mesh = bd.make_mesh("data=8")
+    eight = bd.build_teacher_cache(model, data.train, tmp_path / "eight", top_k=4, batch_size=8, mesh=mesh)
+    (ids1, values1, tail1), (ids8, values8, tail8) = (c.take(np.arange(c.num_rows)) for c in (one, eight))
+    np.testing.assert_array_equal(ids8, ids1)
+    np.testing.assert_allclose(values8, values1, atol=np.spacing(np.float16(8)))  # one float16 step
+    np.testing.assert_allclose(tail8, tail1, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def _flags(**values):
+    flat = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            flat.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            flat += [f"--{key}", str(value)]
+    return flat
+
+
+def _cache_args(out, teacher, corpus, **extra):
+    return ["cache-teacher", *_flags(out=out, teacher=teacher, data=corpus, **{
+        "seq-len": 64, "batch-size": 4, "eval-batches": 2, "top-k": 16, "progress": False, **extra})]
+
+
+def _distill_args(out, teacher, corpus, **extra):
+    return ["distill", *_flags(out=out, teacher=teacher, data=corpus, **{
+        "steps": 6, "seq-len": 64, "batch-size": 4, "eval-every": 3, "eval-batches": 2, "checkpoint-every": 3,
+        "log-every": 1, "seed": 3, "learning-rate": 3e-3, "warmup-steps": 2, "progress": False, "plots": False,
+        **extra})]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_caches_the_teacher_and_distills_from_the_cache(tiny, tmp_path, corpus, capsys, monkeypatch):
+    _, teacher, _ = tiny
+    cache = tmp_path / "cache"
+    assert main(_cache_args(cache, teacher, corpus)) == 0
+    out = capsys.readouterr().out
+    assert "102 bytes per token" in out and "teacher held-out loss" in out
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["teacher"]["sha256"] == bd.model_digest(teacher) and meta["teacher_eval"]["rows"] == 8
+
+    assert main(_distill_args(tmp_path / "dense", teacher, corpus)) == 0
+    capsys.readouterr()
+    assert main(_distill_args(tmp_path / "cached", teacher, corpus, **{"teacher-cache": cache})) == 0
+    printed = capsys.readouterr().out
+    assert "teacher logits read from" in printed and "in 6 of 6 steps" in printed
+    dense, cached = _metrics(tmp_path / "dense"), _metrics(tmp_path / "cached")
+    assert [r["step"] for r in dense] == [r["step"] for r in cached]
+    # the same teacher score, and a KD run close to the dense one (top 16 of 256, float16)
+    evals = [(d, c) for d, c in zip(dense, cached) if "eval/student_loss" in d]
+    assert evals[0][0]["eval/teacher_loss"] == pytest.approx(evals[0][1]["eval/teacher_loss"], rel=1e-6)
+    assert evals[-1][1]["eval/student_loss"] == pytest.approx(evals[-1][0]["eval/student_loss"], rel=2e-2)
+    # less work per step: the teacher's forward is gone from the FLOPs count
+    assert cached[-1]["train_flops"] < dense[-1]["train_flops"]
+
+    # a student folder and a cache: the teacher's weights are never read
+    student = tmp_path / "dense" / "student"
+    import blockdistill._io as io
+
+    real = io.load_model
+
+    def guarded(path, **kw):
+        assert pathlib.Path(path) != pathlib.Path(teacher), "the teacher's weights were loaded"
+        return real(path, **kw)
+
+    monkeypatch.setattr(io, "load_model", guarded)
+    assert main(_distill_args(tmp_path / "from-student", teacher, corpus, student=student,
+                              **{"teacher-cache": cache})) == 0
+
+
+def test_cli_refuses_a_cache_of_another_run(tiny, tmp_path, corpus, capsys):
+    _, teacher, _ = tiny
+    cache = tmp_path / "cache"
+    assert main(_cache_args(cache, teacher, corpus, **{"top-k": 4})) == 0
+    capsys.readouterr()
+    cases = [
+        ({"temperature": 2.0}, r"temperature: cache has 1\.0, this run has 2\.0"),
+        ({"seq-len": 32}, r"data: cache has .*'seq_len': 64"),
+        ({"blockwise-weight": 1.0}, "would never be read"),
+    ]
+    for extra, message in cases:
+        code = main(_distill_args(tmp_path / "run", teacher, corpus, **{"teacher-cache": cache, **extra}))
+        assert code == 1
+        assert __import__("re").search(message, capsys.readouterr().err), extra
+    other = tmp_path / "other"
+    bd.save_model(bd.Transformer(bd.load_model(teacher).config, key=jax.random.key(9)), other,
+                  tokenizer=bd.ByteTokenizer())
+    assert main(_distill_args(tmp_path / "run", other, corpus, **{"teacher-cache": cache})) == 1
+    assert "teacher: cache has {'sha256'" in capsys.readouterr().err
+    assert main(_distill_args(tmp_path / "run", teacher, corpus, **{"teacher-cache": tmp_path / "nope"})) == 1
+    assert "is not a teacher cache" in capsys.readouterr().err
+
+
+def test_staged_run_reads_the_cache_only_after_its_switch(tiny, tmp_path, corpus, capsys):
+    _, teacher, _ = tiny
+    cache = tmp_path / "cache"
+    assert main(_cache_args(cache, teacher, corpus)) == 0
+    staged = {"blockwise-weight": 1.0, "blockwise-schedule": "staged", "blockwise-steps": 4, "inject-at": "layer"}
+    assert main(_distill_args(tmp_path / "s", teacher, corpus, **{"teacher-cache": cache, **staged})) == 0
+    assert "in 2 of 6 steps" in capsys.readouterr().out
+    anneal = {"blockwise-weight": 1.0, "blockwise-schedule": "linear", "blockwise-steps": 3, "inject-at": "layer"}
+    assert main(_distill_args(tmp_path / "a", teacher, corpus, **{"teacher-cache": cache, **anneal})) == 0
+    assert "in 3 of 6 steps" in capsys.readouterr().out
+    records = _metrics(tmp_path / "a")
+    weights = {r["step"]: r["blockwise_weight"] for r in records if "blockwise_weight" in r}
+    assert weights[2] > 0 and weights[4] == 0 and weights[6] == 0
+
+
+def test_a_cache_of_a_runs_rows_serves_that_run_and_refuses_another(tiny, tmp_path, corpus, capsys):
+    _, teacher, data = tiny
+    rows = bd.run_rows(len(data.train), batch_size=4, steps=6, seeds=(3,))
+    batches = bd.batch_iterator(data.train, batch_size=4, seed=3, prefetch=0)
+    read = np.concatenate([next(batches).tokens for _ in range(6)])  # what the run reads
+    np.testing.assert_array_equal(np.unique(read, axis=0), np.unique(data.train.take(rows).tokens, axis=0))
+    cache = tmp_path / "cache"
+    assert main(_cache_args(cache, teacher, corpus, steps=6, seeds="3")) == 0
+    assert f"{len(rows)} of {len(data.train)} training rows" in capsys.readouterr().out
+    opened = bd.TeacherCache(cache)
+    assert opened.num_cached == len(rows) and opened.num_rows == len(data.train)
+    with pytest.raises(KeyError, match="is not in teacher cache"):
+        opened.take([int(np.setdiff1d(np.arange(len(data.train)), rows)[0])])
+    assert main(_distill_args(tmp_path / "ok", teacher, corpus, **{"teacher-cache": cache})) == 0
+    capsys.readouterr()
+    assert main(_distill_args(tmp_path / "other-seed", teacher, corpus, seed=4, **{"teacher-cache": cache})) == 1
+    assert "it holds only the rows of {'batch_size': 4, 'seeds': [3], 'steps': 6}" in capsys.readouterr().err
