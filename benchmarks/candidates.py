@@ -211,7 +211,7 @@ class CompiledStep:
 
     def __call__(self):
         self.student, self.opt_state, metrics = self.compiled(
-            (*self.frozen, jnp.int32(self.index), None), self.student, self.opt_state
+            (*self.frozen, jnp.int32(self.index), None, None), self.student, self.opt_state
         )
         self.loss = float(metrics["loss"].block_until_ready())
         self.index += 1

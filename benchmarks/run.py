@@ -38,6 +38,12 @@ per-round ratio, and tokens/s and MFU use each variant's best round (see
    against the unfused layer step the peer was first compared with.
 7. `vmap_vs_scan`: layer-parallel `vmap` vs `scan` for the unfused injected pass, per
    level.
+8. `kd_cached_vs_kd`: the KD step reading the teacher's top-64 logits from a cache
+   (`teacher_logits=`, no teacher forward) against the KD step that runs the teacher,
+   timed round-robin beside each other; `teacher_cache`: both steps' compiled temporary
+   and argument bytes (the teacher's weights are an argument of one, the cached logits of
+   the other) and a cache's bytes per token for k = 16, 64, 256. `--only cache` runs this
+   section alone (with the KD step it compares against).
 
 No assertion is made on any number: this is a measurement script, not a test.
 """
@@ -308,6 +314,93 @@ def counting_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+class CachedKDRunner:
+    """The KD step fed the teacher's cached top-k logits (`teacher_logits=`): the teacher
+    does not run."""
+
+    def __init__(self, student: bd.Transformer, cached: "bd.TopKLogits", tokens, mask):
+        self.optimizer = bd.make_optimizer(1e-3)
+        self.student = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, student)
+        self.opt_state = self.optimizer.init(eqx.filter(self.student, eqx.is_array))
+        self.step = make_step("kd", self.optimizer)
+        self.cached, self.tokens, self.mask = cached, tokens, mask
+        self.index = 0
+
+    def __call__(self) -> None:
+        self.student, self.opt_state, metrics = self.step(
+            self.student, self.opt_state, None, self.tokens, self.mask, self.index, teacher_logits=self.cached
+        )
+        metrics["loss"].block_until_ready()
+        self.index += 1
+
+
+CACHE_TOP_K = 64
+
+
+def measure_teacher_cache(sizes, t_cfg, s_cfg, teacher, student, tokens, mask) -> dict[str, Any]:
+    """Section 8 alone: KD from the teacher vs KD from its cached top-k logits, timed
+    round-robin, with both steps' compiled memory and the cache's bytes per token."""
+    logits = jax.jit(lambda t, x: jax.vmap(t)(x).logits)(teacher, tokens)
+    cached = bd.top_k_logits(logits, CACHE_TOP_K)
+    runners = {"kd": JaxStepRunner("kd", student, teacher, tokens, mask),
+               "kd_cached": CachedKDRunner(student, cached, tokens, mask)}
+    first_call = {}
+    for name, runner in runners.items():
+        start = time.perf_counter()
+        runner()
+        first_call[name] = time.perf_counter() - start
+    wall, cpu = round_robin(runners, sizes.rounds)
+    optimizer = bd.make_optimizer(1e-3)
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+    memory = {}
+    for name, lowered in (
+        ("kd", make_step("kd", optimizer).lower(student, opt_state, teacher, tokens, mask, 0)),
+        ("kd_cached", make_step("kd", optimizer).lower(student, opt_state, None, tokens, mask, 0,
+                                                      teacher_logits=cached)),
+    ):
+        analysis = lowered.compile().memory_analysis()
+        memory[name] = {"temp_bytes": int(analysis.temp_size_in_bytes),
+                        "argument_bytes": int(analysis.argument_size_in_bytes)}
+    objective = bd.DistillationObjective(**STEPS["kd"][0])
+    flops = {"kd": bd.step_flops(objective, t_cfg, s_cfg, seq_len=sizes.seq_len, batch=sizes.batch),
+             "kd_cached": bd.step_flops(objective, t_cfg, s_cfg, seq_len=sizes.seq_len, batch=sizes.batch,
+                                        cached=True)}
+    tokens_per_step = sizes.batch * sizes.seq_len
+    return {
+        "top_k": CACHE_TOP_K,
+        "kd_cached_vs_kd": statistics.median(a / b for a, b in zip(wall["kd_cached"], wall["kd"])),
+        "kd_cached_vs_kd_cpu": statistics.median(cpu["kd_cached"]) / statistics.median(cpu["kd"]),
+        "kd_cached_vs_kd_flops": flops["kd_cached"] / flops["kd"],
+        "steps": {name: {"min_s": min(wall[name]), "median_s": statistics.median(wall[name]),
+                         "times_s": wall[name], "first_call_s": first_call[name],
+                         "tokens_per_s": tokens_per_step / statistics.median(wall[name]),
+                         "model_gflop": flops[name] / 1e9} for name in runners},
+        "memory": memory,
+        "bytes_per_token": {str(k): bd.bytes_per_token(k) for k in (16, 64, 256)},
+    }
+
+
+def cache_table(cache: dict[str, Any]) -> str:
+    kd, cached = cache["steps"]["kd"], cache["steps"]["kd_cached"]
+    mem_kd, mem_cached = cache["memory"]["kd"], cache["memory"]["kd_cached"]
+    lines = [
+        f"### 8. KD from a teacher cache (top {cache['top_k']})",
+        "",
+        "| step | median s | tokens/s | model GFLOP | compiled temp MiB | arguments MiB |",
+        "|---|---|---|---|---|---|",
+        f"| KD, teacher runs | {kd['median_s']:.3f} | {kd['tokens_per_s']:.0f} | {kd['model_gflop']:.1f} | "
+        f"{mem_kd['temp_bytes'] / 2**20:.1f} | {mem_kd['argument_bytes'] / 2**20:.1f} |",
+        f"| KD from the cache | {cached['median_s']:.3f} | {cached['tokens_per_s']:.0f} | "
+        f"{cached['model_gflop']:.1f} | {mem_cached['temp_bytes'] / 2**20:.1f} | "
+        f"{mem_cached['argument_bytes'] / 2**20:.1f} |",
+        "",
+        f"`kd_cached_vs_kd` (time, median of per-round ratios) = {cache['kd_cached_vs_kd']:.3f} "
+        f"(CPU time {cache['kd_cached_vs_kd_cpu']:.3f}; FLOPs {cache['kd_cached_vs_kd_flops']:.3f}). "
+        "Cache bytes per token: " + ", ".join(f"k={k}: {v}" for k, v in cache["bytes_per_token"].items()) + ".",
+    ]
+    return "\n".join(lines)
+
+
 def synthetic_batch(sizes_vocab: int, batch: int, seq_len: int, seed: int = 1):
     tokens = jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, sizes_vocab)
     mask = jnp.ones((batch, seq_len), bool)
@@ -551,7 +644,8 @@ def compile_step(kind: str, teacher_cfg, student_cfg, sizes: Sizes, run: bool):
     )
     optimizer = bd.make_optimizer(1e-3)
     opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
-    frozen = (teacher, tokens, mask, jnp.int32(0), None)  # the step's (frozen, student, opt_state)
+    # the step's (frozen, student, opt_state); frozen: teacher, batch, step, segments, cached logits
+    frozen = (teacher, tokens, mask, jnp.int32(0), None, None)
     start = time.perf_counter()
     lowered = make_step(kind, optimizer).lower(student, opt_state, teacher, tokens, mask, 0)
     lowered_at = time.perf_counter()
@@ -814,6 +908,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--json", metavar="FILE", help="write the results as JSON to FILE"
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--only", choices=("cache",), help="run one section alone: `cache` (8)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     began = time.perf_counter()
@@ -833,6 +928,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sizes": dataclasses.asdict(sizes),
         }
     }
+
+    if args.only == "cache":
+        t_cfg, s_cfg = teacher_config(sizes), student_config(sizes)
+        teacher = bd.Teacher(bd.Transformer(t_cfg, key=jax.random.key(0)))
+        student = bd.Transformer(s_cfg, key=jax.random.key(2))
+        tokens, mask = synthetic_batch(sizes.vocab_size, sizes.batch, sizes.seq_len)
+        log("8. KD from a teacher cache")
+        results["teacher_cache"] = measure_teacher_cache(sizes, t_cfg, s_cfg, teacher, student, tokens, mask)
+        results["kd_cached_vs_kd"] = results["teacher_cache"]["kd_cached_vs_kd"]
+        results["elapsed_s"] = time.perf_counter() - began
+        return _finish(results, cache_table(results["teacher_cache"]), args.json)
 
     log("1. matmul limit")
     matmul = measure_matmul(sizes)
@@ -1009,6 +1115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["vs_torch"] = results["vs_torch_layer"] = None
     runners.clear()  # free the students and optimizer states before the sweep
 
+    log("8. KD from a teacher cache")
+    results["teacher_cache"] = measure_teacher_cache(sizes, t_cfg, s_cfg, teacher, student, tokens, mask)
+    results["kd_cached_vs_kd"] = results["teacher_cache"]["kd_cached_vs_kd"]
+
     log("4/5. compile time and memory by depth")
     sweep = run_sweep(sizes)
     results["sweep"] = sweep
@@ -1028,12 +1138,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["targets"] = check_targets(results, sizes)
     results["elapsed_s"] = time.perf_counter() - began
 
-    table = format_table(results, sizes)
+    table = format_table(results, sizes) + "\n\n" + cache_table(results["teacher_cache"])
+    return _finish(results, table, args.json)
+
+
+def _finish(results: dict[str, Any], table: str, json_path: str | None) -> dict[str, Any]:
     print(table)
     print(f"\n(total {results['elapsed_s']:.0f}s)")
     results["table"] = table
-    if args.json:
-        with open(args.json, "w") as file:
+    if json_path:
+        with open(json_path, "w") as file:
             json.dump(results, file, indent=2)
             file.write("\n")
     return results
