@@ -56,6 +56,7 @@ from ._model import ModelOutput as ModelOutput, Transformer as Transformer
 from ._flops import layer_flops as layer_flops, pretrain_flops as pretrain_flops, step_flops as step_flops
 from ._objective import (
     DistillationObjective as DistillationObjective,
+    chunked_logit_losses as chunked_logit_losses,
     default_layer_map as default_layer_map,
     feature_loss as feature_loss,
     kl_divergence as kl_divergence,
@@ -94,6 +95,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     "TeacherCache",
     "TopKLogits",
+    "chunked_logit_losses",
     "build_teacher_cache",
     "bytes_per_token",
     "cached_kl_divergence",

@@ -149,6 +149,21 @@ def cached_kl_divergence(
             f"{tuple(student_logits.shape)}"
         )
     t = jnp.asarray(temperature, jnp.float32)
+    per_token = cached_kl_per_token(student_logits, teacher, t, tail=tail)
+    weights = mask.astype(jnp.float32)
+    return jnp.square(t) * jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cached_kl_per_token(
+    student_logits: Float[Array, "*tokens vocab"],
+    teacher: TopKLogits,
+    temperature: Float[Array, ""],
+    *,
+    tail: bool = True,
+) -> Float[Array, "*tokens"]:
+    """`KL(teacher_T || student_T)` of each position against a sparse teacher (without the
+    `T^2` factor): the per-token term of [`blockdistill.cached_kl_divergence`][]."""
+    t = temperature
     log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
     log_q = jnp.take_along_axis(log_student, teacher.ids, axis=-1)
     log_p = teacher.logprobs.astype(jnp.float32)
@@ -165,8 +180,7 @@ def cached_kl_divergence(
         log_p = log_p - jax.nn.logsumexp(log_p, axis=-1, keepdims=True)
         log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
         per_token = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    weights = mask.astype(jnp.float32)
-    return jnp.square(t) * jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return per_token
 
 
 # ----------------------------------------------------------------------------- identity

@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from ._model import Transformer, _cast_floating, in_compute_dtype
-from ._objective import DistillationObjective, Metrics, feature_loss, kl_divergence, next_token_cross_entropy
+from ._objective import (
+    DistillationObjective,
+    Metrics,
+    chunked_logit_losses,
+    feature_loss,
+    kl_divergence,
+    next_token_cross_entropy,
+)
 from ._stack import _REMAT_POLICIES
 from ._types import Array, BatchMask, BatchSegments, BatchTokens, Float
 
@@ -162,6 +169,11 @@ def fused_value_and_grad(
         )
         if need_free:  # KL is computed even at weight 0, as the unfused path logs it
             def heads(model, own_hidden, teacher_hidden):
+                if objective.logit_chunk is not None:
+                    return chunked_logit_losses(
+                        model.head, own_hidden, tokens, mask, segment_ids, chunk=objective.logit_chunk,
+                        temperature=temperature, teacher_head=teacher.head, teacher_hidden=teacher_hidden,
+                    )
                 logits = jax.vmap(model.head)(own_hidden)
                 teacher_logits = jax.vmap(teacher.head)(teacher_hidden)
                 kl = kl_divergence(logits, teacher_logits, mask, temperature)

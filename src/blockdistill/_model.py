@@ -10,7 +10,7 @@ from ._attention import RMSNorm, apply_linear, init_linear
 from ._config import TransformerConfig
 from ._layer import InjectAt, check_inject_at
 from ._stack import LayerStack, LayerStates
-from ._types import Array, Float, LayerHidden, Logits, Segments, Tokens
+from ._types import Array, Float, Hidden, LayerHidden, Logits, Segments, Tokens
 
 
 class ModelOutput(eqx.Module):
@@ -18,6 +18,9 @@ class ModelOutput(eqx.Module):
 
     - `logits`: `Float[Array, "seq vocab"]`, always float32.
     - `states`: the per-layer [`blockdistill.LayerStates`][].
+    - `hidden`: `Float[Array, "seq dim"]`, the residual stream after the last layer (what
+      the final norm and the output head read): losses over the vocabulary computed in
+      chunks start from it (see `DistillationObjective(logit_chunk=...)`).
 
     **Example:**
 
@@ -29,6 +32,7 @@ class ModelOutput(eqx.Module):
 
     logits: Logits
     states: LayerStates
+    hidden: Hidden
 
 
 def _cast_floating(tree, dtype):
@@ -194,7 +198,7 @@ def _forward(
     model = in_compute_dtype(model)
     hidden = model.embed(tokens)
     hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
-    return ModelOutput(logits=model.head(hidden), states=states)
+    return ModelOutput(logits=model.head(hidden), states=states, hidden=hidden)
 
 
 @eqx.filter_jit

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._cache import TopKLogits, cached_kl_divergence
+from ._cache import TopKLogits, cached_kl_divergence, cached_kl_per_token
 from ._layer import InjectAt, check_inject_at
 from ._config import TransformerConfig
 from ._model import ModelOutput, Transformer
@@ -137,6 +137,93 @@ def next_token_cross_entropy(
     return masked_mean(per_token, next_token_pairs(mask, segment_ids))
 
 
+def chunked_logit_losses(
+    student_head: Callable[[Array], Array],
+    student_hidden: Float[Array, "batch seq dim"],
+    tokens: BatchTokens,
+    mask: BatchMask,
+    segment_ids: BatchSegments | None = None,
+    *,
+    chunk: int,
+    temperature: float | Float[Array, ""] = 1.0,
+    teacher_head: Callable[[Array], Array] | None = None,
+    teacher_hidden: Float[Array, "batch seq tdim"] | None = None,
+    teacher_logits: Float[Array, "batch seq vocab"] | None = None,
+    cached: TopKLogits | None = None,
+    tail: bool = True,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """`(KL, CE)` of a student against a teacher, computed `chunk` positions at a time:
+    no `[batch, seq, vocab]` array of the student's (or, given `teacher_head` and
+    `teacher_hidden`, the teacher's) logits exists at once, in the forward pass or the
+    backward pass (each chunk's logits are recomputed for its gradient).
+
+    The values are those of [`blockdistill.kl_divergence`][] (or, with `cached`, of
+    [`blockdistill.cached_kl_divergence`][]) and
+    [`blockdistill.next_token_cross_entropy`][] on the full logits. The teacher is one of
+    `teacher_head` + `teacher_hidden` (its head applied per chunk), `teacher_logits`
+    (sliced per chunk), `cached` top-k logits, or none (KL 0).
+
+    **Example:**
+
+    ```python
+    out = jax.vmap(student)(batch_tokens)
+    teacher_out = jax.vmap(teacher)(batch_tokens)
+    kl, ce = bd.chunked_logit_losses(student.head, out.hidden, batch_tokens, mask, chunk=4,
+                                     teacher_head=teacher.model.head, teacher_hidden=teacher_out.hidden)
+    ```
+    """
+    if not (isinstance(chunk, int) and chunk > 0):
+        raise ValueError(f"chunk={chunk!r} is invalid: must be a positive integer")
+    given = [teacher_hidden is not None, teacher_logits is not None, cached is not None]
+    if sum(given) > 1 or (teacher_hidden is not None) != (teacher_head is not None):
+        raise ValueError("give one teacher: teacher_head with teacher_hidden, teacher_logits, or cached")
+    batch, seq = tokens.shape
+    chunks = -(-seq // chunk)
+    pad = chunks * chunk - seq
+    t = jnp.asarray(temperature, jnp.float32)
+    kl_weights = mask.astype(jnp.float32)
+    # position p predicts tokens[p + 1]; the last position (and padding) predicts nothing
+    next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros((batch, 1), tokens.dtype)], axis=1)
+    pairs = next_token_pairs(mask, segment_ids).astype(jnp.float32)
+    ce_weights = jnp.concatenate([pairs, jnp.zeros((batch, 1), jnp.float32)], axis=1)
+
+    def split(x):  # [batch, seq, ...] -> [chunks, batch, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, chunks, chunk, *x.shape[2:]), 1, 0)
+
+    teacher_part = None
+    if teacher_hidden is not None:
+        teacher_part = split(teacher_hidden)
+    elif teacher_logits is not None:
+        teacher_part = split(teacher_logits)
+    elif cached is not None:
+        teacher_part = (split(cached.ids), split(cached.logprobs), split(cached.log_tail))
+    xs = (split(student_hidden), split(next_tokens), split(kl_weights), split(ce_weights), teacher_part)
+
+    @jax.checkpoint  # the backward pass recomputes a chunk's logits instead of storing them all
+    def body(carry, xs):
+        hidden, targets, kl_w, ce_w, teacher_chunk = xs
+        logits = jax.vmap(student_head)(hidden).astype(jnp.float32)
+        kl_sum, ce_sum = carry
+        if cached is not None:
+            ids, logprobs, log_tail = teacher_chunk
+            per_token = cached_kl_per_token(logits, TopKLogits(ids, logprobs, log_tail), t, tail=tail)
+            kl_sum = kl_sum + jnp.sum(per_token * kl_w)
+        elif teacher_chunk is not None:
+            t_logits = jax.vmap(teacher_head)(teacher_chunk) if teacher_hidden is not None else teacher_chunk
+            log_student = jax.nn.log_softmax(logits / t, axis=-1)
+            log_teacher = jax.nn.log_softmax(t_logits.astype(jnp.float32) / t, axis=-1)
+            per_token = optax.losses.kl_divergence_with_log_targets(log_student, log_teacher)
+            kl_sum = kl_sum + jnp.sum(per_token * kl_w)
+        ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return (kl_sum, ce_sum + jnp.sum(ce * ce_w)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (kl_sum, ce_sum), _ = jax.lax.scan(body, (zero, zero), xs)
+    kl = jnp.square(t) * kl_sum / jnp.maximum(jnp.sum(kl_weights), 1.0)
+    return kl, ce_sum / jnp.maximum(jnp.sum(ce_weights), 1.0)
+
+
 def _evaluate(value: Schedule, step: Array | int) -> Array | float:
     return value(step) if callable(value) else value
 
@@ -240,11 +327,17 @@ class DistillationObjective(eqx.Module):
       as `teacher_out`): `"tail"` (default; top-k plus one tail bucket, never above the
       dense KL) or `"renormalized"` (both renormalised over the top-k); see
       [`blockdistill.cached_kl_divergence`][].
+    - `logit_chunk`: compute the head, log-softmax, KL and CE over this many sequence
+      positions at a time ([`blockdistill.chunked_logit_losses`][]): no
+      `[batch, seq, vocab]` float32 array of the student's logits exists in the step, nor
+      of the teacher's when the call is given `teacher_head=` (the step gives it). Same
+      values and gradients; `None` (default): all positions at once.
 
     **Call:** `objective(student, teacher_out, tokens, mask=None, step=0, *,
     segment_ids=None) -> (loss, metrics)` on a batch: `tokens` is
     `Int[Array, "batch seq"]`, `teacher_out` the batched [`blockdistill.ModelOutput`][]
-    of the teacher on `tokens`, or its cached top-k logits ([`blockdistill.TopKLogits`][],
+    of the teacher on `tokens` (with `teacher_head=`, the teacher model, a chunked loss
+    applies the teacher's head to `teacher_out.hidden` chunk by chunk), or its cached top-k logits ([`blockdistill.TopKLogits`][],
     for an objective without a blockwise term: the KL is then
     [`blockdistill.cached_kl_divergence`][]) (with the same `segment_ids`, for rows that pack several
     documents: the student's passes then keep to each document too, and CE pairs do not
@@ -272,6 +365,7 @@ class DistillationObjective(eqx.Module):
     injected_pass: InjectedPass = eqx.field(static=True, default="auto")
     teacher_weight: float = eqx.field(static=True, default=1.0)
     cached_kl: str = eqx.field(static=True, default="tail")
+    logit_chunk: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         _check_weight("blockwise_weight", self.blockwise_weight)
@@ -303,6 +397,13 @@ class DistillationObjective(eqx.Module):
                 f"must be one of {FEATURE_LOSSES}"
             )
         check_inject_at(self.inject_at)
+        if self.logit_chunk is not None and (
+            isinstance(self.logit_chunk, bool) or not isinstance(self.logit_chunk, int) or self.logit_chunk <= 0
+        ):
+            raise ValueError(
+                f"DistillationObjective.logit_chunk={self.logit_chunk!r} is invalid: must be a positive integer "
+                "(sequence positions per chunk) or None"
+            )
         if self.cached_kl not in CACHED_KL:
             raise ValueError(
                 f"DistillationObjective.cached_kl={self.cached_kl!r} is invalid: must be one of {CACHED_KL}"
@@ -339,6 +440,7 @@ class DistillationObjective(eqx.Module):
         injected_pass: str = "auto",
         teacher_weight: float = 1.0,
         cached_kl: str = "tail",
+        logit_chunk: int | None = None,
     ):
         # names are plain `str` here (not Literal) so that a wrong one is the ValueError
         # of __check_init__, which names the field, in and out of the type-checked tests
@@ -352,6 +454,7 @@ class DistillationObjective(eqx.Module):
         self.injected_pass = injected_pass
         self.teacher_weight = teacher_weight
         self.cached_kl = cached_kl
+        self.logit_chunk = logit_chunk
 
     # ------------------------------------------------------------------ helpers
 
@@ -480,6 +583,7 @@ class DistillationObjective(eqx.Module):
         step: int | Array = 0,
         *,
         segment_ids: BatchSegments | None = None,
+        teacher_head: Transformer | None = None,
     ) -> tuple[Float[Array, ""], Metrics]:
         if teacher_out is None:
             if self.uses_teacher:
@@ -503,6 +607,19 @@ class DistillationObjective(eqx.Module):
         zero = jnp.zeros((), jnp.float32)
 
         def free_pass(student):
+            if self.logit_chunk is not None:
+                hidden = jax.vmap(lambda t, seg: student(t, segment_ids=seg).hidden)(tokens, segment_ids)
+                teacher = {}
+                if isinstance(teacher_out, TopKLogits):
+                    teacher = {"cached": teacher_out}
+                elif teacher_out is not None and teacher_head is not None:
+                    teacher = {"teacher_head": teacher_head.head, "teacher_hidden": teacher_out.hidden}
+                elif teacher_out is not None:
+                    teacher = {"teacher_logits": teacher_out.logits}
+                return chunked_logit_losses(
+                    student.head, hidden, tokens, mask, segment_ids, chunk=self.logit_chunk,
+                    temperature=temperature, tail=self.cached_kl == "tail", **teacher,
+                )
             logits = jax.vmap(lambda t, seg: student(t, segment_ids=seg).logits)(tokens, segment_ids)
             if teacher_out is None:
                 kl = zero

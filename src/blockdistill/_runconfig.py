@@ -67,7 +67,7 @@ _SECTIONS: dict[str, tuple[str, str]] = {
         ("calibration_batches", "calibration_batches"))},
     **{name: ("objective", name) for name in (
         "blockwise_weight", "blockwise_schedule", "blockwise_weight_end", "blockwise_steps", "temperature",
-        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused", "cached_kl")},
+        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused", "cached_kl", "logit_chunk")},
 }
 
 
@@ -113,6 +113,7 @@ HELP: dict[str, str] = {
     'teacher': 'a blockdistill model folder, a Hugging Face folder, or `shipped`',
     'teacher_cache': "a teacher cache from `blockdistill cache-teacher`: steps without a blockwise term read the teacher's top-k logits from it and do not run the teacher (see [Teacher cache](teacher_cache.md))",
     'cached_kl': "the KL against the cache: `tail` (top-k plus one tail bucket; never above the dense KL) or `renormalized` (both renormalised over the top-k)",
+    'logit_chunk': 'compute the head, KL and CE over this many positions at a time (no full `[batch, seq, vocab]` float32 logits in the step; the same numbers); default: all at once',
     'top_k': 'teacher ids kept per position',
     'cache_dtype': "`float16` or `bfloat16`: the stored log-probabilities' type",
     'seeds': 'with `steps`: the seeds of the runs whose rows are cached (comma-separated)',
@@ -299,7 +300,7 @@ class RunConfig:
     RESUMABLE_CHANGES = frozenset(
         {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
          "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl",
-         "tensorboard", "wandb", "wandb_project", "wandb_mode", "token_cache"}
+         "tensorboard", "wandb", "wandb_project", "wandb_mode", "token_cache", "logit_chunk"}
     )
 
     @property
@@ -383,6 +384,7 @@ class DistillConfig(RunConfig):
     mesh: str | None = None
     teacher_cache: str | None = None
     cached_kl: str = "tail"
+    logit_chunk: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -626,6 +628,7 @@ def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
         teacher_weight=cfg.teacher_weight,
         injected_pass=injected_pass,
         cached_kl=cfg.cached_kl,
+        logit_chunk=cfg.logit_chunk,
     )
 
 

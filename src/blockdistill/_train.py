@@ -154,7 +154,9 @@ def _distill_step(
 
         def loss_fn(train_params):
             model = eqx.combine(train_params, rest)
-            return objective(model, teacher_out, tokens, mask, step, segment_ids=segment_ids)
+            # a chunked loss applies the teacher's head per chunk (its full logits then go unused)
+            head = teacher.model if teacher is not None and teacher_logits is None else None
+            return objective(model, teacher_out, tokens, mask, step, segment_ids=segment_ids, teacher_head=head)
 
         (_, metrics), train_grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(train_params)
     grad_norm = optax.tree.norm(train_grads)
