@@ -73,6 +73,7 @@ from ._parallel import (
     shard_model as shard_model,
     shard_opt_state as shard_opt_state,
 )
+from ._plan import plan_memory as plan_memory
 from ._prune import (
     StudentConfig as StudentConfig,
     make_student as make_student,
@@ -96,6 +97,7 @@ __all__ = [
     "TeacherCache",
     "TopKLogits",
     "chunked_logit_losses",
+    "plan_memory",
     "build_teacher_cache",
     "bytes_per_token",
     "cached_kl_divergence",

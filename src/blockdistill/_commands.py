@@ -663,6 +663,73 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
     return summary
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] | None = None) -> dict[str, Any]:
+    """`blockdistill plan`: per-device memory of the run `cfg` describes, from its step
+    compiled on abstract shapes (the teacher's `config.json` alone is read). A mesh of more
+    devices than this process has is planned in a child process with as many CPU devices."""
+    import os
+    import subprocess
+
+    from ._plan import format_bytes, parse_bytes, plan_memory
+    from ._prune import student_config_for
+
+    limit = None if device_memory is None else parse_bytes(device_memory)
+    needed = 1 if cfg.mesh is None else math.prod(make_mesh_sizes(cfg.mesh))
+    if needed > jax.device_count():
+        if os.environ.get("BLOCKDISTILL_PLAN_CHILD") or argv is None:
+            raise ConfigError(f"mesh={cfg.mesh!r} needs {needed} devices; this process has {jax.device_count()}")
+        env = {**os.environ, "BLOCKDISTILL_PLAN_CHILD": "1", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={needed}"}
+        done = subprocess.run([sys.executable, "-m", "blockdistill.cli", *argv], env=env)
+        if done.returncode:
+            raise RuntimeError(f"planning on {needed} CPU devices failed (exit status {done.returncode})")
+        return {}
+    teacher = read_model_config(cfg.teacher).replace(dtype=cfg.dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                                    attention_impl=cfg.attention_impl)
+    if cfg.student is not None:
+        student = read_model_config(cfg.student)
+    else:
+        student = student_config_for(teacher, student_config(cfg))
+    student = student.replace(dtype=cfg.dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                              attention_impl=cfg.attention_impl)
+    if cfg.seq_len > teacher.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={teacher.max_seq_len}")
+    mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
+    objectives, steps = distill_steps(cfg, mesh)
+    plans = [plan_memory(teacher, student, objective, batch_size=cfg.batch_size, seq_len=cfg.seq_len, mesh=mesh,
+                         optimizer=step.optimizer, trainable=cfg.trainable, fused=step.fused, device_memory=limit)
+             for objective, step in zip(objectives, steps)]
+    worst = max(plans, key=lambda p: p["total"])
+    lines = [
+        f"teacher {cfg.teacher}: {teacher.n_layers} layers x {teacher.dim}, vocab {teacher.vocab_size} "
+        f"({_count_config_params(teacher) / 1e9:.2f}B parameters); student: {student.n_layers} layers, MLP "
+        f"{student.mlp_dim}, {student.n_kv_heads} KV heads ({_count_config_params(student) / 1e9:.2f}B)",
+        f"batch {cfg.batch_size} x {cfg.seq_len}, compute {cfg.dtype}, remat {cfg.remat}, mesh {cfg.mesh or 'one device'}"
+        + (f"; the larger of {len(plans)} stages" if len(plans) > 1 else ""),
+        "per device:",
+        f"  teacher parameters  {format_bytes(worst['teacher_params']):>12}",
+        f"  student parameters  {format_bytes(worst['student_params']):>12}",
+        f"  optimizer state     {format_bytes(worst['opt_state']):>12}",
+        f"  batch               {format_bytes(worst['batch']):>12}",
+        f"  temporaries         {format_bytes(worst['temporaries']):>12}   (compiled for {worst['backend']}"
+        + ("; an estimate for an accelerator)" if worst["backend"] == "cpu" else ")"),
+        f"  total               {format_bytes(worst['total']):>12}"
+        + ("" if limit is None else f"   of {format_bytes(limit)}: "
+           + ("fits" if worst["fits"] else "DOES NOT FIT")),
+    ]
+    _report({"lines": lines})
+    return worst
+
+
+def make_mesh_sizes(spec: str) -> list[int]:
+    from ._parallel import parse_mesh
+
+    return list(parse_mesh(spec).values())
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -682,4 +749,4 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
     return {"eval_loss": loss}
 
 
-__all__ = ["cache_teacher", "distill", "evaluate", "evaluate_command", "pretrain", "read_model_config"]
+__all__ = ["cache_teacher", "distill", "plan_command", "evaluate", "evaluate_command", "pretrain", "read_model_config"]

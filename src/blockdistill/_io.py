@@ -69,9 +69,10 @@ def save_model(
 def read_model_config(path: PathLike) -> TransformerConfig:
     """The [`blockdistill.TransformerConfig`][] of a model folder, read from its
     `config.json` alone (no weights are read): a blockdistill folder, a Hugging Face one
-    (as [`blockdistill.from_hf`][] would build it) or `"shipped"`."""
+    (as [`blockdistill.from_hf`][] would build it), `"shipped"`, or such a `config.json`
+    file itself."""
     path = SHIPPED_TEACHER if str(path) == "shipped" else pathlib.Path(path)
-    config_file = path / CONFIG_FILE
+    config_file = path if path.is_file() else path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"model folder {path} has no {CONFIG_FILE}")
     try:
@@ -83,7 +84,7 @@ def read_model_config(path: PathLike) -> TransformerConfig:
     if "model_type" in meta:
         from ._hf import _config_from_hf
 
-        return _config_from_hf(meta, path, {})
+        return _config_from_hf(meta, config_file, {})
     raise ValueError(f"{config_file} is neither a blockdistill model (format={meta.get('format')!r}) "
                      "nor a Hugging Face one (no model_type)")
 

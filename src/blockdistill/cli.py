@@ -23,6 +23,7 @@ _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
   blockdistill distill --out runs/demo        distill the shipped teacher (the main job)
   blockdistill pretrain --out runs/teacher    train a teacher from scratch
   blockdistill cache-teacher --out CACHE      run the teacher once, keep its top-k logits
+  blockdistill plan --teacher CONFIG.json     per-device memory of a run, before any weight is read
   blockdistill eval MODEL                     held-out loss of a model folder
   blockdistill export-hf RUN_OR_MODEL OUT     write a folder transformers can load
 """
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("cache-teacher", help=text, description=text)
     sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     add_flags(sub, CacheConfig)
+    text = ("per-device memory of a distillation run, from its step compiled on abstract shapes: only the "
+            "teacher's config.json is read")
+    sub = commands.add_parser("plan", help=text, description=text)
+    sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+    sub.add_argument("--device-memory", metavar="BYTES", help="memory of one device, e.g. 80GB: says whether it fits")
+    add_flags(sub, DistillConfig)
     sub = commands.add_parser("eval", help="held-out loss of a model folder")
     sub.add_argument("model", nargs="?", help="model folder (blockdistill or Hugging Face), default: shipped")
     sub.add_argument("--config", metavar="FILE")
@@ -127,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.model is not None:
                 overrides["model"] = args.model
             _commands.evaluate_command(build_config(EvalConfig, args.config, overrides))
+            return 0
+        if args.command == "plan":
+            cfg = build_config(DistillConfig, args.config, given_flags(args, DistillConfig))
+            _commands.plan_command(cfg, args.device_memory, argv if argv is not None else sys.argv[1:])
             return 0
         if args.command == "cache-teacher":
             _commands.cache_teacher(build_config(CacheConfig, args.config, given_flags(args, CacheConfig)))
