@@ -37,11 +37,13 @@ def test_eight_devices():
 
 
 def test_parse_and_make_mesh():
-    assert parse_mesh("data=2,layers=4") == {"data": 2, "layers": 4}
-    assert parse_mesh(" layers = 8 ") == {"data": 1, "layers": 8}
+    assert parse_mesh("data=2,layers=4") == {"data": 2, "fsdp": 1, "layers": 4}
+    assert parse_mesh(" layers = 8 ") == {"data": 1, "fsdp": 1, "layers": 8}
+    assert parse_mesh("fsdp=4,data=2") == {"data": 2, "fsdp": 4, "layers": 1}
     mesh = make_mesh("data=2,layers=4")
-    assert mesh.axis_names == ("data", "layers") and dict(mesh.shape) == {"data": 2, "layers": 4}
-    assert dict(make_mesh({"data": 8}).shape) == {"data": 8, "layers": 1}
+    assert mesh.axis_names == ("data", "fsdp", "layers")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "layers": 4}
+    assert dict(make_mesh({"data": 8}).shape) == {"data": 8, "fsdp": 1, "layers": 1}
     one = make_mesh("data=1", devices=jax.devices()[:1])
     assert one.devices.size == 1
 
@@ -49,8 +51,8 @@ def test_parse_and_make_mesh():
 @pytest.mark.parametrize(
     "spec, needles",
     [
-        ("data=2,layers=3", ["data=2 x layers=3 = 6 devices", "8 devices"]),
-        ("data=2,heads=4", ["unknown axis 'heads'", "('data', 'layers')"]),
+        ("data=2,layers=3", ["data=2 x fsdp=1 x layers=3 = 6 devices", "8 devices"]),
+        ("data=2,heads=4", ["unknown axis 'heads'", "('data', 'fsdp', 'layers')"]),
         ("data=0,layers=8", ["data=0", "positive"]),
         ("data=-2,layers=4", ["data=-2", "positive"]),
         ("data=two", ["data='two'", "not an integer"]),
@@ -102,7 +104,7 @@ def test_sharding_rules():
     weight = student.layers.layers.mlp.gate_proj.weight
     assert {s.data.shape[0] for s in weight.addressable_shards} == {1}
     tokens, mask = shard_batch(mesh, np.zeros((4, 8), np.int32), np.ones((4, 8), bool))
-    assert tokens.sharding.spec == P("data") and mask.shape == (4, 8)
+    assert tokens.sharding.spec == P(("data", "fsdp")) and mask.shape == (4, 8)
     # host_arrays gathers whole arrays (what checkpoints store)
     host = host_arrays(student)
     assert isinstance(host.layers.layers.mlp.gate_proj.weight, np.ndarray)
@@ -242,9 +244,9 @@ def assert_same_losses(a, b, rtol=1e-4):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, teacher, corpus):
-    """The same 6-step run on one device and on a data=2,layers=4 mesh."""
+    """The same 6-step run on one device, on a data=2,layers=4 mesh and on a fsdp=4,layers=2 mesh."""
     root = tmp_path_factory.mktemp("runs")
-    for name, mesh in (("single", None), ("mesh", "data=2,layers=4")):
+    for name, mesh in (("single", None), ("mesh", "data=2,layers=4"), ("fsdp", "fsdp=4,layers=2")):
         assert main(cli_args(root / name, teacher, corpus, mesh)) == 0
     return root
 
@@ -261,7 +263,12 @@ def test_mesh_run_equals_single_device_run(runs):
     np.testing.assert_allclose(a(tokens).logits, b(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("source, mesh", [("mesh", "data=4,layers=2"), ("mesh", None), ("single", "data=2,layers=4")])
+def test_fsdp_run_equals_single_device_run(runs):
+    assert_same_losses(read_metrics(runs / "fsdp"), read_metrics(runs / "single"))
+
+
+@pytest.mark.parametrize("source, mesh", [("mesh", "data=4,layers=2"), ("mesh", None), ("single", "data=2,layers=4"),
+                                          ("fsdp", None), ("single", "fsdp=4,layers=2")])
 def test_checkpoint_resumes_on_another_mesh(runs, tmp_path, teacher, corpus, capsys, source, mesh):
     """A checkpoint written on data=2,layers=4 resumes on another mesh and on one device,
     one written on one device resumes on 8, and the replayed steps give the losses of the

@@ -26,6 +26,7 @@ from ._objective import (
     kl_divergence,
     next_token_cross_entropy,
 )
+from ._parallel import gather_fsdp
 from ._stack import _REMAT_POLICIES
 from ._types import Array, BatchMask, BatchSegments, BatchTokens, Float
 
@@ -101,7 +102,7 @@ def fused_value_and_grad(
     compute_dtype = student.config.compute_dtype
 
     def block_loss(train_params, rest_params, block_in, target):
-        params = eqx.combine(train_params, rest_params)
+        params = gather_fsdp(eqx.combine(train_params, rest_params))
         if student.config.dtype != "float32":
             params = _cast_floating(params, compute_dtype)
         layer = eqx.combine(params, student_static)
@@ -114,7 +115,7 @@ def fused_value_and_grad(
         return feature_loss(predicted, target, objective.feature_loss, mask)
 
     def teacher_layer(hidden, layer_params):
-        layer = eqx.combine(layer_params, teacher_static)
+        layer = eqx.combine(gather_fsdp(layer_params), teacher_static)
         out = jax.vmap(lambda x, seg: layer(x, segment_ids=seg))(hidden, segment_ids)
         return out.layer_out, out
 
@@ -123,7 +124,7 @@ def fused_value_and_grad(
         own_params, own_static = _stack_params(model)
 
         def own_layer(hidden, layer_params):
-            layer = eqx.combine(layer_params, own_static)
+            layer = eqx.combine(gather_fsdp(layer_params), own_static)
             return jax.vmap(lambda x, seg: layer(x, segment_ids=seg).layer_out)(hidden, segment_ids)
 
         if model.config.remat != "none":

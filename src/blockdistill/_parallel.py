@@ -1,14 +1,21 @@
-"""Meshes and shardings: a `data` axis for the batch, a `layers` axis for stacked layers.
+"""Meshes and shardings: a `data` axis for the batch, an `fsdp` axis that splits the
+batch and every parameter, a `layers` axis for stacked layers.
 
 Everything here is a thin layer over JAX's own sharding: a `jax.sharding.Mesh` with the
-axes `("data", "layers")`, `NamedSharding`s placed with `jax.device_put` (or, across
+axes `("data", "fsdp", "layers")`, `NamedSharding`s placed with `jax.device_put` (or, across
 processes, `jax.make_array_from_callback`), and `jax.lax.with_sharding_constraint` inside
 the jitted step. XLA's SPMD partitioner does the rest.
 
 The rules:
 
 - batches (`tokens`, `mask`, and every per-example array derived from them) are split
-  over `data` on their leading `batch` axis;
+  over `data` and `fsdp` together on their leading `batch` axis;
+- with an `fsdp` axis, every parameter of the student and the teacher, and every
+  optimizer-state leaf that mirrors one, is split over `fsdp` on its largest dimension
+  that `fsdp` divides (never a stack's leading `layers` axis); inside the scan over
+  layers each layer's weights are gathered whole just before use
+  ([`gather_fsdp`][blockdistill._parallel.gather_fsdp]), so only one layer's weights are
+  ever whole on a device (fully sharded data parallelism);
 - the stacked decoder-layer parameters of a student (every array under
   `Transformer.layers.layers` whose leading axis has the stack's depth) are split over
   `layers` on that axis, and so is every optimizer-state leaf that mirrors one of them
@@ -17,8 +24,8 @@ The rules:
   `layers` (`[batch, layers, seq, dim]`): the replicated teacher computes them for its
   `data` slice on every `layers` device, and each device keeps (equal depths) or reads
   (with a layer map) only its own layers, a local slice;
-- everything else (embeddings, final norm, head, step counts, the teacher's parameters
-  by default) is replicated.
+- everything else (step counts; without `fsdp`, embeddings, final norm, head and the
+  teacher's parameters) is replicated.
 """
 
 import re
@@ -31,8 +38,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 LAYERS_AXIS = "layers"
-MESH_AXES = (DATA_AXIS, LAYERS_AXIS)
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, LAYERS_AXIS)
+#: the axes a batch is split over: `data` and `fsdp` (fully sharded data parallelism)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 _ITEM = re.compile(r"^\s*(?P<name>[^=\s]*)\s*=\s*(?P<size>[^=]*?)\s*$")
 
@@ -41,17 +51,17 @@ _ITEM = re.compile(r"^\s*(?P<name>[^=\s]*)\s*=\s*(?P<size>[^=]*?)\s*$")
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """Parse a mesh spec such as `"data=2,layers=4"` into `{"data": 2, "layers": 4}`.
+    """Parse a mesh spec such as `"data=2,layers=4"` into `{"data": 2, "fsdp": 1, "layers": 4}`.
 
-    Axes left out have size 1 (`"layers=8"` is `{"data": 1, "layers": 8}`). Unknown axis
+    Axes left out have size 1 (`"layers=8"` is `{"data": 1, "fsdp": 1, "layers": 8}`). Unknown axis
     names, repeated axes, sizes that are not positive integers and malformed items are a
     `ValueError` that names the culprit.
 
     **Example:**
 
     ```python
-    bd.parse_mesh("data=2,layers=4")  # {"data": 2, "layers": 4}
-    bd.parse_mesh("data=8")           # {"data": 8, "layers": 1}
+    bd.parse_mesh("data=2,layers=4")  # {"data": 2, "fsdp": 1, "layers": 4}
+    bd.parse_mesh("data=2,fsdp=4")    # {"data": 2, "fsdp": 4, "layers": 1}
     ```
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -86,12 +96,12 @@ def parse_mesh(spec: str) -> dict[str, int]:
 def make_mesh(
     spec: str | Mapping[str, int], *, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A `jax.sharding.Mesh` with the axes `("data", "layers")`.
+    """A `jax.sharding.Mesh` with the axes `("data", "fsdp", "layers")`.
 
     **Arguments:**
 
-    - `spec`: `"data=2,layers=4"` (see [`blockdistill.parse_mesh`][]) or a mapping
-      `{"data": 2, "layers": 4}`.
+    - `spec`: `"data=2,layers=4"`, `"data=2,fsdp=4"` (see [`blockdistill.parse_mesh`][])
+      or a mapping `{"data": 2, "layers": 4}`.
     - `devices`: the devices to use, default `jax.devices()` (all devices of all
       processes). The product of the axis sizes must equal their number.
 
@@ -115,7 +125,7 @@ def make_mesh(
     total = int(np.prod([sizes[axis] for axis in MESH_AXES]))
     if total != len(devices):
         raise ValueError(
-            f"mesh={shown!r} has data={sizes[DATA_AXIS]} x layers={sizes[LAYERS_AXIS]} = "
+            f"mesh={shown!r} has data={sizes[DATA_AXIS]} x fsdp={sizes[FSDP_AXIS]} x layers={sizes[LAYERS_AXIS]} = "
             f"{total} devices, but {len(devices)} devices are available "
             f"({jax.devices()[0].platform}, {jax.process_count()} process(es))"
         )
@@ -129,7 +139,7 @@ def make_mesh(
 
 def check_mesh(mesh: Mesh, *, batch_size: int | None = None, n_layers: int | None = None) -> None:
     """Raise a `ValueError` naming both numbers when `mesh` does not divide the batch size
-    (over `data`) or the student's depth (over `layers`).
+    (over `data` x `fsdp`) or the student's depth (over `layers`).
 
     **Example:**
 
@@ -138,10 +148,12 @@ def check_mesh(mesh: Mesh, *, batch_size: int | None = None, n_layers: int | Non
     ```
     """
     data, layers = mesh.shape[DATA_AXIS], mesh.shape[LAYERS_AXIS]
-    if batch_size is not None and batch_size % data != 0:
+    fsdp = mesh.shape.get(FSDP_AXIS, 1)
+    if batch_size is not None and batch_size % (data * fsdp) != 0:
+        axes = f"data={data}" if fsdp == 1 else f"data={data} x fsdp={fsdp} axes"
         raise ValueError(
-            f"batch_size={batch_size} is not divisible by the mesh's data={data} axis: "
-            f"use a batch size that is a multiple of {data}"
+            f"batch_size={batch_size} is not divisible by the mesh's {axes}"
+            f"{' axis' if fsdp == 1 else ''}: use a batch size that is a multiple of {data * fsdp}"
         )
     if n_layers is not None and n_layers % layers != 0:
         raise ValueError(
@@ -163,14 +175,20 @@ def _in_layer_stack(names: tuple[str, ...]) -> bool:
     return any(names[i : i + 2] == ("layers", "layers") for i in range(len(names) - 1))
 
 
-def _spec_for(names: tuple[str, ...], leaf: Any, n_layers: int, shard_layers: bool) -> PartitionSpec:
-    stacked = (
-        shard_layers
-        and _in_layer_stack(names)
-        and getattr(leaf, "ndim", 0) >= 1
-        and leaf.shape[0] == n_layers
-    )
-    return PartitionSpec(LAYERS_AXIS) if stacked else PartitionSpec()
+def _spec_for(names: tuple[str, ...], leaf: Any, n_layers: int, shard_layers: bool, fsdp: int = 1) -> PartitionSpec:
+    ndim = len(getattr(leaf, "shape", ()))
+    in_stack = _in_layer_stack(names) and ndim >= 1 and leaf.shape[0] == n_layers
+    spec: list[str | None] = [None] * ndim
+    if in_stack and shard_layers:
+        spec[0] = LAYERS_AXIS
+    if fsdp > 1:
+        # the largest dimension fsdp divides (never the stacked layers axis) is split over it
+        candidates = [d for d in range(1 if in_stack else 0, ndim) if leaf.shape[d] % fsdp == 0]
+        if candidates:
+            spec[max(candidates, key=lambda d: (leaf.shape[d], -d))] = FSDP_AXIS
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
 
 
 def _depth(model: eqx.Module) -> int:
@@ -193,10 +211,12 @@ def tree_shardings(tree: Any, mesh: Mesh, *, n_layers: int, shard_layers: bool =
     the model's (optax's `mu` / `nu`).
     """
 
+    fsdp = mesh.shape.get(FSDP_AXIS, 1)
+
     def sharding(path, leaf):
         if not eqx.is_array(leaf):
             return None
-        return NamedSharding(mesh, _spec_for(_path_names(path), leaf, n_layers, shard_layers))
+        return NamedSharding(mesh, _spec_for(_path_names(path), leaf, n_layers, shard_layers, fsdp))
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
@@ -220,9 +240,10 @@ def _shard_tree(tree: Any, shardings: Any) -> Any:
 def shard_model(model: eqx.Module, mesh: Mesh, *, shard_layers: bool = True) -> eqx.Module:
     """Place a [`blockdistill.Transformer`][] (or a [`blockdistill.Teacher`][]) on `mesh`.
 
-    Stacked decoder-layer parameters are split over `layers` on their leading axis;
-    everything else is replicated. `shard_layers=False` replicates everything (what the
-    training loop does with the teacher: see the scaling guide for the trade-off).
+    Stacked decoder-layer parameters are split over `layers` on their leading axis (unless
+    `shard_layers=False`, what the training loop does with the teacher: see the scaling
+    guide for the trade-off); on a mesh with an `fsdp` axis every parameter is also split
+    over `fsdp` on its largest dimension that `fsdp` divides; the rest is replicated.
     Raises a `ValueError` naming both numbers when `layers` does not divide the depth.
 
     **Example:**
@@ -261,8 +282,8 @@ def shard_opt_state(opt_state: Any, model: eqx.Module, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The sharding of batch arrays: the leading axis over `data`, the rest whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """The sharding of batch arrays: the leading axis over `data` and `fsdp`, the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
@@ -366,13 +387,25 @@ def host_arrays(tree: Any) -> Any:
 # ----------------------------------------------------------------------------- in the step
 
 
-def constrain(x: jax.Array, *spec: str | None) -> jax.Array:
+def constrain(x: jax.Array, *spec: str | tuple[str, ...] | None) -> jax.Array:
     """`with_sharding_constraint(x, P(*spec))` under a mesh set with `jax.set_mesh` that
     has all the named axes; otherwise `x` unchanged (single device)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or any(axis is not None and axis not in mesh.axis_names for axis in spec):
+    named = [a for axis in spec if axis is not None for a in ((axis,) if isinstance(axis, str) else axis)]
+    if mesh.empty or any(axis not in mesh.axis_names for axis in named):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def gather_fsdp(tree: Any) -> Any:
+    """One layer's parameters gathered whole before use, under a mesh with an `fsdp` axis
+    (identity otherwise): called inside the scan over layers, it makes XLA all-gather only
+    that layer's weights there (and, under `remat`, again in the backward pass instead of
+    keeping them), while the activations stay split over the batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or FSDP_AXIS not in mesh.axis_names or dict(mesh.shape)[FSDP_AXIS] == 1:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
 def constrain_tree(tree: Any, shardings: Any) -> Any:

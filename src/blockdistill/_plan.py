@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from ._config import TransformerConfig
 from ._model import Transformer
 from ._objective import DistillationObjective
-from ._parallel import _path_names, _spec_for, batch_sharding
+from ._parallel import FSDP_AXIS, _path_names, _spec_for, batch_sharding
 from ._teacher import Teacher
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -46,7 +46,7 @@ def _abstract(tree: Any, mesh: Mesh | None, *, n_layers: int, shard_layers: bool
             return x
         if mesh is None:
             return x
-        spec = _spec_for(_path_names(path), x, n_layers, shard_layers)
+        spec = _spec_for(_path_names(path), x, n_layers, shard_layers, mesh.shape.get(FSDP_AXIS, 1))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(leaf, tree)

@@ -136,7 +136,7 @@ HELP: dict[str, str] = {
     'injected_pass': "`vmap`, `scan` or `auto` (the unfused path's injected pass)",
     'fused': "`on`, `off` or `auto`: run teacher and student layer by layer in one scan (see `DistillStep`'s `fused`; the same numbers, flat memory in depth); `auto` fuses wherever it applies",
     'trainable': '`all`, `attention`, `mlp` or `attention+mlp`',
-    'mesh': 'a device mesh such as `data=2,layers=4` (see [Scaling](scaling.md))',
+    'mesh': 'a device mesh such as `data=2,layers=4` or `data=2,fsdp=4` (see [Scaling](scaling.md))',
     'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',
     'tokenizer': 'the tokenizer folder (or `byte`); default: the one the model folder recorded',
 }

@@ -12,6 +12,7 @@ from jaxtyping import Array, Key, PRNGKeyArray
 
 from ._config import TransformerConfig
 from ._layer import DecoderLayer, InjectAt, LayerStep, check_inject_at
+from ._parallel import gather_fsdp
 from ._types import Hidden, LayerHidden, Segments
 
 _REMAT_POLICIES = {
@@ -98,7 +99,7 @@ class LayerStack(eqx.Module):
         static = eqx.filter(self.layers, eqx.is_array, inverse=True)
 
         def run(layer_params, layer_in, inject, segment_ids):
-            layer = eqx.combine(layer_params, static)
+            layer = eqx.combine(gather_fsdp(layer_params), static)
             return layer(layer_in, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
 
         if self.remat != "none":

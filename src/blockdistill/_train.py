@@ -15,7 +15,7 @@ from ._cache import TopKLogits
 from ._fused import fused_value_and_grad, fusion_blocker
 from ._model import Transformer
 from ._objective import DistillationObjective, Metrics
-from ._parallel import DATA_AXIS, LAYERS_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
+from ._parallel import BATCH_AXES, LAYERS_AXIS, check_mesh, constrain, constrain_tree, tree_shardings
 from ._teacher import Teacher
 from ._types import Array, BatchMask, BatchSegments, BatchTokens
 
@@ -123,11 +123,11 @@ def _distill_step(
     fused: bool = False,
 ) -> tuple[Transformer, optax.OptState, Metrics]:
     teacher, tokens, mask, step, segment_ids, teacher_logits = frozen
-    tokens, mask = constrain(tokens, DATA_AXIS), constrain(mask, DATA_AXIS)
+    tokens, mask = constrain(tokens, BATCH_AXES), constrain(mask, BATCH_AXES)
     if segment_ids is not None:
-        segment_ids = constrain(segment_ids, DATA_AXIS)
+        segment_ids = constrain(segment_ids, BATCH_AXES)
     if teacher_logits is not None:
-        teacher_logits = jax.tree.map(lambda x: constrain(x, DATA_AXIS), teacher_logits)
+        teacher_logits = jax.tree.map(lambda x: constrain(x, BATCH_AXES), teacher_logits)
     spec = trainable_filter(student, trainable)
     if fused:
         (_, metrics), train_grads = fused_value_and_grad(
@@ -146,7 +146,7 @@ def _distill_step(
             # one teacher layer per student layer: every device keeps only its own layers
             # of the teacher's states (a local slice of the replicated teacher's output).
             # With a layer map, the objective's selection slices them locally instead.
-            states = jax.tree.map(lambda x: constrain(x, DATA_AXIS, LAYERS_AXIS), teacher_out.states)
+            states = jax.tree.map(lambda x: constrain(x, BATCH_AXES, LAYERS_AXIS), teacher_out.states)
             teacher_out = eqx.tree_at(lambda out: out.states, teacher_out, states)
         # differentiate only the groups that train: frozen ones get zero updates anyway,
         # so their gradients would be wasted work and would inflate the reported grad_norm

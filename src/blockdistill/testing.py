@@ -35,6 +35,36 @@ _DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 
                "c64": 64, "c128": 128}
 
 
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_WHILE = re.compile(r"\bwhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?(?P<names>[\w.\-, %]+)\}?")
+
+
+def _loop_bodies(hlo_text: str) -> set[str]:
+    """The computations that run inside a `while` loop: loop bodies and what they call."""
+    calls: dict[str, set[str]] = {}
+    bodies: set[str] = set()
+    computation = ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header is not None:
+            computation = header.group("name")
+            continue
+        loop = _WHILE.search(line)
+        if loop is not None:
+            bodies.add(loop.group("body"))
+        for called in _CALLS.finditer(line):
+            calls.setdefault(computation, set()).update(
+                name.strip().lstrip("%") for name in called.group("names").split(","))
+    inside, todo = set(), list(bodies)
+    while todo:
+        name = todo.pop()
+        if name not in inside:
+            inside.add(name)
+            todo.extend(calls.get(name, ()))
+    return inside
+
+
 @dataclasses.dataclass(frozen=True)
 class Collective:
     """One collective of a compiled program, as [`blockdistill.testing.hlo_collectives`][] reads it.
@@ -45,6 +75,9 @@ class Collective:
     - `bytes`: the size of the result in bytes, per device.
     - `axes`: the mesh axes along which its device groups extend, i.e. those it moves
       data across, e.g. `("layers",)`.
+    - `computation`: the HLO computation it belongs to; `in_loop`: whether that is the
+      body of a `while` loop (a `lax.scan` over layers compiles to one), i.e. whether it
+      runs once per iteration.
 
     **Example:**
 
@@ -61,6 +94,8 @@ class Collective:
     shapes: tuple[tuple[int, ...], ...]
     bytes: int
     axes: tuple[str, ...]
+    computation: str = ""
+    in_loop: bool = False
 
 
 def _iota_ids(dims: list[int], perm: list[int] | None) -> np.ndarray:
@@ -139,8 +174,14 @@ def hlo_collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
     ```
     """
     coords = np.stack(np.unravel_index(np.arange(mesh.devices.size), mesh.devices.shape), axis=-1)
+    bodies = _loop_bodies(hlo_text)
     found = []
+    computation = ""
     for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header is not None:
+            computation = header.group("name")
+            continue
         match = _INSTRUCTION.match(line)
         if match is None:
             continue
@@ -159,6 +200,7 @@ def hlo_collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
         found.append(Collective(
             kind=match.group("op"), name=match.group("name"), shapes=tuple(shapes),
             bytes=n_bytes, axes=tuple(a for a in mesh.axis_names if a in axes),
+            computation=computation, in_loop=computation in bodies,
         ))
     return found
 
