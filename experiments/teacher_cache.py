@@ -77,7 +77,7 @@ def table(results: dict[str, Any]) -> str:
         finals = [runs[str(s)]["final_loss"] for s in SEEDS]
         closed = statistics.mean(runs[str(s)]["gap_closed"] for s in SEEDS)
         label = "the teacher itself (dense KL)" if name == "dense" else f"cache, top {name[3:]} + tail"
-        delta = "" if name == "dense" else f"{statistics.mean(finals) - dense:+.4f}"
+        delta = "" if name == "dense" else f"{statistics.mean(finals) - dense:+.5f}"
         lines.append(f"| {label} | {' / '.join(f'{v:.4f}' for v in finals)} | {statistics.mean(finals):.4f} | "
                      f"{closed:.1%} | {delta} |")
     lines += ["", "| cache | rows | bytes per token | on disk | mean tail mass | teacher held-out loss |",
