@@ -298,3 +298,80 @@ def test_bad_meshes_from_the_cli(tmp_path, teacher, corpus, capsys):
     config = tmp_path / "run.toml"
     config.write_text('[run]\nmesh = "data=2,layers=0"\n')
     assert "layers=0" in error(None, config=config)
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args, processes=2, devices=4):
+    """Run `blockdistill ARGS` as `processes` processes of `devices` CPU devices each,
+    joined by jax.distributed; returns their outputs (each must succeed)."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "blockdistill.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+                          "--num-processes", str(processes), "--process-id", str(index)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for index in range(processes)
+    ]
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def two_processes(runs, teacher, corpus):
+    """The `mesh` run (data=2,layers=4) again, as 2 processes of 4 devices each."""
+    out = runs / "two-processes"
+    launch(cli_args(out, teacher, corpus, "data=2,layers=4"))
+    return out
+
+
+def test_two_processes_equal_one_process(runs, two_processes):
+    assert_same_losses(read_metrics(two_processes), read_metrics(runs / "mesh"))
+    # process 0 writes the run; process 1 keeps its own metrics aside and writes nothing else
+    assert (two_processes / "student").is_dir() and (two_processes / "summary.json").is_file()
+    assert sorted(p.name for p in two_processes.iterdir() if p.name.startswith(".process")) == [".process-1"]
+    a, b = bd.load_model(runs / "mesh" / "student"), bd.load_model(two_processes / "student")
+    np.testing.assert_allclose(a(jnp.arange(16)).logits, b(jnp.arange(16)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_move_between_one_and_two_processes(runs, two_processes, tmp_path, teacher, corpus, capsys):
+    # written by 2 processes, resumed by 1 (this process's 8 devices)
+    out = tmp_path / "to-one"
+    shutil.copytree(two_processes, out)
+    shutil.rmtree(out / "checkpoints" / "6")
+    assert main(cli_args(out, teacher, corpus, "data=2,layers=4")) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert_same_losses(read_metrics(out), read_metrics(runs / "mesh"))
+    # written by 1 process, resumed by 2
+    out = tmp_path / "to-two"
+    shutil.copytree(runs / "mesh", out)
+    shutil.rmtree(out / "checkpoints" / "6")
+    outputs = launch(cli_args(out, teacher, corpus, "data=2,layers=4"))
+    assert all("resuming from" in output for output in outputs)
+    assert_same_losses(read_metrics(out), read_metrics(runs / "mesh"))
+
+
+def test_two_processes_cache_the_teacher_as_one(tmp_path, teacher, corpus):
+    common = ["cache-teacher", "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "32",
+              "--batch-size", "8", "--steps", "3", "--top-k", "8", "--eval-batches", "1", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--mesh", "data=8"]) == 0
+    launch([*common, "--out", str(tmp_path / "two"), "--mesh", "data=8"])
+    one, two = bd.TeacherCache(tmp_path / "one"), bd.TeacherCache(tmp_path / "two")
+    assert one.num_cached == two.num_cached
+    for a, b in zip(one.take(one.row_index), two.take(two.row_index)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=float(np.spacing(np.float16(8))))

@@ -450,9 +450,13 @@ def build_teacher_cache(
             if row_index is not None:
                 np.save(out / _ROWS, row_index)
             _write_meta(out, {**meta, "complete": False})
+    _barrier("blockdistill-cache-created")  # process 0 made the files; the others open them
     cache = TeacherCache(out, complete=False)
-    progress_file = out / ("progress.json" if jax.process_count() == 1 else f"progress-{jax.process_index()}.json")
-    start = _rows_done(progress_file)
+    progress_files = [out / ("progress.json" if jax.process_count() == 1 else f"progress-{index}.json")
+                      for index in range(jax.process_count())]
+    progress_file = progress_files[jax.process_index()]
+    # every process computes its rows of the same batches: all resume where the slowest stopped
+    start = min(_rows_done(f) for f in progress_files)
     start -= start % batch_size
     global_rows = np.arange(n) if row_index is None else row_index
 
@@ -476,7 +480,7 @@ def build_teacher_cache(
     try:
         since_flush = 0
         for lo in range(start, m, batch_size):
-            if should_stop is not None and should_stop():
+            if should_stop is not None and _any_process(should_stop()):
                 break
             # positions in the cache; the last batch padded with its last row, written once
             position = np.minimum(np.arange(lo, lo + batch_size), m - 1)
@@ -507,14 +511,34 @@ def build_teacher_cache(
     finally:
         if bar is not None:
             bar.close()
-    if _rows_done(progress_file) < m:
+    _barrier("blockdistill-cache-written")
+    if min(_rows_done(f) for f in progress_files) < m:
         return cache
     if writer:
         weights = _valid_positions(rows, global_rows)
         tail = np.asarray(cache.tail_mass, np.float32)
         mean_tail = float(np.sum(tail * weights) / max(np.sum(weights), 1.0))
         _write_meta(out, {**meta, "complete": True, "mean_tail_mass": mean_tail})
+    _barrier("blockdistill-cache-complete")
     return TeacherCache(out)
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` holds in any process (every process gets the same answer, so all stop
+    at the same batch)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (a no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _local_rows(outputs, index: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -343,6 +343,29 @@ def fit(
     return trainer.model, trainer.step
 
 
+def start_processes(cfg: RunConfig | CacheConfig) -> None:
+    """Join a multi-process run (`jax.distributed.initialize`) when the config or the
+    standard environment variables (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+    `JAX_PROCESS_ID`) name one; on CPUs the processes' collectives go over Gloo. Must run
+    before anything asks JAX for its devices."""
+    import os
+
+    coordinator = cfg.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator is None:
+        return
+    num = cfg.num_processes if cfg.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if num is None or pid is None:
+        raise ConfigError(f"coordinator {coordinator!r} given without the number of processes and this "
+                          "process's id (--num-processes, --process-id or $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)")
+    from jax._src import distributed
+
+    if distributed.global_state.client is not None:  # joined already (e.g. a library caller did)
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=int(num), process_id=int(pid))
+
+
 def _prepare_out(cfg: RunConfig, default: str) -> pathlib.Path:
     out = pathlib.Path(cfg.out or default)
     if out.exists() and not out.is_dir():
@@ -361,6 +384,7 @@ def _report(summary: dict) -> None:
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train a model from scratch with next-token cross-entropy (`blockdistill pretrain`)."""
     out = _prepare_out(cfg, "runs/pretrain")
+    start_processes(cfg)
     tokenizer = ByteTokenizer()
     dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
@@ -481,6 +505,7 @@ def _gap_line(closed: float, final: float, teacher_loss: float) -> str:
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """The main job (`blockdistill distill`): see the docs' tutorial for what it writes."""
     out = _prepare_out(cfg, "runs/distill")
+    start_processes(cfg)
     mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size)
@@ -605,6 +630,7 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
     from ._io import load_model
 
     out = pathlib.Path(cfg.out)
+    start_processes(cfg)
     mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size)
@@ -641,9 +667,14 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
         raise KeyboardInterrupt(f"interrupted after {cache.rows_done()} of {cache.num_cached} rows; "
                                 "rerun the same command to resume")
     rows = _eval_rows(cfg, dataset)
-    if cache.teacher_eval_loss(rows) is None and jax.process_index() == 0:
-        loss = evaluate(model, _val_batches(cfg, dataset), mesh)
-        write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "loss": loss}})
+    if cache.teacher_eval_loss(rows) is None:
+        loss = evaluate(model, _val_batches(cfg, dataset), mesh)  # every process: it is one computation
+        if jax.process_index() == 0:
+            write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "loss": loss}})
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("blockdistill-cache-evaluated")
         cache = TeacherCache(out)
     per_token = bytes_per_token(cfg.top_k, cfg.cache_dtype)
     which = "every training row" if row_index is None else (

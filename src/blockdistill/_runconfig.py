@@ -136,6 +136,9 @@ HELP: dict[str, str] = {
     'injected_pass': "`vmap`, `scan` or `auto` (the unfused path's injected pass)",
     'fused': "`on`, `off` or `auto`: run teacher and student layer by layer in one scan (see `DistillStep`'s `fused`; the same numbers, flat memory in depth); `auto` fuses wherever it applies",
     'trainable': '`all`, `attention`, `mlp` or `attention+mlp`',
+    'coordinator': "`HOST:PORT` of process 0's coordinator for a multi-process run (`jax.distributed`); default: `$JAX_COORDINATOR_ADDRESS`, else one process",
+    'num_processes': 'processes of a multi-process run (default: `$JAX_NUM_PROCESSES`)',
+    'process_id': "this process's index in a multi-process run, 0 to num_processes - 1 (default: `$JAX_PROCESS_ID`)",
     'mesh': 'a device mesh such as `data=2,layers=4` or `data=2,fsdp=4` (see [Scaling](scaling.md))',
     'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',
     'tokenizer': 'the tokenizer folder (or `byte`); default: the one the model folder recorded',
@@ -252,6 +255,23 @@ def _all_fields() -> list[str]:
     return [f.name for cls in (DistillConfig, PretrainConfig) for f in dataclasses.fields(cls)]
 
 
+def check_processes(cfg: Any) -> None:
+    """The multi-process options fit together (a `ConfigError` naming them otherwise)."""
+    given = [cfg.coordinator is not None, cfg.num_processes is not None, cfg.process_id is not None]
+    if any(given) and not all(given):
+        raise ConfigError(
+            f"coordinator={cfg.coordinator!r}, num_processes={cfg.num_processes!r}, process_id={cfg.process_id!r}: "
+            "a multi-process run needs all three (or none, to read $JAX_COORDINATOR_ADDRESS, "
+            "$JAX_NUM_PROCESSES and $JAX_PROCESS_ID)"
+        )
+    if cfg.num_processes is not None and cfg.num_processes <= 0:
+        raise ConfigError(f"num_processes={cfg.num_processes!r} is invalid: must be positive")
+    if cfg.process_id is not None and not 0 <= cfg.process_id < (cfg.num_processes or 1):
+        raise ConfigError(f"process_id={cfg.process_id!r} is invalid: must be in [0, num_processes={cfg.num_processes})")
+    if cfg.coordinator is not None and not re.fullmatch(r"[^:\s]+:[0-9]+", cfg.coordinator):
+        raise ConfigError(f"coordinator={cfg.coordinator!r} is invalid: expected HOST:PORT")
+
+
 def _positive(owner: Any, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
@@ -293,6 +313,9 @@ class RunConfig:
     wandb: bool = False
     wandb_project: str = "blockdistill"
     wandb_mode: str = "online"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     #: fields that may change between a run and its resumption (they do not change
     #: what is trained). `steps` is not one of them: the learning-rate and blockwise
@@ -300,7 +323,8 @@ class RunConfig:
     RESUMABLE_CHANGES = frozenset(
         {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
          "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl",
-         "tensorboard", "wandb", "wandb_project", "wandb_mode", "token_cache", "logit_chunk"}
+         "tensorboard", "wandb", "wandb_project", "wandb_mode", "token_cache", "logit_chunk",
+         "coordinator", "num_processes", "process_id"}
     )
 
     @property
@@ -319,6 +343,7 @@ class RunConfig:
         _library(check_execution, self.remat, self.dtype, self.attention_impl, "model")
         if self.wandb_mode not in _WANDB_MODES:
             raise ConfigError(f"wandb_mode={self.wandb_mode!r} is invalid: must be one of {_WANDB_MODES}")
+        check_processes(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -440,6 +465,9 @@ class CacheConfig:
     attention_impl: str = "auto"
     mesh: str | None = None
     progress: bool = True
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     #: what some options mean for this command (the others mean what they mean for `distill`)
     HELP_CHANGES = {"out": "the cache folder",
@@ -453,6 +481,7 @@ class CacheConfig:
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size", "eval_batches", "top_k", "temperature", "steps")
         self.seed_list()
+        check_processes(self)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid: must be in [0, 1)")
         self._check_choices()
