@@ -114,4 +114,4 @@ def test_the_scan_gathers_one_layer_at_a_time(models, name):
     whole = [c for c in gathers for shape in c.shapes if shape[:1] == (TEACHER.n_layers,) and shape[1:] in stacked]
     assert not whole, whole
     per_layer = [c for c in gathers if any(shape[:1] == (1,) and shape[1:] in stacked for shape in c.shapes)]
-    assert per_layer and all(c.in_loop for c in per_layer)
+    assert per_layer and all(c.in_loop and c.trips == TEACHER.n_layers for c in per_layer)

@@ -74,6 +74,7 @@ def plan_memory(
     trainable: str = "all",
     fused: str | bool = "auto",
     device_memory: int | None = None,
+    hlo: bool = False,
 ) -> dict[str, Any]:
     """Per-device bytes of one training step of `objective` for these model shapes, from
     the step compiled ahead of time on abstract arrays: no weights are created or read.
@@ -124,6 +125,8 @@ def plan_memory(
         "backend": jax.default_backend(),
     }
     result["total"] = result["arguments"] + result["temporaries"] + result["outputs_not_aliased"]
+    if hlo:
+        result["hlo"] = compiled.as_text()
     if device_memory is not None:
         result["device_memory"] = device_memory
         result["fits"] = result["total"] <= device_memory

@@ -40,10 +40,15 @@ _WHILE = re.compile(r"\bwhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?(?P<names>[\w.\-, %]+)\}?")
 
 
-def _loop_bodies(hlo_text: str) -> set[str]:
-    """The computations that run inside a `while` loop: loop bodies and what they call."""
+_TRIPS = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(?P<n>[0-9]+)')
+
+
+def _loop_bodies(hlo_text: str) -> dict[str, int]:
+    """The computations that run inside `while` loops (loop bodies and what they call),
+    each with how many times it runs per call of the program (1 where a trip count is
+    unknown)."""
     calls: dict[str, set[str]] = {}
-    bodies: set[str] = set()
+    loops: dict[str, list[tuple[str, int]]] = {}  # computation -> the loops it starts
     computation = ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -52,16 +57,30 @@ def _loop_bodies(hlo_text: str) -> set[str]:
             continue
         loop = _WHILE.search(line)
         if loop is not None:
-            bodies.add(loop.group("body"))
+            trips = _TRIPS.search(line)
+            loops.setdefault(computation, []).append((loop.group("body"), int(trips.group("n")) if trips else 1))
         for called in _CALLS.finditer(line):
             calls.setdefault(computation, set()).update(
                 name.strip().lstrip("%") for name in called.group("names").split(","))
-    inside, todo = set(), list(bodies)
-    while todo:
-        name = todo.pop()
-        if name not in inside:
-            inside.add(name)
-            todo.extend(calls.get(name, ()))
+    inside: dict[str, int] = {}
+
+    def visit(name: str, trips: int) -> None:
+        if inside.get(name, 0) >= trips:
+            return
+        inside[name] = trips
+        for body, n in loops.get(name, ()):
+            visit(body, trips * n)
+        for callee in calls.get(name, ()):
+            if callee not in {body for body, _ in loops.get(name, ())}:
+                visit(callee, trips)
+
+    for start, started in loops.items():
+        for body, n in started:
+            if start not in inside:
+                visit(body, n)
+    for name in list(inside):
+        for body, n in loops.get(name, ()):
+            visit(body, inside[name] * n)
     return inside
 
 
@@ -77,7 +96,9 @@ class Collective:
       data across, e.g. `("layers",)`.
     - `computation`: the HLO computation it belongs to; `in_loop`: whether that is the
       body of a `while` loop (a `lax.scan` over layers compiles to one), i.e. whether it
-      runs once per iteration.
+      runs once per iteration; `trips`: how many times it runs per call of the program
+      (the product of the known trip counts of the loops around it), so that
+      `sum(c.bytes * c.trips)` is what it moves per step.
 
     **Example:**
 
@@ -96,6 +117,7 @@ class Collective:
     axes: tuple[str, ...]
     computation: str = ""
     in_loop: bool = False
+    trips: int = 1
 
 
 def _iota_ids(dims: list[int], perm: list[int] | None) -> np.ndarray:
@@ -200,7 +222,7 @@ def hlo_collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
         found.append(Collective(
             kind=match.group("op"), name=match.group("name"), shapes=tuple(shapes),
             bytes=n_bytes, axes=tuple(a for a in mesh.axis_names if a in axes),
-            computation=computation, in_loop=computation in bodies,
+            computation=computation, in_loop=computation in bodies, trips=bodies.get(computation, 1),
         ))
     return found
 
