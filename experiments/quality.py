@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -208,13 +207,9 @@ def teacher_identity(teacher: str | None) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".eqx", ".safetensors")) if folder.is_dir() else []
     if not files:
         raise ValueError(f"teacher {folder}: no weight files (*.eqx, *.safetensors) to identify it by")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    from blockdistill._files import sha256_files
+
+    return sha256_files(files)
 
 
 def teacher_depth(teacher: str | None) -> int:

@@ -28,7 +28,6 @@ Both vanish with the tail: with `k` equal to the vocabulary the cached KL is the
 The cache records each position's `p_tail`; `TeacherCache.mean_tail_mass` is its mean.
 """
 
-import hashlib
 import json
 import os
 import pathlib
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._files import write_json
+from ._files import sha256_files, write_json
 from ._types import Array, BatchMask, Float, Int
 
 CACHE_FORMAT = "blockdistill-teacher-cache"
@@ -204,13 +203,7 @@ def model_digest(path: str | os.PathLike) -> str:
         if folder.is_dir() else []
     if not any(p.suffix in (".eqx", ".safetensors") for p in files):
         raise FileNotFoundError(f"model folder {folder} has no weight files (*.eqx, *.safetensors)")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_files(files)
 
 
 # ----------------------------------------------------------------------------- the cache

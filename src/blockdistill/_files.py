@@ -58,3 +58,17 @@ def write_json(path: PathLike, data: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def sha256_files(files) -> str:
+    """sha256 over files, each by name and content, in the order given."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in files:
+        file = pathlib.Path(file)
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

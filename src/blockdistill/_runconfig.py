@@ -280,16 +280,27 @@ def _positive(owner: Any, *names: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Options shared by `blockdistill pretrain` and `blockdistill distill`."""
+class DataOptions:
+    """The `[data]` options every command shares: the corpus and how it is cut into rows."""
 
-    out: str | None = None
     data: str | None = None
     data_glob: str | None = None
     token_cache: str | None = None
     val_fraction: float = 0.05
     seq_len: int = 256
     batch_size: int = 8
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid: must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(DataOptions):
+    """Options shared by `blockdistill pretrain` and `blockdistill distill`."""
+
+    out: str | None = None
     steps: int = 300
     eval_every: int = 100
     eval_batches: int = 16
@@ -333,13 +344,11 @@ class RunConfig:
         return self.schedule_steps or self.steps
 
     def __post_init__(self):
-        _positive(self, "seq_len", "batch_size", "steps", "eval_every", "eval_batches",
-                  "checkpoint_every", "keep_checkpoints", "log_every", "learning_rate",
-                  "schedule_steps")
+        super().__post_init__()
+        _positive(self, "steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                  "log_every", "learning_rate", "schedule_steps")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid: must be in [0, 1)")
         _library(check_execution, self.remat, self.dtype, self.attention_impl, "model")
         if self.wandb_mode not in _WANDB_MODES:
             raise ConfigError(f"wandb_mode={self.wandb_mode!r} is invalid: must be one of {_WANDB_MODES}")
@@ -443,18 +452,12 @@ class DistillConfig(RunConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(DataOptions):
     """Options of `blockdistill cache-teacher` (run a teacher once over a corpus's training
     rows and store its top-k logits)."""
 
     out: str = "runs/teacher-cache"
     teacher: str = "shipped"
-    data: str | None = None
-    data_glob: str | None = None
-    token_cache: str | None = None
-    val_fraction: float = 0.05
-    seq_len: int = 256
-    batch_size: int = 8
     steps: int | None = None
     seeds: str = "0"
     top_k: int = 64
@@ -479,11 +482,10 @@ class CacheConfig:
                                     "kept in the cache (a run with as many rows reads it instead of loading the teacher)"}
 
     def __post_init__(self):
-        _positive(self, "seq_len", "batch_size", "eval_batches", "top_k", "temperature", "steps")
+        super().__post_init__()
+        _positive(self, "eval_batches", "top_k", "temperature", "steps")
         self.seed_list()
         check_processes(self)
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction!r} is invalid: must be in [0, 1)")
         self._check_choices()
 
     def seed_list(self) -> tuple[int, ...]:
@@ -508,22 +510,17 @@ class CacheConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(DataOptions):
     """Options of `blockdistill eval`."""
 
     model: str = "shipped"
     tokenizer: str | None = None
-    data: str | None = None
-    data_glob: str | None = None
-    token_cache: str | None = None
-    val_fraction: float = 0.05
-    seq_len: int = 256
-    batch_size: int = 8
     eval_batches: int = 16
     dtype: str = "float32"
 
     def __post_init__(self):
-        _positive(self, "seq_len", "batch_size", "eval_batches")
+        super().__post_init__()
+        _positive(self, "eval_batches")
 
 
 def build_config(cls, file: str | None, overrides: dict[str, Any]):

@@ -43,18 +43,24 @@ _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{
 _TRIPS = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(?P<n>[0-9]+)')
 
 
-def _loop_bodies(hlo_text: str) -> dict[str, int]:
-    """The computations that run inside `while` loops (loop bodies and what they call),
-    each with how many times it runs per call of the program (1 where a trip count is
-    unknown)."""
-    calls: dict[str, set[str]] = {}
-    loops: dict[str, list[tuple[str, int]]] = {}  # computation -> the loops it starts
+def _instructions(hlo_text: str):
+    """`(computation, line)` for every line of HLO text that is not a computation's header."""
     computation = ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
         if header is not None:
             computation = header.group("name")
             continue
+        yield computation, line
+
+
+def _loop_bodies(hlo_text: str) -> dict[str, int]:
+    """The computations that run inside `while` loops (loop bodies and what they call),
+    each with how many times it runs per call of the program (1 where a trip count is
+    unknown)."""
+    calls: dict[str, set[str]] = {}
+    loops: dict[str, list[tuple[str, int]]] = {}  # computation -> the loops it starts
+    for computation, line in _instructions(hlo_text):
         loop = _WHILE.search(line)
         if loop is not None:
             trips = _TRIPS.search(line)
@@ -198,12 +204,7 @@ def hlo_collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
     coords = np.stack(np.unravel_index(np.arange(mesh.devices.size), mesh.devices.shape), axis=-1)
     bodies = _loop_bodies(hlo_text)
     found = []
-    computation = ""
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header is not None:
-            computation = header.group("name")
-            continue
+    for computation, line in _instructions(hlo_text):
         match = _INSTRUCTION.match(line)
         if match is None:
             continue
