@@ -284,7 +284,7 @@ class TeacherCache:
         """Rows written so far (all of them once complete)."""
         progress = self.folder / "progress.json"
         if self.meta.get("complete"):
-            return self.num_cached if hasattr(self, "num_cached") else int(self.meta["cached_rows"])
+            return int(self.meta["cached_rows"])
         return int(json.loads(progress.read_text())["rows_done"]) if progress.is_file() else 0
 
     def positions(self, indices) -> np.ndarray:

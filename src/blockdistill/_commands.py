@@ -704,11 +704,12 @@ def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] 
     import os
     import subprocess
 
+    from ._parallel import parse_mesh
     from ._plan import format_bytes, parse_bytes, plan_memory
     from ._prune import student_config_for
 
     limit = None if device_memory is None else parse_bytes(device_memory)
-    needed = 1 if cfg.mesh is None else math.prod(make_mesh_sizes(cfg.mesh))
+    needed = 1 if cfg.mesh is None else math.prod(parse_mesh(cfg.mesh).values())
     if needed > jax.device_count():
         if os.environ.get("BLOCKDISTILL_PLAN_CHILD") or argv is None:
             raise ConfigError(f"mesh={cfg.mesh!r} needs {needed} devices; this process has {jax.device_count()}")
@@ -753,12 +754,6 @@ def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] 
     ]
     _report({"lines": lines})
     return worst
-
-
-def make_mesh_sizes(spec: str) -> list[int]:
-    from ._parallel import parse_mesh
-
-    return list(parse_mesh(spec).values())
 
 
 # ----------------------------------------------------------------------------- eval
