@@ -25,6 +25,21 @@ def quality():
     del sys.modules[spec.name]
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A 2-layer byte-level teacher of width 64: the study's machinery at a fraction of the
+    shipped teacher's compile and step time (its numbers never matter here)."""
+    import jax
+
+    import blockdistill as bd
+
+    config = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  mlp_dim=128, max_seq_len=64)
+    path = tmp_path_factory.mktemp("tiny-teacher") / "teacher"
+    bd.save_model(bd.Transformer(config, key=jax.random.key(0)), path, tokenizer=bd.ByteTokenizer())
+    return str(path)
+
+
 def _record(losses, teacher=1.0, steps_between=10, tokens_per_step=100):
     return {"eval_loss": losses, "teacher_loss": teacher, "tokens_per_step": tokens_per_step,
             "eval_steps": [i * steps_between for i in range(len(losses))]}
@@ -97,15 +112,15 @@ def test_teacher_identity(quality, tmp_path):
         quality.teacher_identity(str(tmp_path / "missing"))
 
 
-def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys):
+def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys, tiny_teacher):
     args = ["--quick", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.json"),
             "--page", str(tmp_path / "page.md"), "--images", str(tmp_path / "images"),
-            "--only", "mlp-prune/kd/*,mlp-prune/layer-cosine/*"]
+            "--only", "mlp-prune/kd/*,mlp-prune/layer-cosine/*", "--teacher", tiny_teacher]
     (tmp_path / "page.md").write_text("# Study\n\nwritten by hand\n")
     assert quality.main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert sorted(results) == ["mlp-prune/kd/seed0", "mlp-prune/layer-cosine/seed0"]
-    teacher = quality.teacher_identity(None)
+    teacher = quality.teacher_identity(tiny_teacher)
     measured = json.loads((tmp_path / "results_step_seconds.json").read_text())
     assert measured["teacher_sha256"] == teacher
     for record in results.values():
@@ -144,20 +159,20 @@ def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys):
     (other / "model.eqx").write_bytes(b"other weights")
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        quality.main([*args, "--teacher", str(other)])
+        quality.main([*args[:-2], "--teacher", str(other)])
     assert "holds runs of another teacher" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == before
 
 
 @pytest.mark.parametrize("budget", ["flops", "seconds"])
-def test_equal_cost_budgets_give_cheaper_recipes_more_steps(quality, tmp_path, budget, capsys):
+def test_equal_cost_budgets_give_cheaper_recipes_more_steps(quality, tmp_path, budget, capsys, tiny_teacher):
     """At equal cost the main job's recipe keeps its steps, the labels-only control, which
     skips the teacher, gets more and a recipe of two passes per step fewer; every run
     records its FLOPs and seconds. The main recipe's run at equal cost is its run at equal
     steps, reused, not run again."""
     main_recipe = quality.MAIN_RECIPE
     common = ["--quick", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.json"),
-              "--page", str(tmp_path / "page.md"), "--images", str(tmp_path / "images")]
+              "--page", str(tmp_path / "page.md"), "--images", str(tmp_path / "images"), "--teacher", tiny_teacher]
     assert quality.main([*common, "--only", f"mlp-prune/{main_recipe}/*"]) == 0
     capsys.readouterr()
     recipes = (main_recipe, "ce", "staged-0.5", "layer-cosine+ce")
