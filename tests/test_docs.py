@@ -224,7 +224,7 @@ class ExampleFixtures:
 
     MODULES = {"bd": bd, "jax": jax, "jnp": jnp, "np": np, "eqx": eqx, "optax": optax, "json": json}
     REBUILT = frozenset({"batcher", "opt_state"})
-    COPIED = frozenset({"model", "student"})
+    COPIED = frozenset({"model", "student", "library"})
     #: folders that examples name, relative to their working directory -> their writer
     PATHS = {"checkpoints/SmolLM2-135M": "write_hf_checkpoint", "my_project": "write_project"}
 
@@ -283,6 +283,10 @@ class ExampleFixtures:
 
     def make_opt_state(self):
         return self.get("optimizer").init(eqx.filter(self.get("student"), eqx.is_array))
+
+    def make_library(self):
+        space = bd.SearchSpace(mlp_ratios=(1.0, 0.5), kv_heads=(1,))
+        return bd.init_library(self.get("teacher"), space, self.get("batch_tokens"))
 
     def make_mesh(self):
         return bd.make_mesh("data=4,layers=2")  # conftest's 8 CPU devices

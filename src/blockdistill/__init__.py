@@ -16,7 +16,7 @@ from ._cache import (
     model_digest as model_digest,
     top_k_logits as top_k_logits,
 )
-from ._config import RopeScaling as RopeScaling, TransformerConfig as TransformerConfig
+from ._config import BlockShape as BlockShape, RopeScaling as RopeScaling, TransformerConfig as TransformerConfig
 from ._data import (
     Batcher as Batcher,
     CorpusFiles as CorpusFiles,
@@ -51,7 +51,28 @@ from ._tokenizers import (
     load_hf_tokenizer as load_hf_tokenizer,
     load_tokenizer as load_tokenizer,
 )
-from ._layer import MLP as MLP, DecoderLayer as DecoderLayer
+from ._layer import MLP as MLP, DecoderLayer as DecoderLayer, block_masks as block_masks
+from ._hetero import (
+    block_flops_per_token as block_flops_per_token,
+    block_parameters as block_parameters,
+    flops_per_token as flops_per_token,
+    kv_cache_bytes_per_token as kv_cache_bytes_per_token,
+    own_weights as own_weights,
+    parameter_count as parameter_count,
+)
+from ._solver import Choice as Choice, choose_blocks as choose_blocks
+from ._search import (
+    BlockLibrary as BlockLibrary,
+    LibraryStep as LibraryStep,
+    SearchSpace as SearchSpace,
+    assemble_student as assemble_student,
+    blockwise_scores as blockwise_scores,
+    candidate_costs as candidate_costs,
+    candidate_shapes as candidate_shapes,
+    init_library as init_library,
+    library_loss as library_loss,
+    swap_scores as swap_scores,
+)
 from ._model import ModelOutput as ModelOutput, Transformer as Transformer
 from ._flops import layer_flops as layer_flops, pretrain_flops as pretrain_flops, step_flops as step_flops
 from ._objective import (
@@ -94,6 +115,26 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "BlockLibrary",
+    "LibraryStep",
+    "SearchSpace",
+    "assemble_student",
+    "blockwise_scores",
+    "candidate_costs",
+    "candidate_shapes",
+    "init_library",
+    "library_loss",
+    "swap_scores",
+    "BlockShape",
+    "Choice",
+    "block_flops_per_token",
+    "block_masks",
+    "block_parameters",
+    "choose_blocks",
+    "flops_per_token",
+    "kv_cache_bytes_per_token",
+    "own_weights",
+    "parameter_count",
     "TeacherCache",
     "TopKLogits",
     "chunked_logit_losses",

@@ -208,8 +208,10 @@ class Attention(eqx.Module):
     - `config`: a [`blockdistill.TransformerConfig`][].
     - `key`: a `jax.random` key.
 
-    **Call:** `attention(x, *, inject=None, segment_ids=None) -> Float[Array, "seq dim"]`,
-    the output after the o-projection (before the residual add).
+    **Call:** `attention(x, *, inject=None, segment_ids=None, kv_slot=None) -> Float[Array,
+    "seq dim"]`, the output after the o-projection (before the residual add). `kv_slot`
+    (`Int[Array, "heads"]`, a heterogeneous student's layer) names the stored KV head each
+    query head reads, instead of the even grouping over `n_kv_heads`.
 
     **Example:**
 
@@ -249,7 +251,12 @@ class Attention(eqx.Module):
         self.attention_impl = config.attention_impl
 
     def __call__(
-        self, x: Hidden, *, inject: Hidden | None = None, segment_ids: Segments | None = None
+        self,
+        x: Hidden,
+        *,
+        inject: Hidden | None = None,
+        segment_ids: Segments | None = None,
+        kv_slot: Int[Array, " heads"] | None = None,
     ) -> Hidden:
         attn_in = x if inject is None else inject.astype(x.dtype)
         seq_len = attn_in.shape[0]
@@ -260,6 +267,8 @@ class Attention(eqx.Module):
         positions = None if segment_ids is None else segment_positions(segment_ids)
         q = apply_rope(q, inv_freq, positions)
         k = apply_rope(k, inv_freq, positions)
+        if kv_slot is not None:  # a padded layer with its own KV heads: one per query head
+            k, v = jnp.take(k, kv_slot, axis=1), jnp.take(v, kv_slot, axis=1)
         impl = resolve_attention_impl(self.attention_impl, q.dtype)
         if impl == "blocked":
             heads = blocked_attention(q, k, v, segment_ids)

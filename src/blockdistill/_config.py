@@ -85,6 +85,52 @@ class RopeScaling:
                 "must be positive",
             )
 
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    """The shape of one decoder layer of a heterogeneous student (see
+    `TransformerConfig.layer_shapes`).
+
+    **Arguments:**
+
+    - `mlp_dim`: the layer's own MLP width; `0` means the layer has no MLP.
+    - `n_kv_heads`: the layer's own number of key/value heads; `0` means the layer has no
+      attention. Query heads are always the config's `n_heads` (when the layer has
+      attention), grouped evenly over its KV heads.
+    - `linear`: the whole layer is the linear map `x + x W^T` (`W` of `dim x dim`,
+      initialised at zero: the identity); needs `mlp_dim=0` and `n_kv_heads=0`.
+
+    A layer with `mlp_dim=0`, `n_kv_heads=0` and `linear=False` is the identity.
+
+    **Example:**
+
+    ```python
+    narrow = bd.BlockShape(mlp_dim=64, n_kv_heads=1)
+    mlp_only = bd.BlockShape(mlp_dim=128, n_kv_heads=0)
+    ```
+    """
+
+    mlp_dim: int
+    n_kv_heads: int
+    linear: bool = False
+
+    def __post_init__(self):
+        for field in ("mlp_dim", "n_kv_heads"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail("BlockShape", field, value, "must be a non-negative integer")
+        if not isinstance(self.linear, bool):
+            _fail("BlockShape", "linear", self.linear, "must be a bool")
+        if self.linear and (self.mlp_dim or self.n_kv_heads):
+            _fail("BlockShape", "linear", self.linear, "needs mlp_dim=0 and n_kv_heads=0 (the linear map is the whole layer)")
+
+    @property
+    def has_attention(self) -> bool:
+        return self.n_kv_heads > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.mlp_dim > 0
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -122,6 +168,12 @@ class TransformerConfig:
       measured faster on CPU), `"cudnn"` (`jax.nn.dot_product_attention(implementation=
       "cudnn")`, NVIDIA GPUs, bfloat16/float16), or `"auto"` (default): `"blocked"` on
       CPU, `"cudnn"` on a GPU in bfloat16/float16, `"xla"` otherwise.
+    - `layer_shapes`: `None` (every layer has `mlp_dim` channels and `n_kv_heads` heads)
+      or one [`blockdistill.BlockShape`][] per layer, for a heterogeneous student (what
+      [`blockdistill.assemble_student`][] builds). The layers stay stacked for one scan:
+      each is stored at the config's `mlp_dim` and `n_kv_heads` (which must be at least
+      every layer's own) and masked to its own shape, so the padded channels and heads
+      are zero, receive zero gradients and add nothing to the outputs.
 
     **Example:**
 
@@ -149,6 +201,7 @@ class TransformerConfig:
     remat: str | bool = "none"
     dtype: str = "float32"
     attention_impl: str = "auto"
+    layer_shapes: tuple[BlockShape, ...] | None = None
 
     def __post_init__(self):
         name = "TransformerConfig"
@@ -197,6 +250,45 @@ class TransformerConfig:
         for field in ("qkv_bias", "tie_embeddings", "scan_layers"):
             if not isinstance(getattr(self, field), bool):
                 _fail(name, field, getattr(self, field), "must be a bool")
+        if self.layer_shapes is not None:
+            self._check_layer_shapes()
+
+    def _check_layer_shapes(self) -> None:
+        name, shapes = "TransformerConfig", self.layer_shapes
+        if not isinstance(shapes, tuple) or not all(isinstance(s, BlockShape) for s in shapes):
+            _fail(name, "layer_shapes", shapes, "must be None or a tuple of BlockShape")
+        if len(shapes) != self.n_layers:
+            _fail(name, "layer_shapes", shapes, f"has {len(shapes)} entries for n_layers={self.n_layers}")
+        for index, shape in enumerate(shapes):
+            if shape.mlp_dim > self.mlp_dim:
+                _fail(name, f"layer_shapes[{index}].mlp_dim", shape.mlp_dim, f"exceeds mlp_dim={self.mlp_dim}")
+            if shape.n_kv_heads > self.n_kv_heads:
+                _fail(name, f"layer_shapes[{index}].n_kv_heads", shape.n_kv_heads, f"exceeds n_kv_heads={self.n_kv_heads}")
+            if shape.n_kv_heads and self.n_heads % shape.n_kv_heads:
+                _fail(
+                    name, f"layer_shapes[{index}].n_kv_heads", shape.n_kv_heads,
+                    f"must divide n_heads={self.n_heads}",
+                )
+
+    @property
+    def block_shapes(self) -> tuple[BlockShape, ...]:
+        """Every layer's [`blockdistill.BlockShape`][]: `layer_shapes`, or the uniform
+        shape of the config repeated `n_layers` times.
+
+        **Example:**
+
+        ```python
+        cfg.block_shapes[0]  # BlockShape(mlp_dim=128, n_kv_heads=2, linear=False)
+        ```
+        """
+        if self.layer_shapes is not None:
+            return self.layer_shapes
+        return (BlockShape(self.mlp_dim, self.n_kv_heads),) * self.n_layers
+
+    @property
+    def has_linear_layers(self) -> bool:
+        """Whether any layer is a linear map (the stack then stores a `dim x dim` matrix per layer)."""
+        return self.layer_shapes is not None and any(s.linear for s in self.layer_shapes)
 
     @property
     def compute_dtype(self):
@@ -219,6 +311,10 @@ class TransformerConfig:
         out = dataclasses.asdict(self)
         if self.rope_scaling is None:
             del out["rope_scaling"]
+        if self.layer_shapes is None:
+            del out["layer_shapes"]
+        else:
+            out["layer_shapes"] = [dataclasses.asdict(s) for s in self.layer_shapes]
         return out
 
     @classmethod
@@ -235,4 +331,9 @@ class TransformerConfig:
         data = checked_dict(cls, data, ("rope_theta", "norm_eps"))
         if isinstance(data.get("rope_scaling"), dict):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if isinstance(data.get("layer_shapes"), (list, tuple)):
+            data["layer_shapes"] = tuple(
+                BlockShape(**checked_dict(BlockShape, s)) if isinstance(s, dict) else s
+                for s in data["layer_shapes"]
+            )
         return cls(**data)

@@ -101,45 +101,48 @@ def fused_value_and_grad(
     student_static = eqx.filter(student.layers.layers, eqx.is_array, inverse=True)
     compute_dtype = student.config.compute_dtype
 
-    def block_loss(train_params, rest_params, block_in, target):
+    student_masks = student.layers.masks()
+    teacher_masks = teacher.layers.masks()
+
+    def block_loss(train_params, rest_params, block_in, target, masks):
         params = gather_fsdp(eqx.combine(train_params, rest_params))
         if student.config.dtype != "float32":
             params = _cast_floating(params, compute_dtype)
         layer = eqx.combine(params, student_static)
         if layer_level:
             predicted = jax.vmap(
-                lambda x, seg: layer(x, inject=x, inject_at="layer", segment_ids=seg).layer_out
+                lambda x, seg: layer(x, inject=x, inject_at="layer", segment_ids=seg, masks=masks).layer_out
             )(block_in, segment_ids)
         else:
-            predicted = jax.vmap(lambda x, seg: layer.self_attn(x, segment_ids=seg))(block_in, segment_ids)
+            predicted = jax.vmap(lambda x, seg: layer.attend(x, segment_ids=seg, masks=masks))(block_in, segment_ids)
         return feature_loss(predicted, target, objective.feature_loss, mask)
 
-    def teacher_layer(hidden, layer_params):
+    def teacher_layer(hidden, layer_params, masks):
         layer = eqx.combine(gather_fsdp(layer_params), teacher_static)
-        out = jax.vmap(lambda x, seg: layer(x, segment_ids=seg))(hidden, segment_ids)
+        out = jax.vmap(lambda x, seg: layer(x, segment_ids=seg, masks=masks))(hidden, segment_ids)
         return out.layer_out, out
 
     def run(train: Any) -> tuple[Float[Array, ""], tuple]:
         model = in_compute_dtype(eqx.combine(train, rest))
         own_params, own_static = _stack_params(model)
 
-        def own_layer(hidden, layer_params):
+        def own_layer(hidden, layer_params, masks):
             layer = eqx.combine(gather_fsdp(layer_params), own_static)
-            return jax.vmap(lambda x, seg: layer(x, segment_ids=seg).layer_out)(hidden, segment_ids)
+            return jax.vmap(lambda x, seg: layer(x, segment_ids=seg, masks=masks).layer_out)(hidden, segment_ids)
 
         if model.config.remat != "none":
             own_layer = jax.checkpoint(own_layer, policy=_REMAT_POLICIES[model.config.remat])
 
         def body(carry, xs):
             teacher_hidden, own_hidden = carry
-            index, own_layer_params, block_train_params, block_rest_params = xs
+            index, own_layer_params, block_train_params, block_rest_params, own_masks = xs
             span_in = teacher_hidden
             for offset in range(group):  # the student layer's span of teacher layers
-                layer_params = jax.tree.map(
+                layer_params, layer_masks = jax.tree.map(
                     lambda p: jax.lax.dynamic_index_in_dim(p, index * group + offset, keepdims=False),
-                    teacher_params,
+                    (teacher_params, teacher_masks),
                 )
-                teacher_hidden, out = teacher_layer(teacher_hidden, layer_params)
+                teacher_hidden, out = teacher_layer(teacher_hidden, layer_params, layer_masks)
                 if offset == 0:
                     first = out
             if need_block:
@@ -151,12 +154,14 @@ def fused_value_and_grad(
                     block_active,
                     jax.value_and_grad(block_loss),
                     lambda train, *_: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, train)),
-                    block_train_params, block_rest_params, block_in, target,
+                    block_train_params, block_rest_params, block_in, target, own_masks,
                 )
             else:
                 layer_loss, layer_grads = jnp.zeros((), jnp.float32), None
             if need_free:
-                own_hidden = when(free_active, own_layer, lambda hidden, _: hidden, own_hidden, own_layer_params)
+                own_hidden = when(
+                    free_active, own_layer, lambda hidden, *_: hidden, own_hidden, own_layer_params, own_masks
+                )
             return (teacher_hidden, own_hidden), (layer_loss, layer_grads)
 
         teacher_hidden = jax.vmap(teacher.embed)(tokens)
@@ -165,7 +170,7 @@ def fused_value_and_grad(
         (teacher_hidden, own_hidden), (per_layer, layer_grads) = jax.lax.scan(
             body,
             (teacher_hidden, own_hidden),
-            (jnp.arange(n_layers), own_params if need_free else None, *frozen_blocks),
+            (jnp.arange(n_layers), own_params if need_free else None, *frozen_blocks, student_masks),
             unroll=not student.config.scan_layers,  # scan_layers=False: the loop unrolled
         )
         if need_free:  # KL is computed even at weight 0, as the unfused path logs it

@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ._hetero import describe_shapes
 from ._config import RopeScaling, TransformerConfig
 from ._files import write_folder_atomically
 from ._tokenizers import _TOKENIZER_FILES, tokenizer_files_of
@@ -456,8 +457,17 @@ def to_hf(
     bd.to_hf(student, "out/student-hf", tokenizer_from="checkpoints/SmolLM2-135M")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained("out/student-hf")
     ```
+    A heterogeneous student (`config.layer_shapes`, from [`blockdistill.assemble_student`][])
+    has no `transformers` architecture: it is a `ValueError` that names its layers' shapes
+    (save it with [`blockdistill.save_model`][]).
     """
     config = model.config
+    if config.layer_shapes is not None:
+        raise ValueError(
+            f"this model's layers differ ({describe_shapes(config)}): transformers has no Llama, "
+            "Qwen2 or Mistral with per-layer MLP widths, KV heads or missing parts; keep it in "
+            "blockdistill's format (save_model / load_model)"
+        )
     if architecture is None:
         architecture = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
     if architecture not in _MODEL_TYPES:

@@ -4,11 +4,13 @@ from typing import Literal
 
 import equinox as eqx
 import jax
-from jaxtyping import PRNGKeyArray
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Bool, Int, PRNGKeyArray
 
 from ._attention import Attention, RMSNorm, apply_linear, init_linear
 from ._config import TransformerConfig
-from ._types import Hidden, Segments
+from ._types import Array, Hidden, Segments
 
 InjectAt = Literal["attention", "layer"]
 INJECT_LEVELS = ("attention", "layer")
@@ -18,6 +20,55 @@ def check_inject_at(inject_at: str) -> None:
     """Raise a `ValueError` naming `inject_at` unless it is a known injection level."""
     if inject_at not in INJECT_LEVELS:
         raise ValueError(f"inject_at={inject_at!r} is invalid: must be one of {INJECT_LEVELS}")
+
+
+class BlockMasks(eqx.Module):
+    """Which parts of a padded decoder layer are the layer's own, for the layers of a
+    heterogeneous student (`TransformerConfig.layer_shapes`).
+
+    Built from the static config by [`blockdistill.block_masks`][] (they are constants,
+    not parameters), stacked on a leading `layers` axis, and handed to each layer with its
+    parameters.
+
+    - `mlp_channels`: the MLP hidden channels the layer has (its first `mlp_dim`).
+    - `kv_slot`: for every query head, the stored KV head it reads (the layer's own KV
+      heads are the first `n_kv_heads` stored ones; query heads are grouped evenly).
+    - `attention`: whether the layer has attention (its output is zero otherwise).
+    - `linear`: whether the layer is the linear map `x + x W^T`.
+    """
+
+    mlp_channels: Bool[Array, "*layers mlp"]
+    kv_slot: Int[Array, "*layers heads"]
+    attention: Bool[Array, "*layers"]
+    linear: Bool[Array, "*layers"]
+
+
+def block_masks(config: TransformerConfig) -> BlockMasks | None:
+    """The stacked `BlockMasks` of a heterogeneous
+    config, `None` for a uniform one (no masking at all).
+
+    **Example:**
+
+    ```python
+    hetero = cfg.replace(layer_shapes=(bd.BlockShape(64, 1), bd.BlockShape(128, 0)))
+    masks = bd.block_masks(hetero)
+    masks.mlp_channels.shape, masks.kv_slot[0]  # (2, 128), all query heads read KV head 0
+    ```
+    """
+    if config.layer_shapes is None:
+        return None
+    channels = np.arange(config.mlp_dim)[None, :] < np.array([s.mlp_dim for s in config.layer_shapes])[:, None]
+    heads = np.arange(config.n_heads)
+    kv_slot = np.stack([
+        heads // (config.n_heads // s.n_kv_heads) if s.n_kv_heads else np.zeros_like(heads)
+        for s in config.layer_shapes
+    ]).astype(np.int32)
+    return BlockMasks(
+        mlp_channels=jnp.asarray(channels),
+        kv_slot=jnp.asarray(kv_slot),
+        attention=jnp.asarray([s.n_kv_heads > 0 for s in config.layer_shapes]),
+        linear=jnp.asarray([s.linear for s in config.layer_shapes]),
+    )
 
 
 class MLP(eqx.Module):
@@ -41,8 +92,12 @@ class MLP(eqx.Module):
         self.up_proj = init_linear(config.dim, config.mlp_dim, use_bias=False, key=ku)
         self.down_proj = init_linear(config.mlp_dim, config.dim, use_bias=False, key=kd)
 
-    def __call__(self, x: Hidden) -> Hidden:
+    def __call__(self, x: Hidden, *, channels: Bool[Array, " mlp"] | None = None) -> Hidden:
+        """`channels`, when given, keeps only those hidden channels (a padded layer of a
+        heterogeneous student): the others contribute nothing and get no gradient."""
         hidden = jax.nn.silu(apply_linear(self.gate_proj, x)) * apply_linear(self.up_proj, x)
+        if channels is not None:
+            hidden = jnp.where(channels[None, :], hidden, jnp.zeros_like(hidden))
         return apply_linear(self.down_proj, hidden)
 
 
@@ -64,8 +119,12 @@ class DecoderLayer(eqx.Module):
 
     `segment_ids` marks the documents of a packed row (see [`blockdistill.Attention`][]).
 
-    **Call:** `layer(layer_in, *, inject=None, inject_at="attention", segment_ids=None)
-    -> LayerStep`.
+    `masks` (one layer's `BlockMasks`) runs the layer
+    as its own shape inside padded storage, for a heterogeneous student; `linear` is the
+    `dim x dim` map of a stack that has linear layers (`None` otherwise).
+
+    **Call:** `layer(layer_in, *, inject=None, inject_at="attention", segment_ids=None,
+    masks=None) -> LayerStep`.
 
     **Example:**
 
@@ -80,6 +139,7 @@ class DecoderLayer(eqx.Module):
     self_attn: Attention
     post_attention_layernorm: RMSNorm
     mlp: MLP
+    linear: eqx.nn.Linear | None
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         ka, km = jax.random.split(key)
@@ -87,6 +147,21 @@ class DecoderLayer(eqx.Module):
         self.self_attn = Attention(config, key=ka)
         self.post_attention_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config, key=km)
+        self.linear = None
+        if config.has_linear_layers:  # zero: the linear layers start as the identity
+            linear = eqx.nn.Linear(config.dim, config.dim, use_bias=False, key=km)
+            self.linear = eqx.tree_at(lambda m: m.weight, linear, jnp.zeros((config.dim, config.dim)))
+
+    def attend(
+        self, x: Hidden, *, inject: Hidden | None = None, segment_ids: Segments | None = None,
+        masks: BlockMasks | None = None,
+    ) -> Hidden:
+        """The layer's attention output on `x` (its normed input; q, k and v read `inject`
+        when given): zero for a layer without attention."""
+        if masks is None:
+            return self.self_attn(x, inject=inject, segment_ids=segment_ids)
+        out = self.self_attn(x, inject=inject, segment_ids=segment_ids, kv_slot=masks.kv_slot)
+        return jnp.where(masks.attention, out, jnp.zeros_like(out))
 
     def __call__(
         self,
@@ -95,13 +170,52 @@ class DecoderLayer(eqx.Module):
         inject: Hidden | None = None,
         inject_at: InjectAt = "attention",
         segment_ids: Segments | None = None,
+        masks: BlockMasks | None = None,
     ) -> LayerStep:
         if inject is not None and inject_at == "layer":
             layer_in = inject.astype(layer_in.dtype)
             inject = None
         normed = self.input_layernorm(layer_in)
         attn_in = normed if inject is None else inject.astype(layer_in.dtype)
-        attn_out = self.self_attn(normed, inject=inject, segment_ids=segment_ids)
+        attn_out = self.attend(normed, inject=inject, segment_ids=segment_ids, masks=masks)
         hidden = layer_in + attn_out
-        layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        channels = None if masks is None else masks.mlp_channels
+        layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
+        if self.linear is not None and masks is not None:
+            mapped = apply_linear(self.linear, layer_in)
+            layer_out = layer_out + jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
         return LayerStep(attn_in=attn_in, attn_out=attn_out, layer_in=layer_in, layer_out=layer_out)
+
+
+def mask_padding(layers: DecoderLayer, masks: BlockMasks) -> DecoderLayer:
+    """Stacked layers with every padded weight set to zero (the channels, KV heads,
+    attention and linear maps that `masks` says a layer does not have), so that a padded
+    layer's parameter arrays hold exactly its own weights and zeros."""
+    channels = masks.mlp_channels
+    attention = masks.attention[:, None]
+    n_kv, head_dim = layers.self_attn.n_kv_heads, layers.self_attn.head_dim
+    slots = jnp.arange(n_kv)
+    used = jnp.any(masks.kv_slot[:, :, None] == slots[None, None, :], axis=1) & attention  # [layers, kv]
+    kv_rows = jnp.repeat(used, head_dim, axis=1)
+    attn = layers.self_attn
+    rows = lambda w, keep: w * keep[:, :, None].astype(w.dtype)  # noqa: E731
+    where = [
+        (lambda l: l.mlp.gate_proj.weight, rows(layers.mlp.gate_proj.weight, channels)),
+        (lambda l: l.mlp.up_proj.weight, rows(layers.mlp.up_proj.weight, channels)),
+        (lambda l: l.mlp.down_proj.weight, layers.mlp.down_proj.weight * channels[:, None, :].astype(jnp.float32)),
+        (lambda l: l.self_attn.q_proj.weight, rows(attn.q_proj.weight, jnp.broadcast_to(attention, attn.q_proj.weight.shape[:2]))),
+        (lambda l: l.self_attn.k_proj.weight, rows(attn.k_proj.weight, kv_rows)),
+        (lambda l: l.self_attn.v_proj.weight, rows(attn.v_proj.weight, kv_rows)),
+        (lambda l: l.self_attn.o_proj.weight, rows(attn.o_proj.weight, jnp.broadcast_to(attention, attn.o_proj.weight.shape[:2]))),
+    ]
+    if attn.q_proj.bias is not None:
+        where += [
+            (lambda l: l.self_attn.q_proj.bias, attn.q_proj.bias * attention.astype(jnp.float32)),
+            (lambda l: l.self_attn.k_proj.bias, attn.k_proj.bias * kv_rows.astype(jnp.float32)),
+            (lambda l: l.self_attn.v_proj.bias, attn.v_proj.bias * kv_rows.astype(jnp.float32)),
+        ]
+    if layers.linear is not None:
+        where.append((lambda l: l.linear.weight, layers.linear.weight * masks.linear[:, None, None].astype(jnp.float32)))
+    for get, value in where:
+        layers = eqx.tree_at(get, layers, value)
+    return layers

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Key, PRNGKeyArray
 
-from ._config import TransformerConfig
-from ._layer import DecoderLayer, InjectAt, LayerStep, check_inject_at
+from ._config import BlockShape, TransformerConfig
+from ._layer import BlockMasks, DecoderLayer, InjectAt, LayerStep, block_masks, check_inject_at, mask_padding
 from ._parallel import gather_fsdp
 from ._types import Hidden, LayerHidden, Segments
 
@@ -58,8 +58,11 @@ def _states(step: LayerStep) -> LayerStates:
 @eqx.filter_jit
 def _stacked_layers(config: TransformerConfig, keys: Key[Array, " layers"]) -> DecoderLayer:
     """`n_layers` decoder layers built with `eqx.filter_vmap` over keys, compiled once per
-    config (initialising eagerly costs seconds of small ops)."""
-    return eqx.filter_vmap(lambda key: DecoderLayer(config, key=key))(keys)
+    config (initialising eagerly costs seconds of small ops); a heterogeneous config's
+    padded weights are zero."""
+    layers = eqx.filter_vmap(lambda key: DecoderLayer(config, key=key))(keys)
+    masks = block_masks(config)
+    return layers if masks is None else mask_padding(layers, masks)
 
 
 class LayerStack(eqx.Module):
@@ -70,6 +73,10 @@ class LayerStack(eqx.Module):
     `jax.lax.scan` (compile time independent of depth); `False` runs a Python loop over
     slices of the same parameters (same outputs, longer compiles, sometimes faster
     steps). `remat` wraps each layer in `jax.checkpoint`.
+
+    A heterogeneous config (`layer_shapes`) keeps one stack: every layer is stored at the
+    widest shape and runs as its own through constant [`block_masks`][blockdistill.block_masks]
+    that travel with its parameters in the scan.
 
     **Call:** `stack(x, *, inject=None, inject_at="attention", segment_ids=None)
     -> (x_out, LayerStates)`. `inject[l]` is given to layer `l` (see
@@ -88,19 +95,31 @@ class LayerStack(eqx.Module):
     n_layers: int = eqx.field(static=True)
     scan_layers: bool = eqx.field(static=True)
     remat: str = eqx.field(static=True)
+    layer_config: TransformerConfig | None = eqx.field(static=True, default=None)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         self.layers = _stacked_layers(config, jax.random.split(key, config.n_layers))
         self.n_layers = config.n_layers
         self.scan_layers = config.scan_layers
         self.remat = config.remat
+        # kept only when the layers differ: the masks are built from it
+        self.layer_config = config if config.layer_shapes is not None else None
+
+    @property
+    def layer_shapes(self) -> tuple[BlockShape, ...] | None:
+        return None if self.layer_config is None else self.layer_config.layer_shapes
+
+    def masks(self) -> BlockMasks | None:
+        """The stacked `BlockMasks` of a heterogeneous
+        stack (constants of its config), `None` for a uniform one."""
+        return None if self.layer_config is None else block_masks(self.layer_config)
 
     def _layer_fn(self, inject_at: InjectAt):
         static = eqx.filter(self.layers, eqx.is_array, inverse=True)
 
-        def run(layer_params, layer_in, inject, segment_ids):
+        def run(layer_params, layer_in, inject, segment_ids, masks):
             layer = eqx.combine(gather_fsdp(layer_params), static)
-            return layer(layer_in, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
+            return layer(layer_in, inject=inject, inject_at=inject_at, segment_ids=segment_ids, masks=masks)
 
         if self.remat != "none":
             run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.remat])
@@ -121,21 +140,22 @@ class LayerStack(eqx.Module):
                 f"expected shape {(self.n_layers, *x.shape)}, got {tuple(inject.shape)}"
             )
         params = eqx.filter(self.layers, eqx.is_array)
+        masks = self.masks()
         run = self._layer_fn(inject_at)
         if self.scan_layers:
 
             def body(carry, xs):
-                layer_params, layer_inject = xs
-                step = run(layer_params, carry, layer_inject, segment_ids)
+                layer_params, layer_inject, layer_masks = xs
+                step = run(layer_params, carry, layer_inject, segment_ids, layer_masks)
                 return step.layer_out, step
 
-            x_out, steps = jax.lax.scan(body, x, (params, inject))
+            x_out, steps = jax.lax.scan(body, x, (params, inject, masks))
             return x_out, _states(steps)
         steps = []
         for index in range(self.n_layers):
-            layer_params = jax.tree.map(lambda p: p[index], params)
+            layer_params, layer_masks = jax.tree.map(lambda p: p[index], (params, masks))
             layer_inject = None if inject is None else inject[index]
-            step = run(layer_params, x, layer_inject, segment_ids)
+            step = run(layer_params, x, layer_inject, segment_ids, layer_masks)
             steps.append(step)
             x = step.layer_out
         stacked = jax.tree.map(lambda *rows: jnp.stack(rows), *steps)
@@ -175,13 +195,13 @@ class LayerStack(eqx.Module):
         params = eqx.filter(self.layers, eqx.is_array)
         static = eqx.filter(self.layers, eqx.is_array, inverse=True)
 
-        def block(layer_params, layer_inject):
+        def block(layer_params, layer_inject, masks):
             layer = eqx.combine(layer_params, static)
             if inject_at == "attention":
-                return layer.self_attn(layer_inject, segment_ids=segment_ids)
-            step = layer(layer_inject, inject=layer_inject, inject_at="layer", segment_ids=segment_ids)
+                return layer.attend(layer_inject, segment_ids=segment_ids, masks=masks)
+            step = layer(layer_inject, inject=layer_inject, inject_at="layer", segment_ids=segment_ids, masks=masks)
             return step.layer_out
 
         if self.remat != "none":
             block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
-        return jax.vmap(block)(params, inject)
+        return jax.vmap(block)(params, inject, self.masks())

@@ -1,0 +1,219 @@
+"""What a (possibly heterogeneous) model really holds and costs: each layer's own weights
+out of its padded storage, and its parameter count, KV-cache bytes and FLOPs per token."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import BlockShape, TransformerConfig
+from ._layer import DecoderLayer
+from ._model import Transformer
+from ._types import Array
+
+
+def block_parameters(config: TransformerConfig, shape: BlockShape) -> int:
+    """Parameters of one layer of shape `shape` in a model of `config` (its own weights,
+    not its padded storage): attention with its input norm, the MLP with its norm, or the
+    linear map.
+
+    **Example:**
+
+    ```python
+    bd.block_parameters(cfg, bd.BlockShape(mlp_dim=64, n_kv_heads=1))
+    ```
+    """
+    dim, head_dim = config.dim, config.head_dim
+    total = 0
+    if shape.has_attention:
+        q_width, kv_width = config.n_heads * head_dim, shape.n_kv_heads * head_dim
+        total += dim + dim * (q_width + 2 * kv_width) + q_width * dim
+        if config.qkv_bias:
+            total += q_width + 2 * kv_width
+    if shape.has_mlp:
+        total += dim + 3 * dim * shape.mlp_dim
+    if shape.linear:
+        total += dim * dim
+    return total
+
+
+def parameter_count(config: TransformerConfig) -> int:
+    """The model's own parameters: embeddings, every layer's own weights (a heterogeneous
+    model's padding excluded), the final norm and the output head. For a uniform config it
+    is the number of entries of the model's arrays.
+
+    **Example:**
+
+    ```python
+    bd.parameter_count(cfg) == sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    ```
+    """
+    outer = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.dim
+    return outer + sum(block_parameters(config, shape) for shape in config.block_shapes)
+
+
+def kv_cache_bytes_per_token(config: TransformerConfig, *, bytes_per_value: int = 2) -> int:
+    """Bytes of KV cache one token takes at inference: keys and values of every layer's
+    own KV heads (layers without attention keep none), `bytes_per_value` each (2: bf16).
+
+    **Example:**
+
+    ```python
+    bd.kv_cache_bytes_per_token(cfg)  # 2 layers x 2 (k, v) x 2 heads x 16 x 2 bytes = 256
+    ```
+    """
+    heads = sum(shape.n_kv_heads for shape in config.block_shapes)
+    return 2 * heads * config.head_dim * bytes_per_value
+
+
+def block_flops_per_token(config: TransformerConfig, shape: BlockShape, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of one layer of shape `shape` on sequences of
+    `seq_len` tokens (the attention core averaged over the causal positions), counted as
+    [`blockdistill.layer_flops`][] counts them.
+
+    **Example:**
+
+    ```python
+    bd.block_flops_per_token(cfg, bd.BlockShape(mlp_dim=64, n_kv_heads=1), seq_len=16)
+    ```
+    """
+    dim, head_dim = config.dim, config.head_dim
+    flops = 0.0
+    if shape.has_attention:
+        q_width, kv_width = config.n_heads * head_dim, shape.n_kv_heads * head_dim
+        flops += 2.0 * dim * (q_width + 2 * kv_width) + 2.0 * q_width * dim
+        flops += 2.0 * 2.0 * (seq_len + 1) / 2 * config.n_heads * head_dim
+    if shape.has_mlp:
+        flops += 2.0 * 3 * dim * shape.mlp_dim
+    if shape.linear:
+        flops += 2.0 * dim * dim
+    return flops
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of the whole model (every layer's own shape, and the
+    output head) on sequences of `seq_len` tokens.
+
+    **Example:**
+
+    ```python
+    bd.flops_per_token(cfg, seq_len=16)
+    ```
+    """
+    head = 2.0 * config.dim * config.vocab_size
+    return head + sum(block_flops_per_token(config, shape, seq_len) for shape in config.block_shapes)
+
+
+def own_weights(model: Transformer, layer: int) -> dict[str, Array]:
+    """Layer `layer`'s own weights out of the padded stack, by their Hugging Face names
+    (`"self_attn.q_proj.weight"`, `"mlp.gate_proj.weight"`, ...; a linear layer's map is
+    `"linear.weight"`); parts the layer does not have are absent. For a uniform model
+    these are the layer's arrays as stored.
+
+    **Example:**
+
+    ```python
+    weights = bd.own_weights(model, 0)
+    weights["mlp.gate_proj.weight"].shape  # (cfg.mlp_dim, cfg.dim)
+    ```
+    """
+    return layer_weights(model.layers.layers, model.config, layer)
+
+
+def layer_weights(stacked: DecoderLayer, config: TransformerConfig, layer: int) -> dict[str, Array]:
+    """[`own_weights`][blockdistill.own_weights] of stacked layers built for `config`."""
+    if not 0 <= layer < config.n_layers:
+        raise ValueError(f"layer={layer} is out of range for a model of n_layers={config.n_layers}")
+    shape = config.block_shapes[layer]
+    out: dict[str, Array] = {}
+    if shape.has_attention:
+        attn, head_dim = stacked.self_attn, config.head_dim
+        kv_width = shape.n_kv_heads * head_dim
+        out["input_layernorm.weight"] = stacked.input_layernorm.weight[layer]
+        out["self_attn.q_proj.weight"] = attn.q_proj.weight[layer]
+        out["self_attn.k_proj.weight"] = attn.k_proj.weight[layer, :kv_width]
+        out["self_attn.v_proj.weight"] = attn.v_proj.weight[layer, :kv_width]
+        out["self_attn.o_proj.weight"] = attn.o_proj.weight[layer]
+        if config.qkv_bias:
+            out["self_attn.q_proj.bias"] = attn.q_proj.bias[layer]
+            out["self_attn.k_proj.bias"] = attn.k_proj.bias[layer, :kv_width]
+            out["self_attn.v_proj.bias"] = attn.v_proj.bias[layer, :kv_width]
+    if shape.has_mlp:
+        mlp, width = stacked.mlp, shape.mlp_dim
+        out["post_attention_layernorm.weight"] = stacked.post_attention_layernorm.weight[layer]
+        out["mlp.gate_proj.weight"] = mlp.gate_proj.weight[layer, :width]
+        out["mlp.up_proj.weight"] = mlp.up_proj.weight[layer, :width]
+        out["mlp.down_proj.weight"] = mlp.down_proj.weight[layer, :, :width]
+    if shape.linear:
+        out["linear.weight"] = stacked.linear.weight[layer]
+    return out
+
+
+def uniform_shape(config: TransformerConfig) -> BlockShape | None:
+    """The one shape every layer has (attention and MLP, no linear map), or `None` when
+    the layers differ or some layer lacks a part: then no Llama checkpoint holds it."""
+    shapes = set(config.block_shapes)
+    if len(shapes) != 1:
+        return None
+    (shape,) = shapes
+    return shape if shape.has_attention and shape.has_mlp and not shape.linear else None
+
+
+def describe_shapes(config: TransformerConfig) -> str:
+    """One line per run of equal layers, e.g. `"0-2: mlp 384, kv 2 | 3: mlp only 768"`."""
+    def name(shape: BlockShape) -> str:
+        if shape.linear:
+            return "linear"
+        if not shape.has_attention and not shape.has_mlp:
+            return "identity"
+        if not shape.has_attention:
+            return f"mlp only {shape.mlp_dim}"
+        if not shape.has_mlp:
+            return f"attention only, kv {shape.n_kv_heads}"
+        return f"mlp {shape.mlp_dim}, kv {shape.n_kv_heads}"
+
+    runs: list[list[int]] = []
+    shapes = config.block_shapes
+    for index, shape in enumerate(shapes):
+        if runs and shapes[runs[-1][0]] == shape:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    parts = [
+        (f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}") + ": " + name(shapes[run[0]])
+        for run in runs
+    ]
+    return " | ".join(parts)
+
+
+#: where each of `own_weights`' names lives in stacked layers
+_PATHS = {
+    "input_layernorm.weight": lambda l: l.input_layernorm.weight,
+    "self_attn.q_proj.weight": lambda l: l.self_attn.q_proj.weight,
+    "self_attn.k_proj.weight": lambda l: l.self_attn.k_proj.weight,
+    "self_attn.v_proj.weight": lambda l: l.self_attn.v_proj.weight,
+    "self_attn.o_proj.weight": lambda l: l.self_attn.o_proj.weight,
+    "self_attn.q_proj.bias": lambda l: l.self_attn.q_proj.bias,
+    "self_attn.k_proj.bias": lambda l: l.self_attn.k_proj.bias,
+    "self_attn.v_proj.bias": lambda l: l.self_attn.v_proj.bias,
+    "post_attention_layernorm.weight": lambda l: l.post_attention_layernorm.weight,
+    "mlp.gate_proj.weight": lambda l: l.mlp.gate_proj.weight,
+    "mlp.up_proj.weight": lambda l: l.mlp.up_proj.weight,
+    "mlp.down_proj.weight": lambda l: l.mlp.down_proj.weight,
+    "linear.weight": lambda l: l.linear.weight,
+}
+
+
+def place_weights(stacked: DecoderLayer, rows: list[dict[str, Array]]) -> DecoderLayer:
+    """Stacked layers with layer `j`'s own weights set from `rows[j]` (as `own_weights`
+    names them), each written into the top-left corner of its padded array; every other
+    entry of an array that some row sets becomes zero."""
+    names = sorted({name for row in rows for name in row})
+    for name in names:
+        get = _PATHS[name]
+        target = np.zeros(get(stacked).shape, np.float32)
+        for index, row in enumerate(rows):
+            if name in row:
+                value = np.asarray(row[name], np.float32)
+                target[(index, *(slice(0, n) for n in value.shape))] = value
+        stacked = eqx.tree_at(get, stacked, jnp.asarray(target))
+    return stacked

@@ -1,0 +1,540 @@
+"""Block library search (NVIDIA Puzzle's idea, in one scan-free JAX program): many candidate
+blocks per teacher layer trained at once on the teacher's own layer inputs, scored, and
+assembled into the best heterogeneous student under a budget.
+
+- [`candidate_shapes`][blockdistill.candidate_shapes] lists the candidates of a
+  [`SearchSpace`][blockdistill.SearchSpace]: MLP widths, fewer KV heads, attention or MLP
+  dropped, a linear map, the identity.
+- [`BlockLibrary`][blockdistill.BlockLibrary] holds every trainable candidate for every
+  layer, one stacked [`blockdistill.LayerStack`][] per candidate, initialised by pruning
+  the teacher's layers; [`library_loss`][blockdistill.library_loss] trains all of them
+  from one teacher forward (each candidate's layers in parallel with `jax.vmap`, like the
+  layer-parallel blockwise pass).
+- [`blockwise_scores`][blockdistill.blockwise_scores] and
+  [`swap_scores`][blockdistill.swap_scores] score every candidate at every layer: its
+  held-out block loss, and the end-to-end KL of the teacher with only that block swapped.
+- [`assemble_student`][blockdistill.assemble_student] builds the student that
+  [`blockdistill.choose_blocks`][] picks.
+"""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import BlockShape, TransformerConfig, checked_dict
+from ._hetero import block_flops_per_token, block_parameters, layer_weights, place_weights
+from ._layer import block_masks, mask_padding
+from ._model import Transformer
+from ._objective import FeatureLoss, feature_loss, kl_divergence
+from ._prune import _prune, mlp_channel_importance
+from ._stack import LayerStack
+from ._teacher import Teacher
+from ._types import Array, BatchMask, BatchSegments, BatchTokens, Float
+
+_FEATURE_LOSSES = ("cosine", "l2", "nmse")
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+    raise ValueError(f"SearchSpace.{field}={value!r} is invalid: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Which replacement blocks the search considers for every teacher layer.
+
+    Candidates are every combination of an attention choice and an MLP choice, plus the
+    whole-layer options:
+
+    - `mlp_ratios`: MLP widths as fractions of the teacher's `mlp_dim` (`0 < r <= 1`).
+    - `kv_heads`: KV head counts (each must divide the teacher's `n_heads` and be at most
+      its `n_kv_heads`); `None`: the teacher's `n`, `n / 2` and `1`.
+    - `no_attention` / `no_mlp`: also offer each MLP choice without attention, and each
+      attention choice without an MLP.
+    - `linear`: also offer the whole layer as a linear map `x + x W^T` (from `W = 0`).
+    - `identity`: also offer removing the layer.
+
+    **Example:**
+
+    ```python
+    space = bd.SearchSpace(mlp_ratios=(1.0, 0.5), kv_heads=(2, 1))
+    shapes = bd.candidate_shapes(cfg, space)   # 2 x 2 + no-attention 2 + no-MLP 2 + linear + identity
+    len(shapes)  # 10
+    ```
+    """
+
+    mlp_ratios: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    kv_heads: tuple[int, ...] | None = None
+    no_attention: bool = True
+    no_mlp: bool = True
+    linear: bool = True
+    identity: bool = True
+
+    def __post_init__(self):
+        ratios = self.mlp_ratios
+        if not isinstance(ratios, tuple) or not ratios:
+            _fail("mlp_ratios", ratios, "must be a non-empty tuple of numbers")
+        for ratio in ratios:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                _fail("mlp_ratios", ratios, f"has {ratio!r}: every ratio must satisfy 0 < r <= 1")
+        if self.kv_heads is not None:
+            if not isinstance(self.kv_heads, tuple) or not self.kv_heads:
+                _fail("kv_heads", self.kv_heads, "must be None or a non-empty tuple of integers")
+            for heads in self.kv_heads:
+                if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+                    _fail("kv_heads", self.kv_heads, f"has {heads!r}: every count must be a positive integer")
+        for field in ("no_attention", "no_mlp", "linear", "identity"):
+            if not isinstance(getattr(self, field), bool):
+                _fail(field, getattr(self, field), "must be a bool")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python form, for JSON files (inverse of `from_dict`)."""
+        out = dataclasses.asdict(self)
+        out["mlp_ratios"] = list(self.mlp_ratios)
+        if self.kv_heads is None:
+            del out["kv_heads"]
+        else:
+            out["kv_heads"] = list(self.kv_heads)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":
+        """Build from a plain dict; unknown keys are a `ValueError` that names them.
+
+        **Example:**
+
+        ```python
+        space = bd.SearchSpace.from_dict({"mlp_ratios": [1.0, 0.5], "linear": False})
+        assert bd.SearchSpace.from_dict(space.to_dict()) == space
+        ```
+        """
+        data = checked_dict(cls, data)
+        for field in ("mlp_ratios", "kv_heads"):
+            if isinstance(data.get(field), list):
+                data[field] = tuple(data[field])
+        return cls(**data)
+
+
+def _kv_choices(config: TransformerConfig, space: SearchSpace) -> tuple[int, ...]:
+    if space.kv_heads is None:
+        heads = [config.n_kv_heads, config.n_kv_heads // 2, 1]
+        return tuple(sorted({h for h in heads if h >= 1 and config.n_heads % h == 0}, reverse=True))
+    for heads in space.kv_heads:
+        if heads > config.n_kv_heads or config.n_heads % heads:
+            _fail(
+                "kv_heads", space.kv_heads,
+                f"has {heads}: must divide the teacher's n_heads={config.n_heads} and be at most "
+                f"its n_kv_heads={config.n_kv_heads}",
+            )
+    return tuple(sorted(set(space.kv_heads), reverse=True))
+
+
+def candidate_shapes(config: TransformerConfig, space: SearchSpace) -> tuple[BlockShape, ...]:
+    """Every candidate block of `space` for a teacher of `config`, widest first: each KV
+    choice with each MLP width, then (if asked) the MLP widths without attention, the
+    attention choices without an MLP, the linear map and the identity. Widths that round
+    to the same channel count appear once.
+
+    **Example:**
+
+    ```python
+    bd.candidate_shapes(cfg, bd.SearchSpace(mlp_ratios=(0.5,), kv_heads=(1,), no_mlp=False,
+                                            linear=False, identity=False))
+    # (BlockShape(mlp_dim=64, n_kv_heads=1), BlockShape(mlp_dim=64, n_kv_heads=0))
+    ```
+    """
+    if config.layer_shapes is not None:
+        raise ValueError("the teacher of a block search must be uniform (its config has layer_shapes)")
+    widths = sorted({max(1, int(r * config.mlp_dim + 0.5)) for r in space.mlp_ratios}, reverse=True)
+    kv = _kv_choices(config, space)
+    shapes = [BlockShape(width, heads) for heads in kv for width in widths]
+    if space.no_attention:
+        shapes += [BlockShape(width, 0) for width in widths]
+    if space.no_mlp:
+        shapes += [BlockShape(0, heads) for heads in kv]
+    if space.linear:
+        shapes.append(BlockShape(0, 0, linear=True))
+    if space.identity:
+        shapes.append(BlockShape(0, 0))
+    return tuple(shapes)
+
+
+def shape_name(shape: BlockShape) -> str:
+    """A short name of a candidate, e.g. `"kv2 mlp384"`, `"mlp768 only"`, `"linear"`."""
+    if shape.linear:
+        return "linear"
+    if not shape.has_attention and not shape.has_mlp:
+        return "identity"
+    if not shape.has_attention:
+        return f"mlp{shape.mlp_dim} only"
+    if not shape.has_mlp:
+        return f"kv{shape.n_kv_heads} only"
+    return f"kv{shape.n_kv_heads} mlp{shape.mlp_dim}"
+
+
+def _is_trained(shape: BlockShape) -> bool:
+    return shape.has_attention or shape.has_mlp or shape.linear
+
+
+def _candidate_config(config: TransformerConfig, shape: BlockShape) -> TransformerConfig:
+    """The config of one candidate's stack: stored at its own width (at least 1), masked
+    only where it lacks a part."""
+    regular = shape.has_attention and shape.has_mlp and not shape.linear
+    return config.replace(
+        mlp_dim=max(1, shape.mlp_dim),
+        n_kv_heads=max(1, shape.n_kv_heads),
+        layer_shapes=None if regular else (shape,) * config.n_layers,
+        scan_layers=True,
+    )
+
+
+class BlockLibrary(eqx.Module):
+    """Trainable candidate blocks for every layer of a teacher.
+
+    `stacks[i]` is a [`blockdistill.LayerStack`][] of `teacher.n_layers` layers of shape
+    `trained_shapes[i]` (the candidates of `shapes` that have weights; the identity has
+    none); layer `l` of a stack is that candidate for teacher layer `l`. Build it with
+    [`init_library`][blockdistill.init_library].
+
+    **Example:**
+
+    ```python
+    library = bd.init_library(teacher, bd.SearchSpace(mlp_ratios=(0.5,)), batch_tokens)
+    len(library.shapes), len(library.stacks)
+    ```
+    """
+
+    stacks: tuple[LayerStack, ...]
+    shapes: tuple[BlockShape, ...] = eqx.field(static=True)
+    config: TransformerConfig = eqx.field(static=True)
+
+    @property
+    def trained_shapes(self) -> tuple[BlockShape, ...]:
+        return tuple(shape for shape in self.shapes if _is_trained(shape))
+
+    def stack_of(self, candidate: int) -> LayerStack | None:
+        """The stack of candidate `candidate` (an index into `shapes`), `None` for the identity."""
+        if not _is_trained(self.shapes[candidate]):
+            return None
+        return self.stacks[sum(_is_trained(s) for s in self.shapes[:candidate])]
+
+
+def _unwrap(teacher: Transformer | Teacher) -> Transformer:
+    return teacher.model if isinstance(teacher, Teacher) else teacher
+
+
+def init_library(
+    teacher: Transformer | Teacher,
+    space: SearchSpace,
+    calibration_tokens: BatchTokens,
+    *,
+    calibration_mask: BatchMask | None = None,
+) -> BlockLibrary:
+    """Every candidate of `space` for every layer of `teacher`, initialised from the
+    teacher's own layer the way [`blockdistill.make_student`][] prunes: the MLP channels
+    with the largest mean activation on `calibration_tokens` survive, adjacent KV heads are
+    averaged, a dropped part is zero; the linear map starts at zero (the identity).
+    Deterministic: no candidate is random.
+
+    **Example:**
+
+    ```python
+    library = bd.init_library(teacher, bd.SearchSpace(mlp_ratios=(1.0, 0.5)), batch_tokens)
+    ```
+    """
+    model = _unwrap(teacher)
+    config = model.config
+    shapes = candidate_shapes(config, space)
+    importance = mlp_channel_importance(model, calibration_tokens, calibration_mask)
+    all_layers = tuple(range(config.n_layers))
+    stacks = []
+    for shape in (s for s in shapes if _is_trained(s)):
+        own = _candidate_config(config, shape)
+        skeleton = eqx.filter_eval_shape(LayerStack, own, key=jax.random.key(0))
+        if shape.has_attention or shape.has_mlp:
+            layers = _prune(model, importance, all_layers, own.replace(layer_shapes=None)).layers.layers
+            masks = block_masks(own)
+            layers = layers if masks is None else mask_padding(layers, masks)
+        else:  # the linear map, from zero (attention and MLP absent)
+            layers = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skeleton.layers)
+        stack = eqx.tree_at(lambda s: s.layers, skeleton, layers)
+        stacks.append(stack)
+    return BlockLibrary(stacks=tuple(stacks), shapes=shapes, config=config)
+
+
+def _teacher_states(teacher: Transformer, tokens, segment_ids):
+    teacher = jax.lax.stop_gradient(teacher)
+    return jax.vmap(lambda t, seg: teacher(t, segment_ids=seg))(tokens, segment_ids)
+
+
+def _candidate_outputs(stack: LayerStack, layer_in, segment_ids):
+    """Every layer of one candidate on the teacher's input to that layer:
+    `[batch, layers, seq, dim]`."""
+    return jax.vmap(
+        lambda x, seg: stack.blockwise_outputs(x, inject_at="layer", segment_ids=seg)
+    )(layer_in, segment_ids)
+
+
+def _per_layer(predicted, target, kind: FeatureLoss, mask) -> Float[Array, " layers"]:
+    # [batch, layers, seq, dim] -> one loss per layer over all valid tokens of the batch
+    return jax.vmap(lambda p, t: feature_loss(p, t, kind, mask), in_axes=1)(predicted, target)
+
+
+def library_loss(
+    library: BlockLibrary,
+    teacher: Transformer | Teacher,
+    tokens: BatchTokens,
+    mask: BatchMask,
+    *,
+    segment_ids: BatchSegments | None = None,
+    kind: FeatureLoss = "nmse",
+) -> tuple[Float[Array, ""], Float[Array, "candidates layers"]]:
+    """The training loss of the whole library on one batch: the teacher runs once, every
+    trained candidate's every layer reads the teacher's input to that layer and is scored
+    against the teacher's output of it (layer-level blockwise, `kind` feature loss).
+    Returns the sum over candidates and layers (each block's gradient is its own loss's)
+    and the `[trained candidates, layers]` losses. The candidate of the teacher's own
+    shape is its layers, unpruned: it gets no gradient (Adam would turn the rounding noise
+    of its zero loss into steps).
+
+    **Example:**
+
+    ```python
+    total, per_block = bd.library_loss(library, teacher, batch_tokens, jnp.ones(batch_tokens.shape, bool))
+    ```
+    """
+    if kind not in _FEATURE_LOSSES:
+        raise ValueError(f"kind={kind!r} is invalid: must be one of {_FEATURE_LOSSES}")
+    model = _unwrap(teacher)
+    states = _teacher_states(model, tokens, segment_ids).states
+    target = jax.lax.stop_gradient(states.layer_out)
+    layer_in = jax.lax.stop_gradient(states.layer_in)
+    own_shape = BlockShape(model.config.mlp_dim, model.config.n_kv_heads)
+    rows = []
+    for shape, stack in zip(library.trained_shapes, library.stacks):
+        if shape == own_shape:  # the teacher's own layers: nothing to learn, kept exact
+            stack = jax.lax.stop_gradient(stack)
+        rows.append(_per_layer(_candidate_outputs(stack, layer_in, segment_ids), target, kind, mask))
+    losses = jnp.stack(rows)
+    return jnp.sum(losses), losses
+
+
+@eqx.filter_jit
+def blockwise_scores(
+    library: BlockLibrary,
+    teacher: Transformer | Teacher,
+    tokens: BatchTokens,
+    mask: BatchMask,
+    *,
+    segment_ids: BatchSegments | None = None,
+    kind: FeatureLoss = "nmse",
+) -> Float[Array, "candidates layers"]:
+    """Every candidate's (all of `library.shapes`, the identity included) block loss at
+    every layer on one batch: what [`library_loss`][blockdistill.library_loss] trains.
+
+    **Example:**
+
+    ```python
+    scores = bd.blockwise_scores(library, teacher, batch_tokens, jnp.ones(batch_tokens.shape, bool))
+    scores.shape  # (len(library.shapes), cfg.n_layers)
+    ```
+    """
+    states = _teacher_states(_unwrap(teacher), tokens, segment_ids).states
+    rows = []
+    for candidate in range(len(library.shapes)):
+        stack = library.stack_of(candidate)
+        out = states.layer_in if stack is None else _candidate_outputs(stack, states.layer_in, segment_ids)
+        rows.append(_per_layer(out, states.layer_out, kind, mask))
+    return jnp.stack(rows)
+
+
+@eqx.filter_jit
+def swap_scores(
+    library: BlockLibrary,
+    teacher: Transformer | Teacher,
+    tokens: BatchTokens,
+    mask: BatchMask,
+    *,
+    segment_ids: BatchSegments | None = None,
+) -> Float[Array, "candidates layers"]:
+    """Puzzle's replace-one-block score: for every candidate `c` and layer `l`, the KL
+    divergence `KL(teacher || teacher with layer l replaced by c)` of the next-token
+    distributions, averaged over the valid tokens of the batch.
+
+    The teacher's prefix is shared (its input to layer `l` is the candidate's input); the
+    teacher layers after `l` then run on the candidate's output, for all candidates of one
+    layer together (`jax.lax.map` over candidates, so one candidate's logits are alive at
+    a time).
+
+    **Example:**
+
+    ```python
+    kl = bd.swap_scores(library, teacher, batch_tokens, jnp.ones(batch_tokens.shape, bool))
+    kl.shape  # (len(library.shapes), cfg.n_layers)
+    ```
+    """
+    model = jax.lax.stop_gradient(_unwrap(teacher))
+    out = _teacher_states(model, tokens, segment_ids)
+    states, teacher_logits = out.states, out.logits
+    outputs = jnp.stack([
+        states.layer_in if (stack := library.stack_of(c)) is None
+        else _candidate_outputs(stack, states.layer_in, segment_ids)
+        for c in range(len(library.shapes))
+    ])  # [candidates, batch, layers, seq, dim]
+    params, static = eqx.partition(model.layers.layers, eqx.is_array)
+    n_layers = model.config.n_layers
+    columns = []
+    for layer in range(n_layers):
+        rest = jax.tree.map(lambda p: p[layer + 1:], params)
+
+        def finish(hidden, rest=rest, count=n_layers - layer - 1):
+            def one(h, seg):
+                def body(x, layer_params):
+                    step = eqx.combine(layer_params, static)(x, segment_ids=seg)
+                    return step.layer_out, None
+
+                if count:
+                    h, _ = jax.lax.scan(body, h, rest)
+                return model.head(h)
+
+            logits = jax.vmap(one)(hidden, segment_ids)
+            return kl_divergence(logits, teacher_logits, mask)
+
+        columns.append(jax.lax.map(finish, outputs[:, :, layer]))
+    return jnp.stack(columns, axis=1)
+
+
+def _library_step(frozen, library: BlockLibrary, opt_state, *, optimizer, kind: FeatureLoss):
+    teacher, tokens, mask, segment_ids = frozen
+    params, static = eqx.partition(library, eqx.is_inexact_array)
+
+    def loss_fn(params):
+        return library_loss(eqx.combine(params, static), teacher, tokens, mask, segment_ids=segment_ids, kind=kind)
+
+    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    return eqx.apply_updates(library, updates), opt_state, losses
+
+
+_jitted_library_step = eqx.filter_jit(_library_step, donate="all-except-first")
+
+
+class LibraryStep(eqx.Module):
+    """One jitted training step of a whole [`BlockLibrary`][blockdistill.BlockLibrary]:
+    [`library_loss`][blockdistill.library_loss], its gradient and an optax update (the
+    library and the optimizer state are donated). Every block's gradient is its own
+    loss's, so with a per-parameter optimizer (Adam, no global-norm clipping: the
+    default from `make_optimizer(..., clip_norm=None)`) the blocks train independently.
+
+    **Call:** `step(library, opt_state, teacher, tokens, mask, *, segment_ids=None)
+    -> (library, opt_state, losses)` with `losses` the `[trained candidates, layers]`
+    block losses of the batch (before the update).
+
+    **Example:**
+
+    ```python
+    optimizer = bd.make_optimizer(1e-3, clip_norm=None)
+    opt_state = optimizer.init(eqx.filter(library, eqx.is_inexact_array))
+    step = bd.LibraryStep(optimizer=optimizer)
+    library, opt_state, losses = step(library, opt_state, teacher, batch_tokens,
+                                      jnp.ones(batch_tokens.shape, bool))
+    ```
+    """
+
+    optimizer: Any = eqx.field(static=True)
+    kind: str = eqx.field(static=True, default="nmse")
+
+    def __post_init__(self):
+        if self.kind not in _FEATURE_LOSSES:
+            raise ValueError(f"LibraryStep.kind={self.kind!r} is invalid: must be one of {_FEATURE_LOSSES}")
+
+    def __call__(
+        self,
+        library: BlockLibrary,
+        opt_state: Any,
+        teacher: Transformer | Teacher,
+        tokens: BatchTokens,
+        mask: BatchMask,
+        *,
+        segment_ids: BatchSegments | None = None,
+    ) -> tuple[BlockLibrary, Any, Float[Array, "candidates layers"]]:
+        frozen = (_unwrap(teacher), tokens, mask, segment_ids)
+        return _jitted_library_step(frozen, library, opt_state, optimizer=self.optimizer, kind=self.kind)
+
+
+def candidate_costs(
+    config: TransformerConfig, shapes: tuple[BlockShape, ...], *, seq_len: int, kv_bytes_per_value: int = 2
+) -> dict[str, np.ndarray]:
+    """Each candidate's cost per layer under every budget kind, as `[candidates]` arrays:
+    `params` (its own parameters), `kv_bytes` (KV-cache bytes per token), `flops`
+    (forward FLOPs per token at `seq_len`).
+
+    **Example:**
+
+    ```python
+    costs = bd.candidate_costs(cfg, bd.candidate_shapes(cfg, bd.SearchSpace()), seq_len=16)
+    costs["params"][-1]  # 0: the identity
+    ```
+    """
+    return {
+        "params": np.array([block_parameters(config, s) for s in shapes], np.float64),
+        "kv_bytes": np.array([2 * s.n_kv_heads * config.head_dim * kv_bytes_per_value for s in shapes], np.float64),
+        "flops": np.array([block_flops_per_token(config, s, seq_len) for s in shapes], np.float64),
+    }
+
+
+def assemble_student(
+    teacher: Transformer | Teacher, library: BlockLibrary, indices: tuple[int, ...] | list[int]
+) -> Transformer:
+    """The heterogeneous student that takes candidate `indices[l]` for teacher layer `l`
+    (indices into `library.shapes`, e.g. `choose_blocks(...).indices`), with its trained
+    weights, and the teacher's embeddings, final norm and head. Removed layers (the
+    identity) are left out, so the student has one layer per kept teacher layer. When every
+    kept layer has the same full shape the student is a plain uniform
+    [`blockdistill.Transformer`][]; otherwise its config has `layer_shapes`.
+
+    **Example:**
+
+    ```python
+    student = bd.assemble_student(teacher, library, [0] * cfg.n_layers)
+    ```
+    """
+    model = _unwrap(teacher)
+    config = model.config
+    if len(indices) != config.n_layers:
+        raise ValueError(f"indices has {len(indices)} entries for a teacher of n_layers={config.n_layers}")
+    for layer, index in enumerate(indices):
+        if not 0 <= int(index) < len(library.shapes):
+            raise ValueError(f"indices[{layer}]={index} is not a candidate index (0..{len(library.shapes) - 1})")
+    kept = [(layer, int(c)) for layer, c in enumerate(indices) if _is_trained(library.shapes[int(c)])]
+    if not kept:
+        raise ValueError("every layer is the identity: the student would have no layers")
+    shapes = tuple(library.shapes[c] for _, c in kept)
+    regular = len(set(shapes)) == 1 and shapes[0].has_attention and shapes[0].has_mlp and not shapes[0].linear
+    student_config = config.replace(
+        n_layers=len(kept),
+        mlp_dim=max(1, max(s.mlp_dim for s in shapes)),
+        n_kv_heads=max(1, max(s.n_kv_heads for s in shapes)),
+        layer_shapes=None if regular else shapes,
+    )
+    skeleton = Transformer(student_config, key=jax.random.key(0))
+    rows = []
+    for layer, candidate in kept:
+        stack = library.stack_of(candidate)
+        own = stack.layer_config if stack.layer_config is not None else _candidate_config(config, library.shapes[candidate])
+        rows.append(layer_weights(stack.layers, own, layer))
+    layers = place_weights(skeleton.layers.layers, rows)
+    masks = block_masks(student_config)
+    if masks is not None:  # parts no kept layer has are still the skeleton's: zero them
+        layers = mask_padding(layers, masks)
+    student = eqx.tree_at(lambda m: m.layers.layers, skeleton, layers)
+    return eqx.tree_at(
+        lambda m: (m.embed_tokens, m.norm, m.lm_head),
+        student,
+        (model.embed_tokens, model.norm, model.lm_head),
+        is_leaf=lambda x: x is None,
+    )

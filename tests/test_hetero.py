@@ -1,0 +1,185 @@
+"""Heterogeneous students: layers of different shapes in one padded, masked stack."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blockdistill as bd
+
+BASE = bd.TransformerConfig(
+    vocab_size=64, dim=32, n_layers=6, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=32,
+    attention_impl="xla",
+)
+SHAPES = (
+    bd.BlockShape(48, 2),  # the widest layer
+    bd.BlockShape(16, 1),  # narrower MLP, one KV head
+    bd.BlockShape(32, 0),  # MLP only
+    bd.BlockShape(0, 2),  # attention only
+    bd.BlockShape(0, 0, linear=True),
+    bd.BlockShape(0, 0),  # identity
+)
+
+
+def _hetero(**changes):
+    return BASE.replace(layer_shapes=SHAPES, **changes)
+
+
+def _randomised(model, key):
+    """Every own weight random (norms too), padding kept at zero."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [
+        jnp.where(leaf != 0, leaf + 0.2 * jax.random.normal(k, leaf.shape), 0.0)
+        if leaf.ndim > 1 and leaf.shape[0] == model.config.n_layers
+        else leaf + 0.1 * jax.random.normal(k, leaf.shape)
+        for leaf, k in zip(leaves, keys)
+    ]
+    return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
+
+
+def _reference_layer(config, weights, shape, x):
+    """Layer `x -> out` of `shape` computed from its own weights with real-sized modules."""
+    if shape.linear:
+        return x + x @ weights["linear.weight"].T
+    out = x
+    if shape.has_attention:
+        own = config.replace(n_kv_heads=shape.n_kv_heads, layer_shapes=None)
+        attention = bd.Attention(own, key=jax.random.key(0))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            attention = eqx.tree_at(lambda a: getattr(a, name).weight, attention, weights[f"self_attn.{name}.weight"])
+        norm = eqx.tree_at(lambda n: n.weight, bd.RMSNorm(config.dim), weights["input_layernorm.weight"])
+        out = out + attention(norm(out))
+    if shape.has_mlp:
+        norm = eqx.tree_at(lambda n: n.weight, bd.RMSNorm(config.dim), weights["post_attention_layernorm.weight"])
+        hidden = norm(out)
+        act = jax.nn.silu(hidden @ weights["mlp.gate_proj.weight"].T) * (hidden @ weights["mlp.up_proj.weight"].T)
+        out = out + act @ weights["mlp.down_proj.weight"].T
+    return out
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_masked_stack_equals_the_layers_run_one_by_one(scan_layers):
+    config = _hetero(scan_layers=scan_layers)
+    model = _randomised(bd.Transformer(config, key=jax.random.key(0)), jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (20,), 0, config.vocab_size)
+    out = model(tokens)
+    x = model.embed(tokens)
+    for layer, shape in enumerate(SHAPES):
+        weights = bd.own_weights(model, layer)
+        expected = _reference_layer(config, weights, shape, x)
+        np.testing.assert_allclose(out.states.layer_in[layer], x, atol=1e-5)
+        np.testing.assert_allclose(out.states.layer_out[layer], expected, atol=1e-5, rtol=1e-5)
+        x = expected
+    np.testing.assert_allclose(out.logits, model.head(x), atol=1e-5, rtol=1e-5)
+    # the layer-parallel blockwise pass gives the same blocks
+    parallel = model.blockwise_outputs(tokens, out.states.layer_in, inject_at="layer")
+    np.testing.assert_allclose(parallel, out.states.layer_out, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_shapes_equal_the_uniform_model():
+    """A heterogeneous config whose every layer is the config's own shape is the model."""
+    config = BASE.replace(n_layers=2)
+    model = bd.Transformer(config, key=jax.random.key(0))
+    hetero = config.replace(layer_shapes=(bd.BlockShape(48, 2),) * 2)
+    twin = bd.Transformer(hetero, key=jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(twin), strict=True):
+        np.testing.assert_array_equal(a, b)
+    tokens = jnp.arange(12)
+    np.testing.assert_allclose(model(tokens).logits, twin(tokens).logits, atol=1e-6)
+
+
+def test_padding_is_zero_and_gets_no_gradient():
+    config = _hetero()
+    model = _randomised(bd.Transformer(config, key=jax.random.key(0)), jax.random.key(1))
+    tokens = jnp.arange(16) % config.vocab_size
+
+    def loss(model):
+        return jnp.mean(jnp.square(model(tokens).logits))
+
+    grads = eqx.filter_grad(loss)(model)
+    stacked, grad_layers = model.layers.layers, grads.layers.layers
+    pad = {
+        "gate": (stacked.mlp.gate_proj.weight, grad_layers.mlp.gate_proj.weight),
+        "down": (jnp.swapaxes(stacked.mlp.down_proj.weight, 1, 2), jnp.swapaxes(grad_layers.mlp.down_proj.weight, 1, 2)),
+        "k": (stacked.self_attn.k_proj.weight, grad_layers.self_attn.k_proj.weight),
+        "q": (stacked.self_attn.q_proj.weight, grad_layers.self_attn.q_proj.weight),
+        "linear": (stacked.linear.weight, grad_layers.linear.weight),
+    }
+    for layer, shape in enumerate(SHAPES):
+        own = {
+            "gate": shape.mlp_dim,
+            "down": shape.mlp_dim,
+            "k": shape.n_kv_heads * config.head_dim,
+            "q": config.n_heads * config.head_dim if shape.has_attention else 0,
+            "linear": config.dim if shape.linear else 0,
+        }
+        for name, (value, grad) in pad.items():
+            assert not np.any(np.asarray(value[layer, own[name]:])), (layer, name)
+            assert not np.any(np.asarray(grad[layer, own[name]:])), (layer, name)
+            if own[name]:
+                assert np.any(np.asarray(grad[layer, : own[name]])), (layer, name)
+
+
+def test_counts_follow_the_shapes():
+    uniform = BASE
+    model = bd.Transformer(uniform, key=jax.random.key(0))
+    assert bd.parameter_count(uniform) == sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    config = _hetero()
+    model = bd.Transformer(config, key=jax.random.key(0))
+    own = sum(v.size for layer in range(config.n_layers) for v in bd.own_weights(model, layer).values())
+    outer = model.embed_tokens.weight.size + model.lm_head.weight.size + model.norm.weight.size
+    assert bd.parameter_count(config) == own + outer
+    assert bd.kv_cache_bytes_per_token(config) == 2 * (2 + 1 + 2) * config.head_dim * 2
+    per_layer = [bd.block_flops_per_token(config, s, 16) for s in SHAPES]
+    assert per_layer[-1] == 0 and per_layer[4] == 2 * config.dim**2
+    np.testing.assert_allclose(
+        bd.flops_per_token(uniform, 16) * 16,
+        uniform.n_layers * sum(bd.layer_flops(uniform, 16).values()) + 2 * 16 * uniform.dim * uniform.vocab_size,
+    )
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    config = _hetero()
+    assert bd.TransformerConfig.from_dict(config.to_dict()) == config
+    model = bd.Transformer(config, key=jax.random.key(3))
+    bd.save_model(model, tmp_path / "m")
+    loaded = bd.load_model(tmp_path / "m")
+    assert loaded.config == config
+    tokens = jnp.arange(10)
+    np.testing.assert_allclose(loaded(tokens).logits, model(tokens).logits, atol=1e-6)
+    with pytest.raises(ValueError, match=r"layer_shapes.*has 2 entries for n_layers=6"):
+        BASE.replace(layer_shapes=SHAPES[:2])
+    with pytest.raises(ValueError, match=r"layer_shapes\[0\].mlp_dim=64.*exceeds mlp_dim=48"):
+        BASE.replace(layer_shapes=(bd.BlockShape(64, 2),) + SHAPES[1:])
+    with pytest.raises(ValueError, match=r"layer_shapes\[1\].n_kv_heads=3"):
+        BASE.replace(n_kv_heads=4, layer_shapes=(SHAPES[0], bd.BlockShape(16, 3)) + SHAPES[2:])
+    with pytest.raises(ValueError, match="BlockShape.linear=True"):
+        bd.BlockShape(16, 0, linear=True)
+    with pytest.raises(ValueError, match="BlockShape.mlp_dim=-1"):
+        bd.BlockShape(-1, 0)
+
+
+def test_distill_step_trains_a_heterogeneous_student():
+    """Fused and unfused steps run a heterogeneous student and keep its padding zero."""
+    teacher_cfg = BASE.replace(n_layers=2)
+    teacher = bd.Teacher(bd.Transformer(teacher_cfg, key=jax.random.key(0)))
+    student_cfg = teacher_cfg.replace(layer_shapes=(bd.BlockShape(16, 1), bd.BlockShape(48, 0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, teacher_cfg.vocab_size)
+    mask = jnp.ones(tokens.shape, bool)
+    objective = bd.DistillationObjective(blockwise_weight=0.5, inject_at="layer")
+    results = []
+    for fused in (False, True):
+        student = bd.Transformer(student_cfg, key=jax.random.key(2))
+        optimizer = bd.make_optimizer(1e-2)
+        opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+        step = bd.DistillStep(objective=objective, optimizer=optimizer, fused=fused)
+        for index in range(2):
+            student, opt_state, metrics = step(student, opt_state, teacher, tokens, mask, jnp.asarray(index))
+        results.append((student, metrics))
+        weight = student.layers.layers.mlp.gate_proj.weight
+        assert not np.any(np.asarray(weight[0, 16:])) and np.any(np.asarray(weight[0, :16]))
+        assert not np.any(np.asarray(student.layers.layers.self_attn.q_proj.weight[1]))
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)

@@ -1,0 +1,190 @@
+"""The block library search: candidates, their joint training, scores and the assembly."""
+
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blockdistill as bd
+
+CONFIG = bd.TransformerConfig(
+    vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=32,
+    attention_impl="xla",
+)
+SPACE = bd.SearchSpace(mlp_ratios=(1.0, 0.5))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = bd.Transformer(CONFIG, key=jax.random.key(0))
+    # a teacher whose layers do real work: scaled-up weights give non-trivial blocks
+    model = jax.tree.map(lambda x: x * 4 if eqx.is_inexact_array(x) and x.ndim == 3 else x, model)
+    teacher = bd.Teacher(model)
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, CONFIG.vocab_size)
+    mask = jnp.ones(tokens.shape, bool)
+    library = bd.init_library(teacher, SPACE, tokens)
+    return teacher, tokens, mask, library
+
+
+def _index(library, shape):
+    return library.shapes.index(shape)
+
+
+def test_candidates_cover_the_space():
+    shapes = bd.candidate_shapes(CONFIG, SPACE)
+    names = [(s.mlp_dim, s.n_kv_heads, s.linear) for s in shapes]
+    assert names == [
+        (48, 2, False), (24, 2, False), (48, 1, False), (24, 1, False),  # kv x mlp
+        (48, 0, False), (24, 0, False),  # no attention
+        (0, 2, False), (0, 1, False),  # no MLP
+        (0, 0, True), (0, 0, False),  # linear, identity
+    ]
+    # ratios that round to one width appear once; default KV heads n, n/2, 1
+    wide = CONFIG.replace(n_kv_heads=4, n_heads=8, dim=64)
+    shapes = bd.candidate_shapes(wide, bd.SearchSpace(mlp_ratios=(0.5, 0.501), no_attention=False, no_mlp=False,
+                                                      linear=False, identity=False))
+    assert [(s.mlp_dim, s.n_kv_heads) for s in shapes] == [(24, 4), (24, 2), (24, 1)]
+    with pytest.raises(ValueError, match=r"SearchSpace.kv_heads=\(3,\).*n_heads=4"):
+        bd.candidate_shapes(CONFIG, bd.SearchSpace(kv_heads=(3,)))
+    with pytest.raises(ValueError, match=r"SearchSpace.mlp_ratios=\(1.5,\)"):
+        bd.SearchSpace(mlp_ratios=(1.5,))
+    with pytest.raises(ValueError, match="SearchSpace has no field"):
+        bd.SearchSpace.from_dict({"mlp_ratio": [0.5]})
+    assert bd.SearchSpace.from_dict(SPACE.to_dict()) == SPACE
+
+
+def test_initial_candidates_are_the_pruned_teacher(setup):
+    teacher, tokens, mask, library = setup
+    scores = np.asarray(bd.blockwise_scores(library, teacher, tokens, mask))
+    # the teacher's own shape is its layers: zero loss at every layer
+    np.testing.assert_allclose(scores[_index(library, bd.BlockShape(48, 2))], 0.0, atol=1e-6)
+    # the linear map starts at zero: it is the identity
+    np.testing.assert_allclose(scores[_index(library, bd.BlockShape(0, 0, linear=True))],
+                               scores[_index(library, bd.BlockShape(0, 0))], rtol=1e-6)
+    # a pruned candidate is make_student's pruning of the same layers
+    student = bd.make_student(teacher, bd.StudentConfig(mlp_ratio=0.5, kv_heads_ratio=0.5), tokens)
+    stack = library.stack_of(_index(library, bd.BlockShape(24, 1)))
+    for a, b in zip(jax.tree.leaves(stack.layers), jax.tree.leaves(student.layers.layers), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # fewer channels or heads lose more: the ordering a search relies on
+    full, half_mlp, no_mlp = (scores[_index(library, s)] for s in (bd.BlockShape(48, 2), bd.BlockShape(24, 2), bd.BlockShape(0, 2)))
+    assert np.all(full < half_mlp) and np.all(half_mlp < no_mlp)
+
+
+def test_library_training_keeps_blocks_independent(setup):
+    """Training the whole library moves each candidate exactly as training it alone would
+    (its gradient is its own loss's), lowers the pruned candidates' losses, and leaves the
+    teacher's own candidate exact."""
+    teacher, tokens, mask, library = setup
+    copy = lambda tree: jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)  # noqa: E731
+
+    def train(library, steps=4):
+        optimizer = bd.make_optimizer(1e-3, clip_norm=None)
+        opt_state = optimizer.init(eqx.filter(library, eqx.is_inexact_array))
+        step = bd.LibraryStep(optimizer=optimizer)
+        history = []
+        for _ in range(steps):
+            library, opt_state, losses = step(library, opt_state, teacher, tokens, mask)
+            history.append(np.asarray(losses))
+        return library, history
+
+    trained, history = train(copy(library))
+    target = bd.BlockShape(24, 1)
+    alone = bd.BlockLibrary(
+        stacks=(copy(library.stack_of(_index(library, target))),), shapes=(target,), config=library.config
+    )
+    alone, alone_history = train(alone)
+    row = library.trained_shapes.index(target)
+    np.testing.assert_allclose(alone_history[-1][0], history[-1][row], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(alone.stacks[0]), jax.tree.leaves(trained.stack_of(_index(library, target)))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    own = library.trained_shapes.index(bd.BlockShape(48, 2))
+    for a, b in zip(jax.tree.leaves(trained.stacks[own]), jax.tree.leaves(library.stacks[own])):
+        np.testing.assert_array_equal(a, b)
+    pruned = [i for i, s in enumerate(library.trained_shapes) if i != own]
+    assert np.all(history[-1][pruned].sum(axis=1) < history[0][pruned].sum(axis=1))
+
+
+def _skip_layer_kl(teacher, tokens, mask, layer):
+    """KL(teacher || teacher without layer `layer`), computed directly."""
+    model = teacher.model
+    params, static = eqx.partition(model.layers.layers, eqx.is_array)
+
+    def forward(t):
+        hidden = model.embed(t)
+        for index in range(model.config.n_layers):
+            if index != layer:
+                hidden = eqx.combine(jax.tree.map(lambda p: p[index], params), static)(hidden).layer_out
+        return model.head(hidden)
+
+    logits = jax.vmap(forward)(tokens)
+    return bd.kl_divergence(logits, jax.vmap(model)(tokens).logits, mask)
+
+
+def test_swap_scores_are_the_kl_of_one_swapped_block(setup):
+    teacher, tokens, mask, library = setup
+    kl = np.asarray(bd.swap_scores(library, teacher, tokens, mask))
+    assert kl.shape == (len(library.shapes), CONFIG.n_layers)
+    np.testing.assert_allclose(kl[_index(library, bd.BlockShape(48, 2))], 0.0, atol=1e-6)
+    identity = _index(library, bd.BlockShape(0, 0))
+    for layer in range(CONFIG.n_layers):
+        np.testing.assert_allclose(kl[identity, layer], _skip_layer_kl(teacher, tokens, mask, layer), rtol=1e-4)
+    # a swapped block of another shape: the student assembled from it alone gives the same KL
+    half = _index(library, bd.BlockShape(24, 1))
+    own = _index(library, bd.BlockShape(48, 2))
+    student = bd.assemble_student(teacher, library, [own, half, own])
+    logits = jax.vmap(student)(tokens).logits
+    expected = bd.kl_divergence(logits, jax.vmap(teacher.model)(tokens).logits, mask)
+    np.testing.assert_allclose(kl[half, 1], expected, rtol=1e-4)
+
+
+def test_assembled_student_runs_the_chosen_blocks(setup):
+    teacher, tokens, mask, library = setup
+    chosen = [_index(library, s) for s in (bd.BlockShape(24, 0), bd.BlockShape(0, 0), bd.BlockShape(0, 0, linear=True))]
+    student = bd.assemble_student(teacher, library, chosen)
+    assert student.config.n_layers == 2  # the identity layer is gone
+    assert student.config.layer_shapes == (bd.BlockShape(24, 0), bd.BlockShape(0, 0, linear=True))
+    # each student layer on the teacher's input to its layer gives the candidate's output
+    states = jax.vmap(teacher)(tokens).states
+    inject = states.layer_in[:, jnp.array([0, 2])]
+    got = jax.vmap(lambda t, x: student.blockwise_outputs(t, x, inject_at="layer"))(tokens, inject)
+    for j, (layer, candidate) in enumerate(((0, chosen[0]), (2, chosen[2]))):
+        stack = library.stack_of(candidate)
+        want = jax.vmap(lambda x: stack.blockwise_outputs(x, inject_at="layer"))(states.layer_in)[:, layer]
+        np.testing.assert_allclose(got[:, j], want, rtol=1e-5, atol=1e-5)
+    # the teacher's shape everywhere is the teacher, a plain uniform model
+    same = bd.assemble_student(teacher, library, [_index(library, bd.BlockShape(48, 2))] * 3)
+    assert same.config.layer_shapes is None
+    np.testing.assert_allclose(same(tokens[0]).logits, teacher(tokens[0]).logits, atol=1e-6)
+    uniform = bd.assemble_student(teacher, library, [_index(library, bd.BlockShape(24, 1))] * 3)
+    assert uniform.config.layer_shapes is None and uniform.config.mlp_dim == 24
+    with pytest.raises(ValueError, match="no layers"):
+        bd.assemble_student(teacher, library, [_index(library, bd.BlockShape(0, 0))] * 3)
+    with pytest.raises(ValueError, match=r"indices\[1\]=99"):
+        bd.assemble_student(teacher, library, [0, 99, 0])
+    with pytest.raises(ValueError, match="layers differ"):
+        bd.to_hf(student, "unused")
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_the_budget_holds_for_the_students_real_parameters(setup, fraction):
+    teacher, tokens, mask, library = setup
+    scores = np.asarray(bd.swap_scores(library, teacher, tokens, mask), np.float64).T  # [layers, candidates]
+    costs = {k: np.tile(v, (CONFIG.n_layers, 1)) for k, v in bd.candidate_costs(CONFIG, library.shapes, seq_len=16).items()}
+    outer = bd.parameter_count(CONFIG) - sum(bd.block_parameters(CONFIG, s) for s in CONFIG.block_shapes)
+    budget = fraction * bd.parameter_count(CONFIG)
+    choice = bd.choose_blocks(scores, {"params": costs["params"]}, {"params": budget - outer})
+    student = bd.assemble_student(teacher, library, choice.indices)
+    model_params = sum(v.size for layer in range(student.config.n_layers) for v in bd.own_weights(student, layer).values())
+    real = model_params + outer
+    assert real == bd.parameter_count(student.config) <= budget
+    # and it is the best choice: brute force over every assignment
+    best = min(
+        sum(scores[l, c] for l, c in enumerate(combo))
+        for combo in itertools.product(range(len(library.shapes)), repeat=CONFIG.n_layers)
+        if sum(costs["params"][l, c] for l, c in enumerate(combo)) <= budget - outer
+    )
+    np.testing.assert_allclose(choice.score, best, rtol=1e-9)
