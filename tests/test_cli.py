@@ -466,13 +466,14 @@ def test_every_flag_says_what_it_means_as_the_docs_do():
     import pathlib
     import re
 
-    from blockdistill._runconfig import HELP, CacheConfig
+    from blockdistill._runconfig import HELP, CacheConfig, SearchConfig
     from blockdistill.cli import _parser
 
     parser = _parser()
     subparsers = next(a for a in parser._actions if a.choices and "distill" in a.choices).choices
-    for command in ("distill", "pretrain", "eval", "cache-teacher"):
-        changes = CacheConfig.HELP_CHANGES if command == "cache-teacher" else {}
+    own = {"cache-teacher": CacheConfig.HELP_CHANGES, "search": SearchConfig.HELP_CHANGES}
+    for command in ("distill", "pretrain", "eval", "cache-teacher", "search"):
+        changes = own.get(command, {})
         for action in subparsers[command]._actions:
             if action.dest in ("help", "config", "model"):
                 continue

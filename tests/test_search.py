@@ -44,7 +44,7 @@ def test_candidates_cover_the_space():
     ]
     # ratios that round to one width appear once; default KV heads n, n/2, 1
     wide = CONFIG.replace(n_kv_heads=4, n_heads=8, dim=64)
-    shapes = bd.candidate_shapes(wide, bd.SearchSpace(mlp_ratios=(0.5, 0.501), no_attention=False, no_mlp=False,
+    shapes = bd.candidate_shapes(wide, bd.SearchSpace(mlp_ratios=(0.5, 0.501), drop_attention=False, drop_mlp=False,
                                                       linear=False, identity=False))
     assert [(s.mlp_dim, s.n_kv_heads) for s in shapes] == [(24, 4), (24, 2), (24, 1)]
     with pytest.raises(ValueError, match=r"SearchSpace.kv_heads=\(3,\).*n_heads=4"):
@@ -70,8 +70,8 @@ def test_initial_candidates_are_the_pruned_teacher(setup):
     for a, b in zip(jax.tree.leaves(stack.layers), jax.tree.leaves(student.layers.layers), strict=True):
         np.testing.assert_array_equal(a, b)
     # fewer channels or heads lose more: the ordering a search relies on
-    full, half_mlp, no_mlp = (scores[_index(library, s)] for s in (bd.BlockShape(48, 2), bd.BlockShape(24, 2), bd.BlockShape(0, 2)))
-    assert np.all(full < half_mlp) and np.all(half_mlp < no_mlp)
+    full, half_mlp, drop_mlp = (scores[_index(library, s)] for s in (bd.BlockShape(48, 2), bd.BlockShape(24, 2), bd.BlockShape(0, 2)))
+    assert np.all(full < half_mlp) and np.all(half_mlp < drop_mlp)
 
 
 def test_library_training_keeps_blocks_independent(setup):
@@ -188,3 +188,88 @@ def test_the_budget_holds_for_the_students_real_parameters(setup, fraction):
         if sum(costs["params"][l, c] for l, c in enumerate(combo)) <= budget - outer
     )
     np.testing.assert_allclose(choice.score, best, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ the command
+
+
+@pytest.fixture(scope="module")
+def cli_teacher(tmp_path_factory):
+    """A byte-level teacher of 3 layers whose blocks do real work (scaled weights)."""
+    config = bd.TransformerConfig(vocab_size=256, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_dim=48,
+                                  max_seq_len=64)
+    model = bd.Transformer(config, key=jax.random.key(0))
+    model = jax.tree.map(lambda x: x * 4 if eqx.is_inexact_array(x) and x.ndim == 3 else x, model)
+    path = tmp_path_factory.mktemp("search-teacher") / "teacher"
+    bd.save_model(model, path, tokenizer=bd.ByteTokenizer())
+    return path
+
+
+def _search_args(out, teacher, corpus, *extra):
+    return ["search", "--out", str(out), "--teacher", str(teacher), "--data", str(corpus), "--steps", "4",
+            "--checkpoint-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+            "--calibration-batches", "1", "--mlp-ratios", "1,0.5", "--warmup-steps", "1", "--no-progress", *extra]
+
+
+def test_search_command_resumes_and_writes_a_student(tmp_path, cli_teacher, corpus, capsys):
+    import json
+    import shutil
+
+    from blockdistill.cli import main
+
+    out = tmp_path / "search"
+    assert main(_search_args(out, cli_teacher, corpus, "--budget", "params=0.6")) == 0
+    printed = capsys.readouterr().out
+    assert "chose (params=0.6, by kl)" in printed and "blockdistill distill --student" in printed
+    choice = json.loads((out / "choice.json").read_text())
+    student = bd.load_model(out / "student")
+    teacher_config = bd.load_model(cli_teacher).config
+    # the budget holds for the saved student's own parameters
+    assert choice["costs"]["params"]["student"] == bd.parameter_count(student.config) <= 0.6 * bd.parameter_count(teacher_config)
+    for name in ("scores.json", "scores.md", "scores_kl.png", "scores_blockwise.png"):
+        assert (out / name).stat().st_size > 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert np.asarray(scores["kl"]).shape == (len(choice["candidates"]), 3)
+
+    # killed after step 2: the same command resumes from that checkpoint to the same library
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    for name in ("scores.json", "choice.json", "student"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    assert main(_search_args(resumed, cli_teacher, corpus, "--budget", "params=0.6")) == 0
+    assert "resuming the library from step 2" in capsys.readouterr().err
+    again = json.loads((resumed / "scores.json").read_text())
+    np.testing.assert_allclose(again["kl"], scores["kl"], rtol=1e-5, atol=1e-9)
+    assert json.loads((resumed / "choice.json").read_text())["indices"] == choice["indices"]
+
+    # a finished library is scored and assembled again at once under another budget
+    assert main(_search_args(out, cli_teacher, corpus, "--budget", "params=0.5,kv_bytes=0.5")) == 0
+    tighter = json.loads((out / "choice.json").read_text())
+    assert tighter["costs"]["params"]["fraction"] <= 0.5 and tighter["costs"]["kv_bytes"]["fraction"] <= 0.5
+    # other training options are refused by name
+    assert main(_search_args(out, cli_teacher, corpus, "--learning-rate", "0.01")) == 1
+    assert "learning_rate: 0.001 -> 0.01" in capsys.readouterr().err
+
+    # the student finishes with the main job
+    run = tmp_path / "finish"
+    assert main(["distill", "--out", str(run), "--teacher", str(cli_teacher), "--student", str(out / "student"),
+                 "--data", str(corpus), "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2",
+                 "--eval-batches", "1", "--checkpoint-every", "2", "--no-progress", "--no-plots"]) == 0
+    assert bd.load_model(run / "student").config == bd.load_model(out / "student").config
+
+
+def test_search_options_are_checked(tmp_path, cli_teacher, corpus, capsys):
+    from blockdistill.cli import main
+
+    for flag, value, message in (
+        ("--budget", "param=0.5", "'param' is not one of"),
+        ("--budget", "params=1.5", "params=1.5 must be in (0, 1]"),
+        ("--score", "loss", "score='loss' is invalid"),
+        ("--mlp-ratios", "1,half", "mlp_ratios='1,half' is invalid"),
+        ("--kv-heads", "3", "kv_heads=(3,)"),
+    ):
+        assert main(_search_args(tmp_path / "bad", cli_teacher, corpus, flag, value)) == 1
+        assert message in capsys.readouterr().err, (flag, value)
+    assert main(_search_args(tmp_path / "bad", cli_teacher, corpus, "--budget", "params=0.01")) == 1
+    assert "leaves nothing for the layers" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from ._tokenizers import (
     tokenizer_record,
 )
 from ._flops import pretrain_flops, step_flops
+from ._hetero import describe_shapes, parameter_count
 from ._store import PackedRows, TokenDataset, batch_iterator, run_rows, token_dataset
 from ._metrics import TensorBoardWriter, WandbWriter
 from ._model import Transformer
@@ -56,6 +57,7 @@ from ._parallel import (
 from ._runconfig import (
     CacheConfig,
     ConfigError,
+    DataOptions,
     DistillConfig,
     EvalConfig,
     PretrainConfig,
@@ -118,19 +120,19 @@ def evaluate(model: Transformer, batches: list[Split], mesh: Mesh | None = None)
     return float(np.sum(total) / max(np.sum(count), 1.0))
 
 
-def _val_batches(cfg: RunConfig | EvalConfig | CacheConfig, dataset: TokenDataset) -> list[Split]:
+def _val_batches(cfg: DataOptions, dataset: TokenDataset) -> list[Split]:
     return eval_batches(
         *dataset.val.spread(cfg.eval_batches * cfg.batch_size), batch_size=cfg.batch_size,
         max_batches=cfg.eval_batches, pad_id=dataset.tokenizer.pad_id,
     )
 
 
-def _eval_rows(cfg: RunConfig | EvalConfig | CacheConfig, dataset: TokenDataset) -> int:
+def _eval_rows(cfg: DataOptions, dataset: TokenDataset) -> int:
     """How many held-out rows an evaluation reads (see `_val_batches`)."""
     return min(cfg.eval_batches * cfg.batch_size, len(dataset.val))
 
 
-def _open_dataset(cfg: RunConfig | EvalConfig | CacheConfig, tokenizer: Tokenizer) -> TokenDataset:
+def _open_dataset(cfg: DataOptions, tokenizer: Tokenizer) -> TokenDataset:
     """The run's corpus: tokenized once into a token store (reused by later runs), packed
     on demand."""
     show = getattr(cfg, "progress", False) and jax.process_index() == 0
@@ -169,7 +171,7 @@ class _Batches:
         return self.legacy.state_dict() if self.legacy is not None else self.iterator.get_state()
 
 
-def _batch_size_check(cfg: RunConfig | CacheConfig, dataset: TokenDataset) -> None:
+def _batch_size_check(cfg: DataOptions, dataset: TokenDataset) -> None:
     n = len(dataset.train)
     if cfg.batch_size > n:
         raise ConfigError(
@@ -409,22 +411,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                                             "eval_bits_per_byte": final / math.log(2)})
     lines = [
         f"pretrained {model_cfg.n_layers} layers x {model_cfg.dim} wide "
-        f"({_count_params(model) / 1e6:.2f}M parameters) for {result['step']} steps",
+        f"({parameter_count(model.config) / 1e6:.2f}M parameters) for {result['step']} steps",
         f"eval loss {final:.4f} nats/token = {final / math.log(2):.4f} bits/byte; model saved to {out / 'model'}",
     ]
     summary = {"eval_loss": final, "lines": lines}
     _report(summary)
     return summary
-
-
-def _count_params(model: eqx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-
-
-def _count_config_params(config) -> int:
-    """Parameters of a model of `config`, from shapes alone (nothing is allocated)."""
-    shapes = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes) if isinstance(x, jax.ShapeDtypeStruct))
 
 
 # ----------------------------------------------------------------------------- distill
@@ -545,7 +537,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     run_tokenizer(out, tokenizer)
     if teacher_loss is None:
         teacher_loss = evaluate(teacher.model, _val_batches(cfg, dataset), mesh)
-    teacher_params = _count_params(teacher.model) if teacher is not None else _count_config_params(teacher_config)
+    teacher_params = parameter_count(teacher_config)
     if not needs_teacher:
         teacher = None  # loaded only to derive the student or to score it: training never runs it
     elif mesh is not None:
@@ -568,11 +560,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
         })
     scfg, tcfg = student.config, teacher_config
-    ratio = _count_params(student) / teacher_params
+    ratio = parameter_count(scfg) / teacher_params
+    shape = (f"{scfg.n_layers} layers, mlp {scfg.mlp_dim}, kv heads {scfg.n_kv_heads}" if scfg.layer_shapes is None
+             else f"{scfg.n_layers} layers ({describe_shapes(scfg)})")
     lines = [
         f"teacher: {tcfg.n_layers} layers, mlp {tcfg.mlp_dim}, kv heads {tcfg.n_kv_heads}; "
-        f"student: {scfg.n_layers} layers, mlp {scfg.mlp_dim}, kv heads {scfg.n_kv_heads} "
-        f"({ratio:.0%} of the teacher's parameters)",
+        f"student: {shape} ({ratio:.0%} of the teacher's parameters)",
         f"eval loss (nats/token): teacher {teacher_loss:.4f} | student at step 0 {initial:.4f} "
         f"-> step {result['step']} {final:.4f}",
         _gap_line(closed, final, teacher_loss),
@@ -737,8 +730,8 @@ def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] 
     worst = max(plans, key=lambda p: p["total"])
     lines = [
         f"teacher {cfg.teacher}: {teacher.n_layers} layers x {teacher.dim}, vocab {teacher.vocab_size} "
-        f"({_count_config_params(teacher) / 1e9:.2f}B parameters); student: {student.n_layers} layers, MLP "
-        f"{student.mlp_dim}, {student.n_kv_heads} KV heads ({_count_config_params(student) / 1e9:.2f}B)",
+        f"({parameter_count(teacher) / 1e9:.2f}B parameters); student: {student.n_layers} layers, MLP "
+        f"{student.mlp_dim}, {student.n_kv_heads} KV heads ({parameter_count(student) / 1e9:.2f}B)",
         f"batch {cfg.batch_size} x {cfg.seq_len}, compute {cfg.dtype}, remat {cfg.remat}, mesh {cfg.mesh or 'one device'}"
         + (f"; the larger of {len(plans)} stages" if len(plans) > 1 else ""),
         "per device:",

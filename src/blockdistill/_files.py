@@ -48,16 +48,20 @@ def write_folder_atomically(path: PathLike, write: Callable[[pathlib.Path], None
     return path
 
 
-def write_json(path: PathLike, data: Any) -> None:
-    """Write JSON to `path` atomically (temporary file + rename)."""
+def write_text(path: PathLike, text: str) -> None:
+    """Write text to `path` atomically (temporary file + rename)."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: PathLike, data: Any) -> None:
+    """Write JSON to `path` atomically (temporary file + rename)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_files(files) -> str:

@@ -61,6 +61,8 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher", "path"),
     "teacher_cache": ("teacher", "cache"),
     **{name: ("cache", name) for name in ("top_k", "cache_dtype", "seeds")},
+    **{name: ("search", name) for name in (
+        "budget", "score", "mlp_ratios", "kv_heads", "drop_attention", "drop_mlp", "linear", "identity")},
     **{name: ("student", key) for name, key in (
         ("student", "path"), ("student_init", "init"), ("mlp_ratio", "mlp_ratio"), ("student_layers", "layers"),
         ("student_n_layers", "n_layers"), ("kv_heads_ratio", "kv_heads_ratio"),
@@ -140,6 +142,14 @@ HELP: dict[str, str] = {
     'num_processes': 'processes of a multi-process run (default: `$JAX_NUM_PROCESSES`)',
     'process_id': "this process's index in a multi-process run, 0 to num_processes - 1 (default: `$JAX_PROCESS_ID`)",
     'mesh': 'a device mesh such as `data=2,layers=4` or `data=2,fsdp=4` (see [Scaling](scaling.md))',
+    'budget': "what the searched student may cost, as fractions of the teacher's: `params=F` (all parameters), `kv_bytes=F` (KV cache per token), `flops=F` (forward FLOPs per token), comma-separated to bound several at once",
+    'score': "what the assembly minimises, summed over layers: `kl` (the teacher's KL with only that block swapped in, Puzzle's) or `blockwise` (the block's own held-out loss)",
+    'mlp_ratios': "the candidates' MLP widths, as fractions of the teacher's (comma-separated)",
+    'kv_heads': "the candidates' KV head counts (comma-separated); default: the teacher's n, n/2 and 1",
+    'drop_attention': 'also offer every MLP width without attention',
+    'drop_mlp': 'also offer every attention choice without an MLP',
+    'linear': 'also offer the whole layer as a linear map (from the identity)',
+    'identity': 'also offer removing the layer',
     'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',
     'tokenizer': 'the tokenizer folder (or `byte`); default: the one the model folder recorded',
 }
@@ -504,6 +514,99 @@ class CacheConfig(DataOptions):
         _library(check_execution, "none", self.dtype, self.attention_impl, "model")
         if self.mesh is not None:
             _library(parse_mesh, self.mesh)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_BUDGET_KINDS = ("params", "kv_bytes", "flops")
+_SCORES = ("kl", "blockwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig(DataOptions):
+    """Options of `blockdistill search` (train a library of candidate blocks for every
+    teacher layer, score them, assemble the best student under a budget)."""
+
+    out: str = "runs/search"
+    teacher: str = "shipped"
+    budget: str = "params=0.5"
+    score: str = "kl"
+    mlp_ratios: str = "1,0.75,0.5,0.25"
+    kv_heads: str | None = None
+    drop_attention: bool = True
+    drop_mlp: bool = True
+    linear: bool = True
+    identity: bool = True
+    steps: int = 150
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    feature_loss: str = "nmse"
+    calibration_batches: int = 4
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    seed: int = 0
+    dtype: str = "float32"
+    attention_impl: str = "auto"
+    progress: bool = True
+    plots: bool = True
+
+    #: what some options mean for this command (the others mean what they mean for `distill`)
+    HELP_CHANGES = {"out": "the search folder",
+                    "steps": "library training steps (every candidate of every layer learns at each step)",
+                    "eval_batches": "held-out batches every candidate is scored on",
+                    "learning_rate": "peak learning rate of Adam for every block (linear warm-up, cosine decay to a "
+                                     "tenth; no clipping: the blocks train independently)",
+                    "feature_loss": "the blocks' loss against the teacher's layer outputs: `nmse` (Puzzle's), "
+                                    "`cosine` or `l2`"}
+    #: fields a resumed search may change (they do not change what is trained)
+    RESUMABLE_CHANGES = frozenset({"out", "budget", "score", "eval_batches", "checkpoint_every", "progress",
+                                   "plots", "attention_impl", "token_cache"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "steps", "learning_rate", "calibration_batches", "eval_batches", "checkpoint_every")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
+        if self.score not in _SCORES:
+            raise ConfigError(f"score={self.score!r} is invalid: must be one of {_SCORES}")
+        if self.feature_loss not in ("cosine", "l2", "nmse"):
+            raise ConfigError(f"feature_loss={self.feature_loss!r} is invalid: must be 'cosine', 'l2' or 'nmse'")
+        _library(check_execution, "none", self.dtype, self.attention_impl, "model")
+        self.budgets()
+        self.space()
+
+    def budgets(self) -> dict[str, float]:
+        """`budget` as `{kind: fraction of the teacher's}` (a `ConfigError` naming a bad part)."""
+        out: dict[str, float] = {}
+        for part in self.budget.split(","):
+            kind, _, value = part.strip().partition("=")
+            if kind not in _BUDGET_KINDS:
+                raise ConfigError(f"budget={self.budget!r} is invalid: {kind!r} is not one of {_BUDGET_KINDS} "
+                                  "(write e.g. params=0.5)")
+            try:
+                fraction = float(value)
+            except ValueError:
+                raise ConfigError(f"budget={self.budget!r} is invalid: {value!r} is not a number") from None
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"budget={self.budget!r} is invalid: {kind}={value} must be in (0, 1]")
+            out[kind] = fraction
+        return out
+
+    def space(self):
+        """The [`blockdistill.SearchSpace`][] these options describe."""
+        from ._search import SearchSpace
+
+        def numbers(name: str, kind: type) -> tuple:
+            text = getattr(self, name)
+            try:
+                return tuple(kind(part) for part in text.split(","))
+            except ValueError:
+                raise ConfigError(f"{name}={text!r} is invalid: must be comma-separated {kind.__name__}s") from None
+
+        kv = None if self.kv_heads is None else numbers("kv_heads", int)
+        return _library(SearchSpace, numbers("mlp_ratios", float), kv, self.drop_attention, self.drop_mlp,
+                        self.linear, self.identity)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,7 +52,7 @@ class SearchSpace:
     - `mlp_ratios`: MLP widths as fractions of the teacher's `mlp_dim` (`0 < r <= 1`).
     - `kv_heads`: KV head counts (each must divide the teacher's `n_heads` and be at most
       its `n_kv_heads`); `None`: the teacher's `n`, `n / 2` and `1`.
-    - `no_attention` / `no_mlp`: also offer each MLP choice without attention, and each
+    - `drop_attention` / `drop_mlp`: also offer each MLP choice without attention, and each
       attention choice without an MLP.
     - `linear`: also offer the whole layer as a linear map `x + x W^T` (from `W = 0`).
     - `identity`: also offer removing the layer.
@@ -68,8 +68,8 @@ class SearchSpace:
 
     mlp_ratios: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
     kv_heads: tuple[int, ...] | None = None
-    no_attention: bool = True
-    no_mlp: bool = True
+    drop_attention: bool = True
+    drop_mlp: bool = True
     linear: bool = True
     identity: bool = True
 
@@ -86,7 +86,7 @@ class SearchSpace:
             for heads in self.kv_heads:
                 if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
                     _fail("kv_heads", self.kv_heads, f"has {heads!r}: every count must be a positive integer")
-        for field in ("no_attention", "no_mlp", "linear", "identity"):
+        for field in ("drop_attention", "drop_mlp", "linear", "identity"):
             if not isinstance(getattr(self, field), bool):
                 _fail(field, getattr(self, field), "must be a bool")
 
@@ -141,7 +141,7 @@ def candidate_shapes(config: TransformerConfig, space: SearchSpace) -> tuple[Blo
     **Example:**
 
     ```python
-    bd.candidate_shapes(cfg, bd.SearchSpace(mlp_ratios=(0.5,), kv_heads=(1,), no_mlp=False,
+    bd.candidate_shapes(cfg, bd.SearchSpace(mlp_ratios=(0.5,), kv_heads=(1,), drop_mlp=False,
                                             linear=False, identity=False))
     # (BlockShape(mlp_dim=64, n_kv_heads=1), BlockShape(mlp_dim=64, n_kv_heads=0))
     ```
@@ -151,9 +151,9 @@ def candidate_shapes(config: TransformerConfig, space: SearchSpace) -> tuple[Blo
     widths = sorted({max(1, int(r * config.mlp_dim + 0.5)) for r in space.mlp_ratios}, reverse=True)
     kv = _kv_choices(config, space)
     shapes = [BlockShape(width, heads) for heads in kv for width in widths]
-    if space.no_attention:
+    if space.drop_attention:
         shapes += [BlockShape(width, 0) for width in widths]
-    if space.no_mlp:
+    if space.drop_mlp:
         shapes += [BlockShape(0, heads) for heads in kv]
     if space.linear:
         shapes.append(BlockShape(0, 0, linear=True))

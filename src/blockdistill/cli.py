@@ -1,4 +1,4 @@
-"""The `blockdistill` command: `pretrain`, `distill`, `eval`, `export-hf`.
+"""The `blockdistill` command: `pretrain`, `distill`, `cache-teacher`, `search`, `plan`, `eval`, `export-hf`.
 
 Every option is a field of a TOML config (`--config FILE`); flags override the file.
 Errors are one line naming the culprit, with a non-zero exit status.
@@ -13,6 +13,7 @@ from ._runconfig import (
     DistillConfig,
     EvalConfig,
     PretrainConfig,
+    SearchConfig,
     add_flags,
     build_config,
     given_flags,
@@ -23,6 +24,7 @@ _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
   blockdistill distill --out runs/demo        distill the shipped teacher (the main job)
   blockdistill pretrain --out runs/teacher    train a teacher from scratch
   blockdistill cache-teacher --out CACHE      run the teacher once, keep its top-k logits
+  blockdistill search --budget params=0.5     train candidate blocks per layer, assemble the best student
   blockdistill plan --teacher CONFIG.json     per-device memory of a run, before any weight is read
   blockdistill eval MODEL                     held-out loss of a model folder
   blockdistill export-hf RUN_OR_MODEL OUT     write a folder transformers can load
@@ -45,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("cache-teacher", help=text, description=text)
     sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     add_flags(sub, CacheConfig)
+    text = ("train many candidate blocks for every teacher layer at once, score them and assemble the best "
+            "student under a budget (finish it with distill --student)")
+    sub = commands.add_parser("search", help=text, description=text)
+    sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+    add_flags(sub, SearchConfig)
     text = ("per-device memory of a distillation run, from its step compiled on abstract shapes: only the "
             "teacher's config.json is read")
     sub = commands.add_parser("plan", help=text, description=text)
@@ -138,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             cfg = build_config(DistillConfig, args.config, given_flags(args, DistillConfig))
             _commands.plan_command(cfg, args.device_memory, argv if argv is not None else sys.argv[1:])
+            return 0
+        if args.command == "search":
+            from ._search_command import search
+
+            search(build_config(SearchConfig, args.config, given_flags(args, SearchConfig)))
             return 0
         if args.command == "cache-teacher":
             _commands.cache_teacher(build_config(CacheConfig, args.config, given_flags(args, CacheConfig)))
