@@ -148,29 +148,22 @@ def layer_weights(stacked: DecoderLayer, config: TransformerConfig, layer: int) 
     return out
 
 
-def uniform_shape(config: TransformerConfig) -> BlockShape | None:
-    """The one shape every layer has (attention and MLP, no linear map), or `None` when
-    the layers differ or some layer lacks a part: then no Llama checkpoint holds it."""
-    shapes = set(config.block_shapes)
-    if len(shapes) != 1:
-        return None
-    (shape,) = shapes
-    return shape if shape.has_attention and shape.has_mlp and not shape.linear else None
+def shape_name(shape: BlockShape) -> str:
+    """A short name of a layer shape, e.g. `"kv2 mlp384"`, `"mlp768 only"`, `"linear"`."""
+    if shape.linear:
+        return "linear"
+    if not shape.has_attention and not shape.has_mlp:
+        return "identity"
+    if not shape.has_attention:
+        return f"mlp{shape.mlp_dim} only"
+    if not shape.has_mlp:
+        return f"kv{shape.n_kv_heads} only"
+    return f"kv{shape.n_kv_heads} mlp{shape.mlp_dim}"
 
 
 def describe_shapes(config: TransformerConfig) -> str:
-    """One line per run of equal layers, e.g. `"0-2: mlp 384, kv 2 | 3: mlp only 768"`."""
-    def name(shape: BlockShape) -> str:
-        if shape.linear:
-            return "linear"
-        if not shape.has_attention and not shape.has_mlp:
-            return "identity"
-        if not shape.has_attention:
-            return f"mlp only {shape.mlp_dim}"
-        if not shape.has_mlp:
-            return f"attention only, kv {shape.n_kv_heads}"
-        return f"mlp {shape.mlp_dim}, kv {shape.n_kv_heads}"
-
+    """The layers' shapes, one entry per run of equal layers, e.g.
+    `"0-2: kv2 mlp384 | 3: mlp768 only"`."""
     runs: list[list[int]] = []
     shapes = config.block_shapes
     for index, shape in enumerate(shapes):
@@ -179,7 +172,7 @@ def describe_shapes(config: TransformerConfig) -> str:
         else:
             runs.append([index])
     parts = [
-        (f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}") + ": " + name(shapes[run[0]])
+        (f"{run[0]}" if len(run) == 1 else f"{run[0]}-{run[-1]}") + ": " + shape_name(shapes[run[0]])
         for run in runs
     ]
     return " | ".join(parts)

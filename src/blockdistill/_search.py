@@ -162,19 +162,6 @@ def candidate_shapes(config: TransformerConfig, space: SearchSpace) -> tuple[Blo
     return tuple(shapes)
 
 
-def shape_name(shape: BlockShape) -> str:
-    """A short name of a candidate, e.g. `"kv2 mlp384"`, `"mlp768 only"`, `"linear"`."""
-    if shape.linear:
-        return "linear"
-    if not shape.has_attention and not shape.has_mlp:
-        return "identity"
-    if not shape.has_attention:
-        return f"mlp{shape.mlp_dim} only"
-    if not shape.has_mlp:
-        return f"kv{shape.n_kv_heads} only"
-    return f"kv{shape.n_kv_heads} mlp{shape.mlp_dim}"
-
-
 def _is_trained(shape: BlockShape) -> bool:
     return shape.has_attention or shape.has_mlp or shape.linear
 

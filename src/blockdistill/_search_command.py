@@ -16,7 +16,14 @@ from ._checkpoint import Checkpointer
 from ._commands import _batch_size_check, _open_dataset, _report, _val_batches, evaluate
 from ._config import BlockShape
 from ._files import write_json, write_text
-from ._hetero import block_flops_per_token, describe_shapes, flops_per_token, kv_cache_bytes_per_token, parameter_count
+from ._hetero import (
+    block_flops_per_token,
+    describe_shapes,
+    flops_per_token,
+    kv_cache_bytes_per_token,
+    parameter_count,
+    shape_name,
+)
 from ._io import load_model, save_model
 from ._runconfig import ConfigError, SearchConfig
 from ._search import (
@@ -26,7 +33,6 @@ from ._search import (
     blockwise_scores,
     candidate_costs,
     init_library,
-    shape_name,
     swap_scores,
 )
 from ._solver import choose_blocks
