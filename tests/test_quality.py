@@ -164,8 +164,7 @@ def test_quick_study_runs_resumes_and_reports(quality, tmp_path, capsys, tiny_te
     assert (tmp_path / "results.json").read_text() == before
 
 
-@pytest.mark.parametrize("budget", ["flops", "seconds"])
-def test_equal_cost_budgets_give_cheaper_recipes_more_steps(quality, tmp_path, budget, capsys, tiny_teacher):
+def test_equal_cost_budgets_give_cheaper_recipes_more_steps(quality, tmp_path, capsys, tiny_teacher):
     """At equal cost the main job's recipe keeps its steps, the labels-only control, which
     skips the teacher, gets more and a recipe of two passes per step fewer; every run
     records its FLOPs and seconds. The main recipe's run at equal cost is its run at equal
@@ -176,43 +175,44 @@ def test_equal_cost_budgets_give_cheaper_recipes_more_steps(quality, tmp_path, b
     assert quality.main([*common, "--only", f"mlp-prune/{main_recipe}/*"]) == 0
     capsys.readouterr()
     recipes = (main_recipe, "ce", "staged-0.5", "layer-cosine+ce")
-    args = [*common, "--budget", budget, "--only", ",".join(f"mlp-prune/{r}/*" for r in recipes)]
-    assert quality.main(args) == 0
-    assert f"{main_recipe}/seed0-equal" not in capsys.readouterr().err  # reused
-    results = json.loads((tmp_path / "results.json").read_text())
-    twin = results.pop(f"mlp-prune/{main_recipe}/seed0")
-    assert results[f"mlp-prune/{main_recipe}/seed0-equal-{budget}"]["eval_loss"] == twin["eval_loss"]
-    main, ce, staged, both = (results[f"mlp-prune/{r}/seed0-equal-{budget}"] for r in recipes)
-    assert main["steps"] == 4  # the reference: 4/150 of the main job in quick mode
-    measured = json.loads((tmp_path / "results_step_seconds.json").read_text())["seconds"]
-    if budget == "flops":
-        assert ce["steps"] > main["steps"]
-        assert both["steps"] < main["steps"]  # the injected and the free-running pass in every step
-    else:  # each recipe's steps follow its measured step seconds, whose order at these tiny
-        # shapes can round away over 4 steps
-        for record, recipe in ((ce, "ce"), (both, "layer-cosine+ce")):
-            ratio = measured[f"mlp/prune/{main_recipe}"][0] / measured[f"mlp/prune/{recipe}"][0]
-            assert record["steps"] == max(1, round(4 * ratio))
-        assert ce["steps"] >= main["steps"] >= both["steps"]
-    if budget == "flops":  # blockwise, then KD: no more FLOPs per step than KD
-        assert staged["steps"] >= main["steps"]
-    assert staged["config"]["blockwise_steps"] == max(1, round(staged["steps"] / 2))
-    for record in results.values():
-        assert record["budget"] == budget
-        assert record["eval_flops"][0] == record["eval_seconds"][0] == 0.0
-        assert all(b > a for a, b in zip(record["eval_flops"], record["eval_flops"][1:]))
-        assert all(b > a for a, b in zip(record["eval_seconds"], record["eval_seconds"][1:]))
-    if budget == "flops":  # equal within one step's rounding
-        per_step = ce["eval_flops"][-1] / ce["steps"]
-        assert abs(ce["eval_flops"][-1] - main["eval_flops"][-1]) <= per_step / 2 + 1
-    assert set(measured) == {f"mlp/prune/{r}" for r in recipes}
-    assert len(measured["mlp/prune/staged-0.5"]) == 2  # one time per stage
-    if budget == "seconds":  # equal within one step's rounding
-        per_step = ce["eval_seconds"][-1] / ce["steps"]
-        assert abs(ce["eval_seconds"][-1] - main["eval_seconds"][-1]) <= per_step / 2 + 1e-9
-    page = (tmp_path / "page.md").read_text()
-    assert f"Equal {budget}" not in page or "TFLOP to 50%" in page
-    assert "TFLOP to 50%" in page and "labels only" in page
+    for budget in ("flops", "seconds"):  # one study folder: the step times are measured once
+        args = [*common, "--budget", budget, "--only", ",".join(f"mlp-prune/{r}/*" for r in recipes)]
+        assert quality.main(args) == 0
+        assert f"{main_recipe}/seed0-equal" not in capsys.readouterr().err  # reused
+        everything = json.loads((tmp_path / "results.json").read_text())
+        twin = everything[f"mlp-prune/{main_recipe}/seed0"]
+        results = {name: r for name, r in everything.items() if name.endswith(f"-equal-{budget}")}
+        assert results[f"mlp-prune/{main_recipe}/seed0-equal-{budget}"]["eval_loss"] == twin["eval_loss"]
+        main, ce, staged, both = (results[f"mlp-prune/{r}/seed0-equal-{budget}"] for r in recipes)
+        assert main["steps"] == 4  # the reference: 4/150 of the main job in quick mode
+        measured = json.loads((tmp_path / "results_step_seconds.json").read_text())["seconds"]
+        if budget == "flops":
+            assert ce["steps"] > main["steps"]
+            assert both["steps"] < main["steps"]  # the injected and the free-running pass in every step
+        else:  # each recipe's steps follow its measured step seconds (whose order, at these tiny
+            # shapes and under load, is noise: only the rule is checked)
+            for record, recipe in ((ce, "ce"), (both, "layer-cosine+ce")):
+                ratio = measured[f"mlp/prune/{main_recipe}"][0] / measured[f"mlp/prune/{recipe}"][0]
+                assert record["steps"] == max(1, round(4 * ratio))
+        if budget == "flops":  # blockwise, then KD: no more FLOPs per step than KD
+            assert staged["steps"] >= main["steps"]
+        assert staged["config"]["blockwise_steps"] == max(1, round(staged["steps"] / 2))
+        for record in results.values():
+            assert record["budget"] == budget
+            assert record["eval_flops"][0] == record["eval_seconds"][0] == 0.0
+            assert all(b > a for a, b in zip(record["eval_flops"], record["eval_flops"][1:]))
+            assert all(b > a for a, b in zip(record["eval_seconds"], record["eval_seconds"][1:]))
+        if budget == "flops":  # equal within one step's rounding
+            per_step = ce["eval_flops"][-1] / ce["steps"]
+            assert abs(ce["eval_flops"][-1] - main["eval_flops"][-1]) <= per_step / 2 + 1
+        assert set(measured) == {f"mlp/prune/{r}" for r in recipes}
+        assert len(measured["mlp/prune/staged-0.5"]) == 2  # one time per stage
+        if budget == "seconds":  # equal within one step's rounding
+            per_step = ce["eval_seconds"][-1] / ce["steps"]
+            assert abs(ce["eval_seconds"][-1] - main["eval_seconds"][-1]) <= per_step / 2 + 1e-9
+        page = (tmp_path / "page.md").read_text()
+        assert f"Equal {budget}" not in page or "TFLOP to 50%" in page
+        assert "TFLOP to 50%" in page and "labels only" in page
 
 
 @pytest.mark.parametrize("args", [["--quick"], ["--teacher", "some/teacher"], ["--data", "corpus.txt"]])
