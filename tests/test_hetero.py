@@ -22,8 +22,13 @@ SHAPES = (
 )
 
 
-def _hetero(**changes):
-    return BASE.replace(layer_shapes=SHAPES, **changes)
+#: stacks in which no layer has attention / an MLP: those parts are not computed at all
+ATTENTION_FREE = (bd.BlockShape(32, 0), bd.BlockShape(0, 0, linear=True), bd.BlockShape(16, 0))
+MLP_FREE = (bd.BlockShape(0, 2), bd.BlockShape(0, 1), bd.BlockShape(0, 0))
+
+
+def _hetero(shapes=SHAPES, **changes):
+    return BASE.replace(n_layers=len(shapes), layer_shapes=shapes, **changes)
 
 
 def _randomised(model, key):
@@ -60,14 +65,18 @@ def _reference_layer(config, weights, shape, x):
     return out
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_masked_stack_equals_the_layers_run_one_by_one(scan_layers):
-    config = _hetero(scan_layers=scan_layers)
+@pytest.mark.parametrize(
+    "shapes,scan_layers",
+    [(SHAPES, True), (SHAPES, False), (ATTENTION_FREE, True), (MLP_FREE, True)],
+    ids=["mixed-scan", "mixed-unrolled", "attention-free", "mlp-free"],
+)
+def test_masked_stack_equals_the_layers_run_one_by_one(shapes, scan_layers):
+    config = _hetero(shapes, scan_layers=scan_layers)
     model = _randomised(bd.Transformer(config, key=jax.random.key(0)), jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (20,), 0, config.vocab_size)
     out = model(tokens)
     x = model.embed(tokens)
-    for layer, shape in enumerate(SHAPES):
+    for layer, shape in enumerate(shapes):
         weights = bd.own_weights(model, layer)
         expected = _reference_layer(config, weights, shape, x)
         np.testing.assert_allclose(out.states.layer_in[layer], x, atol=1e-5)

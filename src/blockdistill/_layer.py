@@ -35,12 +35,16 @@ class BlockMasks(eqx.Module):
       heads are the first `n_kv_heads` stored ones; query heads are grouped evenly).
     - `attention`: whether the layer has attention (its output is zero otherwise).
     - `linear`: whether the layer is the linear map `x + x W^T`.
+    - `any_attention`, `any_mlp` (static): whether any layer of the stack has attention /
+      an MLP; when none has, the part is not computed at all.
     """
 
     mlp_channels: Bool[Array, "*layers mlp"]
     kv_slot: Int[Array, "*layers heads"]
     attention: Bool[Array, "*layers"]
     linear: Bool[Array, "*layers"]
+    any_attention: bool = eqx.field(static=True, default=True)
+    any_mlp: bool = eqx.field(static=True, default=True)
 
 
 def block_masks(config: TransformerConfig) -> BlockMasks | None:
@@ -68,6 +72,8 @@ def block_masks(config: TransformerConfig) -> BlockMasks | None:
         kv_slot=jnp.asarray(kv_slot),
         attention=jnp.asarray([s.n_kv_heads > 0 for s in config.layer_shapes]),
         linear=jnp.asarray([s.linear for s in config.layer_shapes]),
+        any_attention=any(s.has_attention for s in config.layer_shapes),
+        any_mlp=any(s.has_mlp for s in config.layer_shapes),
     )
 
 
@@ -160,6 +166,8 @@ class DecoderLayer(eqx.Module):
         when given): zero for a layer without attention."""
         if masks is None:
             return self.self_attn(x, inject=inject, segment_ids=segment_ids)
+        if not masks.any_attention:  # no layer of the stack has attention: nothing to compute
+            return jnp.zeros_like(x)
         out = self.self_attn(x, inject=inject, segment_ids=segment_ids, kv_slot=masks.kv_slot)
         return jnp.where(masks.attention, out, jnp.zeros_like(out))
 
@@ -179,8 +187,11 @@ class DecoderLayer(eqx.Module):
         attn_in = normed if inject is None else inject.astype(layer_in.dtype)
         attn_out = self.attend(normed, inject=inject, segment_ids=segment_ids, masks=masks)
         hidden = layer_in + attn_out
-        channels = None if masks is None else masks.mlp_channels
-        layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
+        if masks is not None and not masks.any_mlp:  # no layer of the stack has an MLP
+            layer_out = hidden
+        else:
+            channels = None if masks is None else masks.mlp_channels
+            layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
         if self.linear is not None and masks is not None:
             mapped = apply_linear(self.linear, layer_in)
             layer_out = layer_out + jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
