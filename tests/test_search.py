@@ -273,3 +273,39 @@ def test_search_options_are_checked(tmp_path, cli_teacher, corpus, capsys):
         assert message in capsys.readouterr().err, (flag, value)
     assert main(_search_args(tmp_path / "bad", cli_teacher, corpus, "--budget", "params=0.01")) == 1
     assert "leaves nothing for the layers" in capsys.readouterr().err
+
+
+def test_study_compares_with_every_uniform_student_that_fits():
+    """experiments/search.py: the uniform students are the widest MLP (in eighths) for each
+    KV-head and depth choice that fits the budget, and the report ranks by mean loss."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "search.py"
+    spec = importlib.util.spec_from_file_location("search_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    teacher = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=256,
+                                   max_seq_len=64)
+    limit = 0.5 * bd.parameter_count(teacher)
+    found = study.uniform_students(teacher, 0.5)
+    assert {(f["student_layers"], f["student_n_layers"], f["kv_heads_ratio"]) for f in found} == {
+        (layers, n, kv) for layers, n in (("all", None), ("group", 1), ("group", 2)) for kv in (1.0, 0.5)}
+    for fields in found:
+        student = bd.StudentConfig(mlp_ratio=fields["mlp_ratio"], layers=fields["student_layers"],
+                                   n_layers=fields["student_n_layers"], kv_heads_ratio=fields["kv_heads_ratio"])
+        assert bd.parameter_count(bd.student_config_for(teacher, student)) <= limit
+        if fields["mlp_ratio"] < 1:  # one more eighth would not fit
+            wider = student.replace(mlp_ratio=fields["mlp_ratio"] + 1 / 8)
+            assert bd.parameter_count(bd.student_config_for(teacher, wider)) > limit
+    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0}
+    results = {
+        "finish/params=0.5/searched/seed0": {**record, "student": "searched", "seed": 0, "final_loss": 1.2},
+        "finish/params=0.5/searched/seed1": {**record, "student": "searched", "seed": 1, "final_loss": 1.4},
+        "finish/params=0.5/uniform-all-kv1-mlp0.5/seed0": {**record, "student": "uniform-all-kv1-mlp0.5",
+                                                           "seed": 0, "final_loss": 1.25},
+    }
+    text = study.report(results)
+    rows = [line for line in text.splitlines() if line.startswith("| searched") or line.startswith("| uniform")]
+    assert rows[0].startswith("| uniform") and rows[0].endswith("| 1.2500 |")  # ranked by mean: 1.25 < 1.30
+    assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 |")

@@ -1,0 +1,207 @@
+"""Block search study: does a searched heterogeneous student beat the best uniform one?
+
+For each parameter budget (fractions of the teacher's parameters):
+
+1. one block library is trained for the teacher (`blockdistill search`; the library does
+   not depend on the budget, so every budget reuses it) and assembled under the budget;
+2. the uniform students that fit the budget (every combination of KV heads and depth with
+   the widest MLP that fits) are pruned from the teacher;
+3. every student is finished with the main job's recipe (logit KD) for the same number of
+   steps: the searched one and the best uniform one (chosen on seed 0) with every seed.
+
+Results go to a JSON file (one record per run; a rerun resumes and skips what is done)
+and a report section of docs/search.md. `--quick` runs the machinery on a tiny budget with
+its own results and page (never the docs).
+
+    python experiments/search.py                          # the study (hours on 2 CPU cores)
+    python experiments/search.py --report-only            # rebuild the report from the results
+"""
+
+import argparse
+import itertools
+import json
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BEGIN = "<!-- search-study:begin (written by experiments/search.py; do not edit) -->"
+END = "<!-- search-study:end -->"
+DEFAULT_STEPS = 150  # the main job's
+
+
+def sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"batch_size": 2, "seq_len": 64, "eval_batches": 1, "calibration_batches": 1}
+    return {"batch_size": 8, "seq_len": 256, "eval_batches": 16, "calibration_batches": 4}
+
+
+def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
+    """Every uniform student (KV heads, depth) with the widest MLP (in 1/8ths of the
+    teacher's) whose parameters fit `budget` x the teacher's; as `distill` options."""
+    from blockdistill import StudentConfig, parameter_count, student_config_for
+
+    limit = budget * parameter_count(teacher_config)
+    depths = [("all", None)] + [("group", n) for n in range(1, teacher_config.n_layers)
+                                if teacher_config.n_layers % n == 0]
+    kv_ratios = sorted({h / teacher_config.n_kv_heads for h in (teacher_config.n_kv_heads, teacher_config.n_kv_heads // 2, 1)
+                        if h >= 1 and teacher_config.n_kv_heads % h == 0}, reverse=True)
+    found = []
+    for (layers, n_layers), kv in itertools.product(depths, kv_ratios):
+        for eighths in range(8, 0, -1):
+            student = StudentConfig(mlp_ratio=eighths / 8, layers=layers, n_layers=n_layers, kv_heads_ratio=kv)
+            if parameter_count(student_config_for(teacher_config, student)) <= limit:
+                found.append({"mlp_ratio": eighths / 8, "student_layers": layers, "student_n_layers": n_layers,
+                              "kv_heads_ratio": kv})
+                break
+    return found
+
+
+def uniform_name(fields: dict[str, Any]) -> str:
+    depth = "all" if fields["student_layers"] == "all" else f"{fields['student_n_layers']}L"
+    return f"uniform-{depth}-kv{fields['kv_heads_ratio']:g}-mlp{fields['mlp_ratio']:g}"
+
+
+def finish(out: pathlib.Path, args, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One KD run of the main job's recipe (resumed if interrupted); its record."""
+    from blockdistill import load_model, parameter_count
+    from blockdistill._commands import distill
+    from blockdistill._runconfig import DistillConfig
+
+    size = sizes(args.quick)
+    cfg = DistillConfig(out=str(out), teacher=args.teacher, steps=args.finish_steps, seed=seed,
+                        eval_every=max(1, args.finish_steps // 3), checkpoint_every=max(1, args.finish_steps // 3),
+                        keep_checkpoints=1, progress=False, plots=False,
+                        **({"data": args.data} if args.data else {}), **size, **extra)
+    began = time.perf_counter()
+    summary = distill(cfg)
+    student = load_model(out / "student").config
+    return {"seed": seed, "initial_loss": summary["initial_loss"], "final_loss": summary["final_loss"],
+            "teacher_loss": summary["teacher_loss"], "gap_closed": summary["gap_closed"],
+            "params": parameter_count(student), "wall_s": time.perf_counter() - began}
+
+
+def run_study(args) -> dict[str, Any]:
+    from blockdistill import load_model, parameter_count
+    from blockdistill._io import shipped_teacher_path
+    from blockdistill._runconfig import SearchConfig
+    from blockdistill._search_command import search
+
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+
+    def save():
+        args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+    teacher_path = shipped_teacher_path() if args.teacher == "shipped" else pathlib.Path(args.teacher)
+    teacher_config = load_model(teacher_path).config
+    teacher_params = parameter_count(teacher_config)
+    size = sizes(args.quick)
+    data = {"data": args.data} if args.data else {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        key = f"search/params={budget:g}"
+        searched_init = args.out / f"searched-{budget:g}" / "init"
+        if key not in results or not searched_init.is_dir():
+            cfg = SearchConfig(out=str(args.out / "library"), teacher=args.teacher, budget=f"params={budget:g}",
+                               steps=args.library_steps, progress=False, plots=True, **data, **size)
+            summary = search(cfg)
+            if searched_init.exists():
+                shutil.rmtree(searched_init)
+            shutil.copytree(args.out / "library" / "student", searched_init)
+            results[key] = {k: v for k, v in summary.items() if k != "lines"}
+            save()
+        runs = {"searched": {"student": str(searched_init)}}
+        candidates = uniform_students(teacher_config, budget)
+        for fields in candidates:
+            runs[uniform_name(fields)] = {**fields, "student_init": "prune"}
+        # seed 0 of everything, then every seed of the searched and the best uniform student
+        for name, extra in runs.items():
+            run_key = f"finish/params={budget:g}/{name}/seed{seeds[0]}"
+            if run_key not in results:
+                results[run_key] = {"budget": budget, "student": name, **finish(
+                    args.out / f"params={budget:g}" / name / f"seed{seeds[0]}", args, seeds[0], extra)}
+                results[run_key]["params_fraction"] = results[run_key]["params"] / teacher_params
+                save()
+        uniform = [n for n in runs if n != "searched"]
+        if uniform:
+            best = min(uniform, key=lambda n: results[f"finish/params={budget:g}/{n}/seed{seeds[0]}"]["final_loss"])
+            for name, seed in itertools.product(("searched", best), seeds[1:]):
+                run_key = f"finish/params={budget:g}/{name}/seed{seed}"
+                if run_key not in results:
+                    results[run_key] = {"budget": budget, "student": name, **finish(
+                        args.out / f"params={budget:g}" / name / f"seed{seed}", args, seed, runs[name])}
+                    results[run_key]["params_fraction"] = results[run_key]["params"] / teacher_params
+                    save()
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    """The study's section of docs/search.md, from the results alone."""
+    budgets = sorted({r["budget"] for k, r in results.items() if k.startswith("finish/")}, reverse=True)
+    out = [BEGIN, ""]
+    for budget in budgets:
+        search_record = results.get(f"search/params={budget:g}", {})
+        finished = {k: r for k, r in results.items() if k.startswith(f"finish/params={budget:g}/")}
+        by_student: dict[str, list[dict]] = {}
+        for record in finished.values():
+            by_student.setdefault(record["student"], []).append(record)
+        out += [f"### {budget:.0%} of the teacher's parameters", ""]
+        if search_record:
+            cost = search_record["search_cost"]
+            out += [f"Searched: {search_record['architecture']} (by {search_record['score']}; library of "
+                    f"{cost['candidates_trained']} trained candidates per layer, {cost['steps']} steps, "
+                    f"{cost['train_seconds']:.0f} s and {cost['train_flops'] / 1e12:.1f} TFLOP of training, "
+                    f"{cost['score_seconds']:.0f} s of scoring).", ""]
+        out += ["| student | params | seeds | loss before KD | final loss (per seed) | mean |",
+                "|---|---:|---:|---:|---|---:|"]
+        rows = []
+        for name, records in by_student.items():
+            records = sorted(records, key=lambda r: r["seed"])
+            finals = [r["final_loss"] for r in records]
+            rows.append((sum(finals) / len(finals), name, records, finals))
+        for mean, name, records, finals in sorted(rows):
+            out.append(f"| {name} | {records[0]['params_fraction']:.1%} | {len(records)} | "
+                       f"{records[0]['initial_loss']:.4f} | {' / '.join(f'{x:.4f}' for x in finals)} | {mean:.4f} |")
+        out.append("")
+    out.append(END)
+    return "\n".join(out) + "\n"
+
+
+def write_report(page: pathlib.Path, text: str) -> None:
+    current = page.read_text() if page.exists() else ""
+    if BEGIN in current and END in current:
+        start, end = current.index(BEGIN), current.index(END) + len(END) + 1
+        current = current[:start] + text + current[end:]
+    else:
+        current = current.rstrip("\n") + "\n\n## Results\n\n" + text
+    page.write_text(current)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "search-study")
+    parser.add_argument("--teacher", default="shipped")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--budgets", default="0.5,0.3", help="fractions of the teacher's parameters")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--library-steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--finish-steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--results", type=pathlib.Path, default=ROOT / "experiments" / "search_results.json")
+    parser.add_argument("--page", type=pathlib.Path, default=ROOT / "docs" / "search.md")
+    parser.add_argument("--quick", action="store_true", help="tiny budget for testing the machinery")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    own = "--results" in (argv or sys.argv) and "--page" in (argv or sys.argv)
+    if args.quick and not own:
+        parser.error("--quick needs --results and --page (its numbers never go into the docs)")
+    if args.quick:
+        args.library_steps, args.finish_steps = min(args.library_steps, 4), min(args.finish_steps, 2)
+    results = json.loads(args.results.read_text()) if args.report_only else run_study(args)
+    write_report(args.page, report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
