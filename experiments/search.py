@@ -14,6 +14,7 @@ and a report section of docs/search.md. `--quick` runs the machinery on a tiny b
 its own results and page (never the docs).
 
     python experiments/search.py                          # the study (hours on 2 CPU cores)
+    python experiments/search.py --cost                   # step cost as the library grows (alone)
     python experiments/search.py --report-only            # rebuild the report from the results
 """
 
@@ -137,6 +138,55 @@ def run_study(args) -> dict[str, Any]:
     return results
 
 
+def cost_scaling(args, counts=(1, 2, 5, 10, 20)) -> dict[str, Any]:
+    """What one library step costs as the library grows: the first `n` trained candidates
+    of the default space for each `n` in `counts`, each step compiled first and then timed
+    in rounds side by side (median; run this alone on the machine), with its analytic
+    FLOPs and its compiled temporaries."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import blockdistill as bd
+    from blockdistill._search_command import library_step_flops
+
+    size = sizes(args.quick)
+    model = bd.load_model(args.teacher)
+    full = bd.init_library(model, bd.SearchSpace(), jnp.zeros((2, size["seq_len"]), jnp.int32))
+    tokens = jax.random.randint(jax.random.key(0), (size["batch_size"], size["seq_len"]), 0, model.config.vocab_size)
+    mask = jnp.ones(tokens.shape, bool)
+    programs, rows = {}, {}
+    for n in [c for c in counts if c <= len(full.stacks)]:
+        library = bd.BlockLibrary(stacks=full.stacks[:n], shapes=full.trained_shapes[:n], config=full.config)
+        optimizer = bd.make_optimizer(1e-3, clip_norm=None)
+        state = {"library": library, "opt": optimizer.init(eqx.filter(library, eqx.is_inexact_array))}
+        step = bd.LibraryStep(optimizer=optimizer)
+
+        def one(step=step, state=state):
+            copy = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, (state["library"], state["opt"]))
+            jax.block_until_ready(step(*copy, model, tokens, mask)[2])
+
+        from blockdistill._search import _library_step
+
+        compiled = eqx.filter_jit(_library_step).lower(
+            (model, tokens, mask, None), library, state["opt"], optimizer=optimizer, kind="nmse").compile()
+        memory = compiled.compiled.memory_analysis() if hasattr(compiled, "compiled") else compiled.memory_analysis()
+        one()  # compile the step itself
+        programs[n] = one
+        rows[n] = {"candidates": n, "temp_gib": memory.temp_size_in_bytes / 2**30,
+                   "tflop_per_step": library_step_flops(library, batch_size=size["batch_size"],
+                                                        seq_len=size["seq_len"]) / 1e12}
+    times = {n: [] for n in programs}
+    for r in range(3 if args.quick else 5):
+        for n in (list(programs) if r % 2 == 0 else list(reversed(programs))):
+            began = time.perf_counter()
+            programs[n]()
+            times[n].append(time.perf_counter() - began)
+    for n, values in times.items():
+        rows[n]["step_s"] = sorted(values)[len(values) // 2]
+    return {"batch_size": size["batch_size"], "seq_len": size["seq_len"], "rows": list(rows.values())}
+
+
 def report(results: dict[str, Any]) -> str:
     """The study's section of docs/search.md, from the results alone."""
     budgets = sorted({r["budget"] for k, r in results.items() if k.startswith("finish/")}, reverse=True)
@@ -165,6 +215,13 @@ def report(results: dict[str, Any]) -> str:
             out.append(f"| {name} | {records[0]['params_fraction']:.1%} | {len(records)} | "
                        f"{records[0]['initial_loss']:.4f} | {' / '.join(f'{x:.4f}' for x in finals)} | {mean:.4f} |")
         out.append("")
+    if "cost" in results:
+        cost = results["cost"]
+        out += [f"### What a library step costs as the library grows ({cost['batch_size']} x {cost['seq_len']} tokens)",
+                "", "| trained candidates | step s | TFLOP per step | compiled temporaries (GiB) |", "|---:|---:|---:|---:|"]
+        out += [f"| {r['candidates']} | {r['step_s']:.3g} | {r['tflop_per_step']:.3g} | {r['temp_gib']:.3g} |"
+                for r in cost["rows"]]
+        out.append("")
     out.append(END)
     return "\n".join(out) + "\n"
 
@@ -192,13 +249,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", type=pathlib.Path, default=ROOT / "docs" / "search.md")
     parser.add_argument("--quick", action="store_true", help="tiny budget for testing the machinery")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--cost", action="store_true",
+                        help="only measure what a library step costs as it grows (run it alone on the machine)")
     args = parser.parse_args(argv)
     own = "--results" in (argv or sys.argv) and "--page" in (argv or sys.argv)
     if args.quick and not own:
         parser.error("--quick needs --results and --page (its numbers never go into the docs)")
     if args.quick:
         args.library_steps, args.finish_steps = min(args.library_steps, 4), min(args.finish_steps, 2)
-    results = json.loads(args.results.read_text()) if args.report_only else run_study(args)
+    if args.cost:
+        results = json.loads(args.results.read_text()) if args.results.exists() else {}
+        results["cost"] = cost_scaling(args)
+        args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    elif args.report_only:
+        results = json.loads(args.results.read_text())
+    else:
+        results = run_study(args)
     write_report(args.page, report(results))
     return 0
 
