@@ -208,7 +208,8 @@ def cli_teacher(tmp_path_factory):
 def _search_args(out, teacher, corpus, *extra):
     return ["search", "--out", str(out), "--teacher", str(teacher), "--data", str(corpus), "--steps", "4",
             "--checkpoint-every", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
-            "--calibration-batches", "1", "--mlp-ratios", "1,0.5", "--warmup-steps", "1", "--no-progress", *extra]
+            "--calibration-batches", "1", "--mlp-ratios", "1,0.5", "--warmup-steps", "1", "--no-progress",
+            "--candidates-per-step", "4", *extra]
 
 
 def test_search_command_resumes_and_writes_a_student(tmp_path, cli_teacher, corpus, capsys):
@@ -309,3 +310,26 @@ def test_study_compares_with_every_uniform_student_that_fits():
     rows = [line for line in text.splitlines() if line.startswith("| searched") or line.startswith("| uniform")]
     assert rows[0].startswith("| uniform") and rows[0].endswith("| 1.2500 |")  # ranked by mean: 1.25 < 1.30
     assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 |")
+
+
+def test_grouped_steps_train_the_library_to_the_same_numbers(setup):
+    """Candidates trained in groups (one program each, on the same teacher states) follow
+    exactly the single program's numbers."""
+    teacher, tokens, mask, library = setup
+    copy = lambda tree: jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)  # noqa: E731
+    results = []
+    for group_size in (None, 4):
+        step = bd.LibraryStep(optimizer=bd.make_optimizer(1e-3, clip_norm=None), group_size=group_size)
+        trained, opt_state = copy(library), None
+        opt_state = step.init(trained)
+        for _ in range(2):
+            trained, opt_state, losses = step(trained, opt_state, teacher, tokens, mask)
+        results.append((np.asarray(losses), trained))
+    assert len(opt_state) == 3  # nine trained candidates in groups of four
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="group_size=0"):
+        bd.LibraryStep(optimizer=bd.make_optimizer(1e-3), group_size=0)
+    with pytest.raises(ValueError, match="build it with step.init"):
+        bd.LibraryStep(optimizer=bd.make_optimizer(1e-3), group_size=2)(library, opt_state, teacher, tokens, mask)

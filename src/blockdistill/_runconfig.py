@@ -62,7 +62,8 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "teacher_cache": ("teacher", "cache"),
     **{name: ("cache", name) for name in ("top_k", "cache_dtype", "seeds")},
     **{name: ("search", name) for name in (
-        "budget", "score", "mlp_ratios", "kv_heads", "drop_attention", "drop_mlp", "linear", "identity")},
+        "budget", "score", "mlp_ratios", "kv_heads", "drop_attention", "drop_mlp", "linear", "identity",
+        "candidates_per_step")},
     **{name: ("student", key) for name, key in (
         ("student", "path"), ("student_init", "init"), ("mlp_ratio", "mlp_ratio"), ("student_layers", "layers"),
         ("student_n_layers", "n_layers"), ("kv_heads_ratio", "kv_heads_ratio"),
@@ -150,6 +151,7 @@ HELP: dict[str, str] = {
     'drop_mlp': 'also offer every attention choice without an MLP',
     'linear': 'also offer the whole layer as a linear map (from the identity)',
     'identity': 'also offer removing the layer',
+    'candidates_per_step': "train the candidates in groups of this many, one compiled program per group on the same teacher states: the same numbers, with one group's activations in memory instead of every candidate's; default: all in one program",
     'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',
     'tokenizer': 'the tokenizer folder (or `byte`); default: the one the model folder recorded',
 }
@@ -538,6 +540,7 @@ class SearchConfig(DataOptions):
     drop_mlp: bool = True
     linear: bool = True
     identity: bool = True
+    candidates_per_step: int | None = None
     steps: int = 150
     learning_rate: float = 1e-3
     warmup_steps: int = 20
@@ -565,7 +568,8 @@ class SearchConfig(DataOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "steps", "learning_rate", "calibration_batches", "eval_batches", "checkpoint_every")
+        _positive(self, "steps", "learning_rate", "calibration_batches", "eval_batches", "checkpoint_every",
+                  "candidates_per_step")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
         if self.score not in _SCORES:

@@ -296,13 +296,26 @@ def library_loss(
     if kind not in _FEATURE_LOSSES:
         raise ValueError(f"kind={kind!r} is invalid: must be one of {_FEATURE_LOSSES}")
     model = _unwrap(teacher)
+    layer_in, target = _layer_states(model, tokens, segment_ids)
+    return _stacks_loss(library.stacks, _frozen_flags(library, model), layer_in, target, mask, segment_ids, kind)
+
+
+def _layer_states(model: Transformer, tokens, segment_ids):
+    """The teacher's input to and output of every layer, `[batch, layers, seq, dim]` each."""
     states = _teacher_states(model, tokens, segment_ids).states
-    target = jax.lax.stop_gradient(states.layer_out)
-    layer_in = jax.lax.stop_gradient(states.layer_in)
-    own_shape = BlockShape(model.config.mlp_dim, model.config.n_kv_heads)
+    return jax.lax.stop_gradient((states.layer_in, states.layer_out))
+
+
+def _frozen_flags(library: BlockLibrary, model: Transformer) -> tuple[bool, ...]:
+    """Which trained candidates are the teacher's own layers (nothing to learn: kept exact)."""
+    own = BlockShape(model.config.mlp_dim, model.config.n_kv_heads)
+    return tuple(shape == own for shape in library.trained_shapes)
+
+
+def _stacks_loss(stacks, frozen, layer_in, target, mask, segment_ids, kind):
     rows = []
-    for shape, stack in zip(library.trained_shapes, library.stacks):
-        if shape == own_shape:  # the teacher's own layers: nothing to learn, kept exact
+    for stack, is_frozen in zip(stacks, frozen):
+        if is_frozen:
             stack = jax.lax.stop_gradient(stack)
         rows.append(_per_layer(_candidate_outputs(stack, layer_in, segment_ids), target, kind, mask))
     losses = jnp.stack(rows)
@@ -410,12 +423,38 @@ def _library_step(frozen, library: BlockLibrary, opt_state, *, optimizer, kind: 
 _jitted_library_step = eqx.filter_jit(_library_step, donate="all-except-first")
 
 
+def _group_step(frozen, stacks, opt_state, *, optimizer, kind: FeatureLoss, flags: tuple[bool, ...]):
+    layer_in, target, mask, segment_ids = frozen
+    params, static = eqx.partition(stacks, eqx.is_inexact_array)
+
+    def loss_fn(params):
+        return _stacks_loss(eqx.combine(params, static), flags, layer_in, target, mask, segment_ids, kind)
+
+    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    return eqx.apply_updates(stacks, updates), opt_state, losses
+
+
+_jitted_group_step = eqx.filter_jit(_group_step, donate="all-except-first")
+_jitted_layer_states = eqx.filter_jit(_layer_states)
+
+
 class LibraryStep(eqx.Module):
-    """One jitted training step of a whole [`BlockLibrary`][blockdistill.BlockLibrary]:
+    """One training step of a whole [`BlockLibrary`][blockdistill.BlockLibrary]:
     [`library_loss`][blockdistill.library_loss], its gradient and an optax update (the
     library and the optimizer state are donated). Every block's gradient is its own
     loss's, so with a per-parameter optimizer (Adam, no global-norm clipping: the
     default from `make_optimizer(..., clip_norm=None)`) the blocks train independently.
+
+    - `group_size=None` (default): one compiled program, the teacher's forward included;
+      it holds every candidate's activations at once.
+    - `group_size=g`: the teacher's layer states are computed once, then the candidates
+      train in groups of `g`, one compiled program per group reading the same states: the
+      same numbers, with only one group's activations alive at a time.
+
+    Build the optimizer state with `step.init(library)` (its structure follows the
+    grouping).
 
     **Call:** `step(library, opt_state, teacher, tokens, mask, *, segment_ids=None)
     -> (library, opt_state, losses)` with `losses` the `[trained candidates, layers]`
@@ -424,9 +463,8 @@ class LibraryStep(eqx.Module):
     **Example:**
 
     ```python
-    optimizer = bd.make_optimizer(1e-3, clip_norm=None)
-    opt_state = optimizer.init(eqx.filter(library, eqx.is_inexact_array))
-    step = bd.LibraryStep(optimizer=optimizer)
+    step = bd.LibraryStep(optimizer=bd.make_optimizer(1e-3, clip_norm=None), group_size=4)
+    opt_state = step.init(library)
     library, opt_state, losses = step(library, opt_state, teacher, batch_tokens,
                                       jnp.ones(batch_tokens.shape, bool))
     ```
@@ -434,10 +472,33 @@ class LibraryStep(eqx.Module):
 
     optimizer: Any = eqx.field(static=True)
     kind: str = eqx.field(static=True, default="nmse")
+    group_size: int | None = eqx.field(static=True, default=None)
 
     def __post_init__(self):
         if self.kind not in _FEATURE_LOSSES:
             raise ValueError(f"LibraryStep.kind={self.kind!r} is invalid: must be one of {_FEATURE_LOSSES}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or self.group_size <= 0):
+            raise ValueError(f"LibraryStep.group_size={self.group_size!r} is invalid: must be a positive integer")
+
+    def _groups(self, library: BlockLibrary) -> list[range]:
+        count = len(library.stacks)
+        return [range(start, min(start + self.group_size, count)) for start in range(0, count, self.group_size)]
+
+    def init(self, library: BlockLibrary) -> Any:
+        """The optimizer state for `library` under this step's grouping.
+
+        **Example:**
+
+        ```python
+        opt_state = bd.LibraryStep(optimizer=bd.make_optimizer(1e-3, clip_norm=None)).init(library)
+        ```
+        """
+        if self.group_size is None:
+            return self.optimizer.init(eqx.filter(library, eqx.is_inexact_array))
+        return tuple(
+            self.optimizer.init(eqx.filter(tuple(library.stacks[i] for i in group), eqx.is_inexact_array))
+            for group in self._groups(library)
+        )
 
     def __call__(
         self,
@@ -449,8 +510,27 @@ class LibraryStep(eqx.Module):
         *,
         segment_ids: BatchSegments | None = None,
     ) -> tuple[BlockLibrary, Any, Float[Array, "candidates layers"]]:
-        frozen = (_unwrap(teacher), tokens, mask, segment_ids)
-        return _jitted_library_step(frozen, library, opt_state, optimizer=self.optimizer, kind=self.kind)
+        model = _unwrap(teacher)
+        if self.group_size is None:
+            frozen = (model, tokens, mask, segment_ids)
+            return _jitted_library_step(frozen, library, opt_state, optimizer=self.optimizer, kind=self.kind)
+        groups = self._groups(library)
+        if not isinstance(opt_state, tuple) or len(opt_state) != len(groups):
+            raise ValueError(f"opt_state does not match group_size={self.group_size}: build it with step.init(library)")
+        layer_in, target = _jitted_layer_states(model, tokens, segment_ids)
+        frozen = (layer_in, target, mask, segment_ids)
+        flags = _frozen_flags(library, model)
+        stacks, states, losses = [], [], []
+        for group, state in zip(groups, opt_state):
+            new, state, rows = _jitted_group_step(
+                frozen, tuple(library.stacks[i] for i in group), state,
+                optimizer=self.optimizer, kind=self.kind, flags=tuple(flags[i] for i in group),
+            )
+            stacks.extend(new)
+            states.append(state)
+            losses.append(rows)
+        library = BlockLibrary(stacks=tuple(stacks), shapes=library.shapes, config=library.config)
+        return library, tuple(states), jnp.concatenate(losses)
 
 
 def candidate_costs(

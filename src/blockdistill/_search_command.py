@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +43,7 @@ from ._train import make_optimizer
 #: the options that decide what the library learns: a resumed search must keep them
 _TRAINING_FIELDS = ("teacher", "data", "data_glob", "val_fraction", "seq_len", "batch_size", "mlp_ratios",
                     "kv_heads", "drop_attention", "drop_mlp", "linear", "identity", "steps", "learning_rate",
-                    "warmup_steps", "feature_loss", "calibration_batches", "seed", "dtype")
+                    "warmup_steps", "feature_loss", "calibration_batches", "seed", "dtype", "candidates_per_step")
 
 
 def _schedule(cfg: SearchConfig):
@@ -79,7 +78,8 @@ def _check_resumable(cfg: SearchConfig, saved: dict[str, Any], out: pathlib.Path
 def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, dict[str, Any]]:
     """Train (or resume training) the library; returns it and what the training measured."""
     optimizer = make_optimizer(_schedule(cfg), clip_norm=None)
-    opt_state = optimizer.init(eqx.filter(library, eqx.is_inexact_array))
+    step = LibraryStep(optimizer=optimizer, kind=cfg.feature_loss, group_size=cfg.candidates_per_step)
+    opt_state = step.init(library)
     batches = batch_iterator(dataset.train, batch_size=cfg.batch_size, seed=cfg.seed)
     checkpointer = Checkpointer(out, keep=2)
     start, seconds = 0, 0.0
@@ -90,7 +90,6 @@ def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, d
         batches.set_state(state["data"])
         start, seconds = latest, float(state.get("train_seconds", 0.0))
         print(f"resuming the library from step {start} ({out / 'checkpoints' / str(start)})", file=sys.stderr)
-    step = LibraryStep(optimizer=optimizer, kind=cfg.feature_loss)
     stop: list[int] = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
