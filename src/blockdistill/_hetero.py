@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import BlockShape, TransformerConfig
+from ._flops import layer_flops
 from ._layer import DecoderLayer
 from ._model import Transformer
 from ._types import Array
@@ -76,17 +77,16 @@ def block_flops_per_token(config: TransformerConfig, shape: BlockShape, seq_len:
     bd.block_flops_per_token(cfg, bd.BlockShape(mlp_dim=64, n_kv_heads=1), seq_len=16)
     ```
     """
-    dim, head_dim = config.dim, config.head_dim
+    uniform = config.replace(layer_shapes=None)
     flops = 0.0
     if shape.has_attention:
-        q_width, kv_width = config.n_heads * head_dim, shape.n_kv_heads * head_dim
-        flops += 2.0 * dim * (q_width + 2 * kv_width) + 2.0 * q_width * dim
-        flops += 2.0 * 2.0 * (seq_len + 1) / 2 * config.n_heads * head_dim
+        parts = layer_flops(uniform.replace(n_kv_heads=shape.n_kv_heads), seq_len)
+        flops += parts["qkv"] + parts["o"] + parts["core"]
     if shape.has_mlp:
-        flops += 2.0 * 3 * dim * shape.mlp_dim
+        flops += layer_flops(uniform.replace(mlp_dim=shape.mlp_dim), seq_len)["mlp"]
     if shape.linear:
-        flops += 2.0 * dim * dim
-    return flops
+        flops += 2.0 * seq_len * config.dim * config.dim
+    return flops / seq_len
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int) -> float:

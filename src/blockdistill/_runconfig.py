@@ -580,6 +580,11 @@ class SearchConfig(DataOptions):
         self.budgets()
         self.space()
 
+    @property
+    def horizon(self) -> int:
+        """The number of steps the learning-rate schedule is built for."""
+        return self.steps
+
     def budgets(self) -> dict[str, float]:
         """`budget` as `{kind: fraction of the teacher's}` (a `ConfigError` naming a bad part)."""
         out: dict[str, float] = {}
@@ -671,7 +676,7 @@ def given_flags(namespace, cls) -> dict[str, Any]:
 # Each section becomes its library object here, once.
 
 
-def lr_schedule(cfg: RunConfig) -> optax.Schedule:
+def lr_schedule(cfg: RunConfig | SearchConfig) -> optax.Schedule:
     """Linear warm-up to `learning_rate`, then cosine decay to a tenth of it over the
     run's schedule horizon (`steps`, or `schedule_steps`); past it the rate stays at its
     final value."""

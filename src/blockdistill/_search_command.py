@@ -1,6 +1,7 @@
 """`blockdistill search`: train a block library for every teacher layer, score it on held-out
 rows, and assemble the best student under a budget (see docs/search.md)."""
 
+import dataclasses
 import pathlib
 import signal
 import sys
@@ -24,7 +25,7 @@ from ._hetero import (
     shape_name,
 )
 from ._io import load_model, save_model
-from ._runconfig import ConfigError, SearchConfig
+from ._runconfig import ConfigError, SearchConfig, lr_schedule
 from ._search import (
     BlockLibrary,
     LibraryStep,
@@ -41,19 +42,8 @@ from ._tokenizers import load_tokenizer
 from ._train import make_optimizer
 
 #: the options that decide what the library learns: a resumed search must keep them
-_TRAINING_FIELDS = ("teacher", "data", "data_glob", "val_fraction", "seq_len", "batch_size", "mlp_ratios",
-                    "kv_heads", "drop_attention", "drop_mlp", "linear", "identity", "steps", "learning_rate",
-                    "warmup_steps", "feature_loss", "calibration_batches", "seed", "dtype", "candidates_per_step")
-
-
-def _schedule(cfg: SearchConfig):
-    import optax
-
-    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1),
-        end_value=cfg.learning_rate / 10,
-    )
+_TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig)
+                         if f.name not in SearchConfig.RESUMABLE_CHANGES)
 
 
 def library_step_flops(library: BlockLibrary, *, batch_size: int, seq_len: int) -> float:
@@ -77,7 +67,7 @@ def _check_resumable(cfg: SearchConfig, saved: dict[str, Any], out: pathlib.Path
 
 def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, dict[str, Any]]:
     """Train (or resume training) the library; returns it and what the training measured."""
-    optimizer = make_optimizer(_schedule(cfg), clip_norm=None)
+    optimizer = make_optimizer(lr_schedule(cfg), clip_norm=None)
     step = LibraryStep(optimizer=optimizer, kind=cfg.feature_loss, group_size=cfg.candidates_per_step)
     opt_state = step.init(library)
     batches = batch_iterator(dataset.train, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -129,10 +119,10 @@ def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, d
     return library, {"train_seconds": seconds, "last_losses": final}
 
 
-def _scores(cfg, teacher, dataset, library) -> dict[str, np.ndarray]:
-    """Mean held-out scores over the eval batches: `[candidates, layers]` each."""
+def _scores(cfg, teacher, val, library) -> dict[str, np.ndarray]:
+    """Mean held-out scores over the eval batches `val`: `[candidates, layers]` each."""
     block, kl = [], []
-    for tokens, mask, segments in _val_batches(cfg, dataset):
+    for tokens, mask, segments in val:
         tokens, mask, segments = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(segments)
         block.append(blockwise_scores(library, teacher, tokens, mask, segment_ids=segments, kind=cfg.feature_loss))
         kl.append(swap_scores(library, teacher, tokens, mask, segment_ids=segments))
@@ -212,8 +202,9 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
     names = [shape_name(s) for s in library.shapes]
     out.mkdir(parents=True, exist_ok=True)
     library, trained = _train_library(cfg, out, teacher, dataset, library)
+    val = _val_batches(cfg, dataset)
     began = time.perf_counter()
-    scores = _scores(cfg, teacher, dataset, library)
+    scores = _scores(cfg, teacher, val, library)
     score_seconds = time.perf_counter() - began
     costs = candidate_costs(config, library.shapes, seq_len=cfg.seq_len)
     per_layer = {kind: np.tile(costs[kind], (config.n_layers, 1)) for kind in costs}
@@ -223,7 +214,6 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
     student_config = student.config
     real = {"params": parameter_count(student_config), "kv_bytes": kv_cache_bytes_per_token(student_config),
             "flops": flops_per_token(student_config, cfg.seq_len)}
-    val = _val_batches(cfg, dataset)
     teacher_loss, student_loss = evaluate(model, val), evaluate(student, val)
     step_flops = library_step_flops(library, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     record = {
