@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "docs" / "images"
 BEGIN = "<!-- search-study:begin (written by experiments/search.py; do not edit) -->"
 END = "<!-- search-study:end -->"
 DEFAULT_STEPS = 150  # the main job's
@@ -63,6 +64,18 @@ def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
 def uniform_name(fields: dict[str, Any]) -> str:
     depth = "all" if fields["student_layers"] == "all" else f"{fields['student_n_layers']}L"
     return f"uniform-{depth}-kv{fields['kv_heads_ratio']:g}-mlp{fields['mlp_ratio']:g}"
+
+
+def label(name: str, short: bool = False) -> str:
+    """A student's name as the report shows it: `uniform-3L-kv0.5-mlp0.75` is "uniform: 3
+    layers, KV heads x0.5, MLP x0.75" (ratios of the teacher's; `short`: for a plot)."""
+    if not name.startswith("uniform-"):
+        return name
+    depth, kv, mlp = name.removeprefix("uniform-").split("-")
+    layers = "all" if depth == "all" else depth.removesuffix("L")
+    if short:
+        return f"{layers} L, KV x{kv.removeprefix('kv')}, MLP x{mlp.removeprefix('mlp')}"
+    return f"uniform: {layers} layers, KV heads x{kv.removeprefix('kv')}, MLP x{mlp.removeprefix('mlp')}"
 
 
 def finish(out: pathlib.Path, args, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +125,7 @@ def run_study(args) -> dict[str, Any]:
                 shutil.rmtree(searched_init)
             shutil.copytree(args.out / "library" / "student", searched_init)
             results[key] = {k: v for k, v in summary.items() if k != "lines"}
+            results["scores"] = json.loads((args.out / "library" / "scores.json").read_text())
             save()
         runs = {"searched": {"student": str(searched_init)}}
         candidates = uniform_students(teacher_config, budget)
@@ -187,10 +201,77 @@ def cost_scaling(args, counts=(1, 2, 5, 10, 20)) -> dict[str, Any]:
     return {"batch_size": size["batch_size"], "seq_len": size["seq_len"], "rows": list(rows.values())}
 
 
-def report(results: dict[str, Any]) -> str:
-    """The study's section of docs/search.md, from the results alone."""
+def plot_students(results: dict[str, Any], budget: float, path: pathlib.Path) -> None:
+    """Final loss after the KD finish against the student's real parameters, one point per
+    seed (a line through a student's seeds), the searched student in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [r for k, r in results.items() if k.startswith(f"finish/params={budget:g}/")]
+    names = sorted({r["student"] for r in finished}, key=lambda n: (n != "searched", n))
+    figure, axes = plt.subplots(figsize=(7.5, 4.6))
+    for name in names:
+        records = [r for r in finished if r["student"] == name]
+        x = records[0]["params_fraction"]
+        losses = [r["final_loss"] for r in records]
+        colour = "tab:red" if name == "searched" else "tab:gray"
+        axes.plot([x] * len(losses), losses, marker="o", linestyle="-", color=colour, alpha=0.8)
+        axes.annotate(label(name, short=True), (x, min(losses)), fontsize=6, color=colour,
+                      textcoords="offset points", xytext=(4, -8))
+    teacher = finished[0]["teacher_loss"] if finished else None
+    if teacher is not None:
+        axes.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+    axes.axvline(budget, color="tab:blue", linestyle=":", linewidth=1, label=f"budget ({budget:.0%})")
+    axes.set_yscale("log")
+    axes.set_xlabel("student parameters / teacher parameters")
+    axes.set_ylabel("held-out loss after the KD finish (nats/byte)")
+    axes.set_title(f"Searched (red) and uniform (grey) students at {budget:.0%} of the parameters", fontsize=9)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_cost(cost: dict[str, Any], path: pathlib.Path) -> None:
+    """Library step seconds and compiled temporaries against the number of trained candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cost["rows"]
+    n = [r["candidates"] for r in rows]
+    figure, left = plt.subplots(figsize=(6, 3.8))
+    left.plot(n, [r["step_s"] for r in rows], marker="o", color="tab:blue", label="step seconds")
+    left.set_xlabel("trained candidates per layer")
+    left.set_ylabel("seconds per library step", color="tab:blue")
+    right = left.twinx()
+    right.plot(n, [r["temp_gib"] for r in rows], marker="s", color="tab:orange", label="compiled temporaries")
+    right.set_ylabel("compiled temporaries (GiB)", color="tab:orange")
+    left.set_title(f"One library step ({cost['batch_size']} x {cost['seq_len']} tokens) as the library grows",
+                   fontsize=9)
+    left.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(results: dict[str, Any], images: pathlib.Path | None = None, page: pathlib.Path | None = None) -> str:
+    """The study's section of docs/search.md, from the results alone; with `images` (and
+    the `page` the links are relative to) its plots too."""
+    import os
+
+    def figure(path: pathlib.Path) -> list[str]:
+        link = os.path.relpath(path.resolve(), (page or path).resolve().parent)
+        return [f"![{path.stem}]({link})", ""]
+
     budgets = sorted({r["budget"] for k, r in results.items() if k.startswith("finish/")}, reverse=True)
     out = [BEGIN, ""]
+    if images is not None:
+        images.mkdir(parents=True, exist_ok=True)
     for budget in budgets:
         search_record = results.get(f"search/params={budget:g}", {})
         finished = {k: r for k, r in results.items() if k.startswith(f"finish/params={budget:g}/")}
@@ -203,7 +284,20 @@ def report(results: dict[str, Any]) -> str:
             out += [f"Searched: {search_record['architecture']} (by {search_record['score']}; library of "
                     f"{cost['candidates_trained']} trained candidates per layer, {cost['steps']} steps, "
                     f"{cost['train_seconds']:.0f} s and {cost['train_flops'] / 1e12:.1f} TFLOP of training, "
-                    f"{cost['score_seconds']:.0f} s of scoring).", ""]
+                    f"{cost['score_seconds']:.0f} s of scoring). Assembled, before the KD finish: "
+                    f"{search_record['eval_loss']['assembled_student']:.4f} (teacher "
+                    f"{search_record['eval_loss']['teacher']:.4f}); its real cost: "
+                    + ", ".join(f"{kind} {value['fraction']:.1%}" for kind, value in search_record["costs"].items())
+                    + " of the teacher's.", ""]
+            if images is not None and "scores" in results:
+                import numpy as np
+
+                from blockdistill._search_command import _plot
+
+                path = images / f"search_scores_params{budget:g}.png"
+                _plot(path, results["scores"]["candidates"], np.asarray(results["scores"]["kl"]),
+                      tuple(search_record["indices"]), "KL with the block swapped in")
+                out += figure(path)
         out += ["| student | params | seeds | loss before KD | final loss (per seed) | mean |",
                 "|---|---:|---:|---:|---|---:|"]
         rows = []
@@ -212,9 +306,13 @@ def report(results: dict[str, Any]) -> str:
             finals = [r["final_loss"] for r in records]
             rows.append((sum(finals) / len(finals), name, records, finals))
         for mean, name, records, finals in sorted(rows):
-            out.append(f"| {name} | {records[0]['params_fraction']:.1%} | {len(records)} | "
+            out.append(f"| {label(name)} | {records[0]['params_fraction']:.1%} | {len(records)} | "
                        f"{records[0]['initial_loss']:.4f} | {' / '.join(f'{x:.4f}' for x in finals)} | {mean:.4f} |")
         out.append("")
+        if images is not None and finished:
+            path = images / f"search_students_params{budget:g}.png"
+            plot_students(results, budget, path)
+            out += figure(path)
     if "cost" in results:
         cost = results["cost"]
         out += [f"### What a library step costs as the library grows ({cost['batch_size']} x {cost['seq_len']} tokens)",
@@ -222,6 +320,10 @@ def report(results: dict[str, Any]) -> str:
         out += [f"| {r['candidates']} | {r['step_s']:.3g} | {r['tflop_per_step']:.3g} | {r['temp_gib']:.3g} |"
                 for r in cost["rows"]]
         out.append("")
+        if images is not None:
+            path = images / "search_cost.png"
+            plot_cost(cost, path)
+            out += figure(path)
     out.append(END)
     return "\n".join(out) + "\n"
 
@@ -247,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finish-steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--results", type=pathlib.Path, default=ROOT / "experiments" / "search_results.json")
     parser.add_argument("--page", type=pathlib.Path, default=ROOT / "docs" / "search.md")
+    parser.add_argument("--images", type=pathlib.Path, default=IMAGES, help="folder for the plots")
     parser.add_argument("--quick", action="store_true", help="tiny budget for testing the machinery")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--cost", action="store_true",
                         help="only measure what a library step costs as it grows (run it alone on the machine)")
     args = parser.parse_args(argv)
-    own = "--results" in (argv or sys.argv) and "--page" in (argv or sys.argv)
+    own = all(flag in (argv or sys.argv) for flag in ("--results", "--page", "--images"))
     if args.quick and not own:
-        parser.error("--quick needs --results and --page (its numbers never go into the docs)")
+        parser.error("--quick needs --results, --page and --images (its numbers never go into the docs)")
     if args.quick:
         args.library_steps, args.finish_steps = min(args.library_steps, 4), min(args.finish_steps, 2)
     if args.cost:
@@ -263,9 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     elif args.report_only:
         results = json.loads(args.results.read_text())
+        scores = args.out / "library" / "scores.json"
+        if "scores" not in results and scores.exists():  # a study made before the scores were kept
+            results["scores"] = json.loads(scores.read_text())
+            args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     else:
         results = run_study(args)
-    write_report(args.page, report(results))
+    write_report(args.page, report(results, args.images, args.page))
     return 0
 
 

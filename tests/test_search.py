@@ -276,7 +276,7 @@ def test_search_options_are_checked(tmp_path, cli_teacher, corpus, capsys):
     assert "leaves nothing for the layers" in capsys.readouterr().err
 
 
-def test_study_compares_with_every_uniform_student_that_fits():
+def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
     """experiments/search.py: the uniform students are the widest MLP (in eighths) for each
     KV-head and depth choice that fits the budget, and the report ranks by mean loss."""
     import importlib.util
@@ -299,17 +299,21 @@ def test_study_compares_with_every_uniform_student_that_fits():
         if fields["mlp_ratio"] < 1:  # one more eighth would not fit
             wider = student.replace(mlp_ratio=fields["mlp_ratio"] + 1 / 8)
             assert bd.parameter_count(bd.student_config_for(teacher, wider)) > limit
-    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0}
+    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0}
     results = {
         "finish/params=0.5/searched/seed0": {**record, "student": "searched", "seed": 0, "final_loss": 1.2},
         "finish/params=0.5/searched/seed1": {**record, "student": "searched", "seed": 1, "final_loss": 1.4},
         "finish/params=0.5/uniform-all-kv1-mlp0.5/seed0": {**record, "student": "uniform-all-kv1-mlp0.5",
                                                            "seed": 0, "final_loss": 1.25},
     }
-    text = study.report(results)
+    text = study.report(results, tmp_path / "images", tmp_path / "page.md")
     rows = [line for line in text.splitlines() if line.startswith("| searched") or line.startswith("| uniform")]
-    assert rows[0].startswith("| uniform") and rows[0].endswith("| 1.2500 |")  # ranked by mean: 1.25 < 1.30
+    assert rows[0].startswith("| uniform: all layers, KV heads x1, MLP x0.5 |")
+    assert rows[0].endswith("| 1.2500 |")  # ranked by mean: 1.25 < 1.30
     assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 |")
+    assert (tmp_path / "images" / "search_students_params0.5.png").stat().st_size > 0
+    assert "![search_students_params0.5](images/search_students_params0.5.png)" in text
+    assert study.label("uniform-3L-kv0.25-mlp0.875") == "uniform: 3 layers, KV heads x0.25, MLP x0.875"
 
 
 def test_grouped_steps_train_the_library_to_the_same_numbers(setup):
