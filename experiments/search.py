@@ -5,9 +5,11 @@ For each parameter budget (fractions of the teacher's parameters):
 1. one block library is trained for the teacher (`blockdistill search`; the library does
    not depend on the budget, so every budget reuses it) and assembled under the budget;
 2. the uniform students that fit the budget (every combination of KV heads and depth with
-   the widest MLP that fits) are pruned from the teacher;
+   the widest MLP, in eighths of the teacher's, that fits) are pruned from the teacher;
 3. every student is finished with the main job's recipe (logit KD) for the same number of
-   steps: the searched one and the best uniform one (chosen on seed 0) with every seed.
+   steps, seed 0; the best uniform one is refit to the budget's edge (the widest MLP in
+   whole channels, so that uniform pruning gets as many parameters as the search) and
+   finished too; the searched and the best uniform student then run with every seed.
 
 Results go to a JSON file (one record per run; a rerun resumes and skips what is done)
 and a report section of docs/search.md. `--quick` runs the machinery on a tiny budget with
@@ -61,9 +63,26 @@ def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
     return found
 
 
+def edge_student(teacher_config, fields: dict[str, Any], budget: float) -> dict[str, Any] | None:
+    """The uniform student `fields` (as `uniform_students` gives it) refit to the budget's
+    edge: the widest MLP in whole channels that fits; None when that is the same MLP."""
+    from blockdistill import StudentConfig, parameter_count, student_config_for
+
+    limit = budget * parameter_count(teacher_config)
+    width = teacher_config.mlp_dim
+    for channels in range(width, 0, -1):
+        student = StudentConfig(mlp_ratio=channels / width, layers=fields["student_layers"],
+                                n_layers=fields["student_n_layers"], kv_heads_ratio=fields["kv_heads_ratio"])
+        if parameter_count(student_config_for(teacher_config, student)) <= limit:
+            if channels == round(fields["mlp_ratio"] * width):
+                return None
+            return {**fields, "mlp_ratio": channels / width}
+    return None
+
+
 def uniform_name(fields: dict[str, Any]) -> str:
     depth = "all" if fields["student_layers"] == "all" else f"{fields['student_n_layers']}L"
-    return f"uniform-{depth}-kv{fields['kv_heads_ratio']:g}-mlp{fields['mlp_ratio']:g}"
+    return f"uniform-{depth}-kv{fields['kv_heads_ratio']:g}-mlp{fields['mlp_ratio']:.4g}"
 
 
 def label(name: str, short: bool = False) -> str:
@@ -131,24 +150,29 @@ def run_study(args) -> dict[str, Any]:
         candidates = uniform_students(teacher_config, budget)
         for fields in candidates:
             runs[uniform_name(fields)] = {**fields, "student_init": "prune"}
-        # seed 0 of everything, then every seed of the searched and the best uniform student
-        for name, extra in runs.items():
-            run_key = f"finish/params={budget:g}/{name}/seed{seeds[0]}"
+        def run(name: str, seed: int) -> float:
+            run_key = f"finish/params={budget:g}/{name}/seed{seed}"
             if run_key not in results:
                 results[run_key] = {"budget": budget, "student": name, **finish(
-                    args.out / f"params={budget:g}" / name / f"seed{seeds[0]}", args, seeds[0], extra)}
+                    args.out / f"params={budget:g}" / name / f"seed{seed}", args, seed, runs[name])}
                 results[run_key]["params_fraction"] = results[run_key]["params"] / teacher_params
                 save()
+            return results[run_key]["final_loss"]
+
+        # seed 0 of everything; the best uniform student refit to the budget's edge (its MLP
+        # in whole channels, not eighths); then every seed of the searched and the best uniform
+        for name in list(runs):
+            run(name, seeds[0])
         uniform = [n for n in runs if n != "searched"]
         if uniform:
-            best = min(uniform, key=lambda n: results[f"finish/params={budget:g}/{n}/seed{seeds[0]}"]["final_loss"])
+            best = min(uniform, key=lambda n: run(n, seeds[0]))
+            edge = edge_student(teacher_config, runs[best], budget)
+            if edge is not None:
+                runs[uniform_name(edge)] = edge
+                uniform.append(uniform_name(edge))
+                best = min(uniform, key=lambda n: run(n, seeds[0]))
             for name, seed in itertools.product(("searched", best), seeds[1:]):
-                run_key = f"finish/params={budget:g}/{name}/seed{seed}"
-                if run_key not in results:
-                    results[run_key] = {"budget": budget, "student": name, **finish(
-                        args.out / f"params={budget:g}" / name / f"seed{seed}", args, seed, runs[name])}
-                    results[run_key]["params_fraction"] = results[run_key]["params"] / teacher_params
-                    save()
+                run(name, seed)
     return results
 
 

@@ -299,6 +299,16 @@ def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
         if fields["mlp_ratio"] < 1:  # one more eighth would not fit
             wider = student.replace(mlp_ratio=fields["mlp_ratio"] + 1 / 8)
             assert bd.parameter_count(bd.student_config_for(teacher, wider)) > limit
+    for fields in found:  # refit to the budget's edge: the widest MLP in whole channels
+        edge = study.edge_student(teacher, fields, 0.5)
+        if edge is None:
+            continue
+        assert edge["mlp_ratio"] > fields["mlp_ratio"] and study.uniform_name(edge) != study.uniform_name(fields)
+        fits = lambda ratio: bd.parameter_count(bd.student_config_for(teacher, bd.StudentConfig(  # noqa: E731
+            mlp_ratio=ratio, layers=fields["student_layers"], n_layers=fields["student_n_layers"],
+            kv_heads_ratio=fields["kv_heads_ratio"]))) <= limit
+        assert fits(edge["mlp_ratio"]) and not fits(edge["mlp_ratio"] + 1 / teacher.mlp_dim)
+    assert any(study.edge_student(teacher, fields, 0.5) for fields in found)
     record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0}
     results = {
         "finish/params=0.5/searched/seed0": {**record, "student": "searched", "seed": 0, "final_loss": 1.2},
