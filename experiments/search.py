@@ -94,7 +94,8 @@ def label(name: str, short: bool = False) -> str:
     layers = "all" if depth == "all" else depth.removesuffix("L")
     if short:
         return f"{layers} L, KV x{kv.removeprefix('kv')}, MLP x{mlp.removeprefix('mlp')}"
-    return f"uniform: {layers} layers, KV heads x{kv.removeprefix('kv')}, MLP x{mlp.removeprefix('mlp')}"
+    return (f"uniform: {layers} layer{'' if layers == '1' else 's'}, KV heads x{kv.removeprefix('kv')}, "
+            f"MLP x{mlp.removeprefix('mlp')}")
 
 
 def finish(out: pathlib.Path, args, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -322,8 +323,8 @@ def report(results: dict[str, Any], images: pathlib.Path | None = None, page: pa
                 _plot(path, results["scores"]["candidates"], np.asarray(results["scores"]["kl"]),
                       tuple(search_record["indices"]), "KL with the block swapped in")
                 out += figure(path)
-        out += ["| student | params | seeds | loss before KD | final loss (per seed) | mean |",
-                "|---|---:|---:|---:|---|---:|"]
+        out += ["| student | params | seeds | loss before KD | final loss (per seed) | mean | gap closed |",
+                "|---|---:|---:|---:|---|---:|---:|"]
         rows = []
         for name, records in by_student.items():
             records = sorted(records, key=lambda r: r["seed"])
@@ -331,7 +332,8 @@ def report(results: dict[str, Any], images: pathlib.Path | None = None, page: pa
             rows.append((sum(finals) / len(finals), name, records, finals))
         for mean, name, records, finals in sorted(rows):
             out.append(f"| {label(name)} | {records[0]['params_fraction']:.1%} | {len(records)} | "
-                       f"{records[0]['initial_loss']:.4f} | {' / '.join(f'{x:.4f}' for x in finals)} | {mean:.4f} |")
+                       f"{records[0]['initial_loss']:.4f} | {' / '.join(f'{x:.4f}' for x in finals)} | {mean:.4f} "
+                       f"| {sum(r['gap_closed'] for r in records) / len(records):.1%} |")
         out.append("")
         if images is not None and finished:
             path = images / f"search_students_params{budget:g}.png"

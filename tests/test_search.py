@@ -309,7 +309,7 @@ def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
             kv_heads_ratio=fields["kv_heads_ratio"]))) <= limit
         assert fits(edge["mlp_ratio"]) and not fits(edge["mlp_ratio"] + 1 / teacher.mlp_dim)
     assert any(study.edge_student(teacher, fields, 0.5) for fields in found)
-    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0}
+    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0, "gap_closed": 0.5}
     results = {
         "finish/params=0.5/searched/seed0": {**record, "student": "searched", "seed": 0, "final_loss": 1.2},
         "finish/params=0.5/searched/seed1": {**record, "student": "searched", "seed": 1, "final_loss": 1.4},
@@ -319,11 +319,12 @@ def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
     text = study.report(results, tmp_path / "images", tmp_path / "page.md")
     rows = [line for line in text.splitlines() if line.startswith("| searched") or line.startswith("| uniform")]
     assert rows[0].startswith("| uniform: all layers, KV heads x1, MLP x0.5 |")
-    assert rows[0].endswith("| 1.2500 |")  # ranked by mean: 1.25 < 1.30
-    assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 |")
+    assert rows[0].endswith("| 1.2500 | 50.0% |")  # ranked by mean: 1.25 < 1.30
+    assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 | 50.0% |")
     assert (tmp_path / "images" / "search_students_params0.5.png").stat().st_size > 0
     assert "![search_students_params0.5](images/search_students_params0.5.png)" in text
     assert study.label("uniform-3L-kv0.25-mlp0.875") == "uniform: 3 layers, KV heads x0.25, MLP x0.875"
+    assert study.label("uniform-1L-kv1-mlp1") == "uniform: 1 layer, KV heads x1, MLP x1"
 
 
 def test_grouped_steps_train_the_library_to_the_same_numbers(setup):
