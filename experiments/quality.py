@@ -609,7 +609,7 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
             f"{cfg['batch_size']} x {cfg['seq_len']} bytes "
             + (f"every {cfg['eval_every']} steps" if budget == "steps" else "six times per run") + "; AdamW at "
             f"{cfg['learning_rate']} with {cfg['warmup_steps']} warm-up steps and cosine decay. "
-            f"Teacher: {first['teacher_loss']:.4f}. {len(chosen)} runs"
+            f"Teacher: {first['teacher_loss']:.4f}. {len(chosen)} run{'' if len(chosen) == 1 else 's'}"
             + (f" (`{flags.strip()}`)." if flags else "."),
             "",
             table(aggregate(chosen)),
