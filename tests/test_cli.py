@@ -482,6 +482,13 @@ def test_every_flag_says_what_it_means_as_the_docs_do():
     distill = subparsers["distill"].format_help()
     assert re.search(r"--label-weight FLOAT\s+weight of next-token", distill)
     assert "[objective] label_weight" in " ".join(distill.split())
+    # the default recipe, and the evidence for it, are in the help (as in the README)
+    from blockdistill._runconfig import DistillConfig
+
+    defaults = DistillConfig()
+    assert defaults.blockwise_weight == 0 and defaults.label_weight == 0 and defaults.mlp_ratio == 0.5
+    assert "default recipe: logit KD alone (--blockwise-weight 0 --label-weight 0)" in distill
+    assert "docs/quality.md" in distill
     docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", docs.read_text(), re.MULTILINE))
     assert rows == {k: v for k, v in HELP.items() if k not in ("model", "tokenizer")}
