@@ -5,7 +5,8 @@ For each parameter budget (fractions of the teacher's parameters):
 1. one block library is trained for the teacher (`blockdistill search`; the library does
    not depend on the budget, so every budget reuses it) and assembled under the budget;
 2. the uniform students that fit the budget (every combination of KV heads and depth with
-   the widest MLP, in eighths of the teacher's, that fits) are pruned from the teacher;
+   the widest MLP, in eighths of the teacher's, that fits; in whole channels where not even
+   an eighth fits) are pruned from the teacher;
 3. every student is finished with the main job's recipe (logit KD) for the same number of
    steps, seed 0; the best uniform one is refit to the budget's edge (the widest MLP in
    whole channels, so that uniform pruning gets as many parameters as the search) and
@@ -44,7 +45,8 @@ def sizes(quick: bool) -> dict[str, Any]:
 
 def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
     """Every uniform student (KV heads, depth) with the widest MLP (in 1/8ths of the
-    teacher's) whose parameters fit `budget` x the teacher's; as `distill` options."""
+    teacher's; in whole channels where not even 1/8 fits) whose parameters fit `budget` x
+    the teacher's; as `distill` options."""
     from blockdistill import StudentConfig, parameter_count, student_config_for
 
     limit = budget * parameter_count(teacher_config)
@@ -54,12 +56,16 @@ def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
                         if h >= 1 and teacher_config.n_kv_heads % h == 0}, reverse=True)
     found = []
     for (layers, n_layers), kv in itertools.product(depths, kv_ratios):
+        fields = {"student_layers": layers, "student_n_layers": n_layers, "kv_heads_ratio": kv}
         for eighths in range(8, 0, -1):
             student = StudentConfig(mlp_ratio=eighths / 8, layers=layers, n_layers=n_layers, kv_heads_ratio=kv)
             if parameter_count(student_config_for(teacher_config, student)) <= limit:
-                found.append({"mlp_ratio": eighths / 8, "student_layers": layers, "student_n_layers": n_layers,
-                              "kv_heads_ratio": kv})
+                found.append({"mlp_ratio": eighths / 8, **fields})
                 break
+        else:  # not even an eighth of the MLP fits: the widest in whole channels, if any
+            edge = edge_student(teacher_config, {"mlp_ratio": 0.0, **fields}, budget)
+            if edge is not None:
+                found.append(edge)
     return found
 
 

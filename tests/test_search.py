@@ -309,6 +309,11 @@ def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
             kv_heads_ratio=fields["kv_heads_ratio"]))) <= limit
         assert fits(edge["mlp_ratio"]) and not fits(edge["mlp_ratio"] + 1 / teacher.mlp_dim)
     assert any(study.edge_student(teacher, fields, 0.5) for fields in found)
+    # where not even an eighth of the MLP fits, the widest MLP in whole channels
+    tight = study.uniform_students(teacher, 0.3)
+    thin = [f for f in tight if f["student_layers"] == "all" and f["kv_heads_ratio"] == 1.0]
+    assert len(thin) == 1 and 0 < thin[0]["mlp_ratio"] < 1 / 8, tight
+    assert study.edge_student(teacher, thin[0], 0.3) is None  # already at the edge
     record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0, "gap_closed": 0.5}
     results = {
         "finish/params=0.5/searched/seed0": {**record, "student": "searched", "seed": 0, "final_loss": 1.2},
