@@ -329,7 +329,7 @@ def report(results: dict[str, Any], images: pathlib.Path | None = None, page: pa
                 _plot(path, results["scores"]["candidates"], np.asarray(results["scores"]["kl"]),
                       tuple(search_record["indices"]), "KL with the block swapped in")
                 out += figure(path)
-        out += ["| student | params | seeds | loss before KD | final loss (per seed) | mean | gap closed |",
+        out += ["| student | params | seeds | loss before KD | final loss (per seed) | mean | above the teacher |",
                 "|---|---:|---:|---:|---|---:|---:|"]
         rows = []
         for name, records in by_student.items():
@@ -339,7 +339,7 @@ def report(results: dict[str, Any], images: pathlib.Path | None = None, page: pa
         for mean, name, records, finals in sorted(rows):
             out.append(f"| {label(name)} | {records[0]['params_fraction']:.1%} | {len(records)} | "
                        f"{records[0]['initial_loss']:.4f} | {' / '.join(f'{x:.4f}' for x in finals)} | {mean:.4f} "
-                       f"| {sum(r['gap_closed'] for r in records) / len(records):.1%} |")
+                       f"| {mean - records[0]['teacher_loss']:.4f} |")
         out.append("")
         if images is not None and finished:
             path = images / f"search_students_params{budget:g}.png"

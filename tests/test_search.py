@@ -314,7 +314,7 @@ def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
     thin = [f for f in tight if f["student_layers"] == "all" and f["kv_heads_ratio"] == 1.0]
     assert len(thin) == 1 and 0 < thin[0]["mlp_ratio"] < 1 / 8, tight
     assert study.edge_student(teacher, thin[0], 0.3) is None  # already at the edge
-    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0, "gap_closed": 0.5}
+    record = {"budget": 0.5, "params_fraction": 0.49, "initial_loss": 2.0, "teacher_loss": 1.0}
     results = {
         "finish/params=0.5/searched/seed0": {**record, "student": "searched", "seed": 0, "final_loss": 1.2},
         "finish/params=0.5/searched/seed1": {**record, "student": "searched", "seed": 1, "final_loss": 1.4},
@@ -324,8 +324,8 @@ def test_study_compares_with_every_uniform_student_that_fits(tmp_path):
     text = study.report(results, tmp_path / "images", tmp_path / "page.md")
     rows = [line for line in text.splitlines() if line.startswith("| searched") or line.startswith("| uniform")]
     assert rows[0].startswith("| uniform: all layers, KV heads x1, MLP x0.5 |")
-    assert rows[0].endswith("| 1.2500 | 50.0% |")  # ranked by mean: 1.25 < 1.30
-    assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 | 50.0% |")
+    assert rows[0].endswith("| 1.2500 | 0.2500 |")  # ranked by mean: 1.25 < 1.30
+    assert rows[1].endswith("| 1.2000 / 1.4000 | 1.3000 | 0.3000 |")
     assert (tmp_path / "images" / "search_students_params0.5.png").stat().st_size > 0
     assert "![search_students_params0.5](images/search_students_params0.5.png)" in text
     assert study.label("uniform-3L-kv0.25-mlp0.875") == "uniform: 3 layers, KV heads x0.25, MLP x0.875"
