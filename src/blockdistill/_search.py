@@ -407,17 +407,20 @@ def swap_scores(
     return jnp.stack(columns, axis=1)
 
 
-def _library_step(frozen, library: BlockLibrary, opt_state, *, optimizer, kind: FeatureLoss):
-    teacher, tokens, mask, segment_ids = frozen
-    params, static = eqx.partition(library, eqx.is_inexact_array)
-
-    def loss_fn(params):
-        return library_loss(eqx.combine(params, static), teacher, tokens, mask, segment_ids=segment_ids, kind=kind)
-
-    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+def _update(tree, opt_state, optimizer, loss_fn):
+    """One optax update of the float leaves of `tree` by the gradient of
+    `loss_fn(tree) -> (total, losses)`; returns `(tree, opt_state, losses)`."""
+    params, static = eqx.partition(tree, eqx.is_inexact_array)
+    (_, losses), grads = jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static)), has_aux=True)(params)
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
-    return eqx.apply_updates(library, updates), opt_state, losses
+    return eqx.apply_updates(tree, updates), opt_state, losses
+
+
+def _library_step(frozen, library: BlockLibrary, opt_state, *, optimizer, kind: FeatureLoss):
+    teacher, tokens, mask, segment_ids = frozen
+    return _update(library, opt_state, optimizer,
+                   lambda lib: library_loss(lib, teacher, tokens, mask, segment_ids=segment_ids, kind=kind))
 
 
 _jitted_library_step = eqx.filter_jit(_library_step, donate="all-except-first")
@@ -425,15 +428,8 @@ _jitted_library_step = eqx.filter_jit(_library_step, donate="all-except-first")
 
 def _group_step(frozen, stacks, opt_state, *, optimizer, kind: FeatureLoss, flags: tuple[bool, ...]):
     layer_in, target, mask, segment_ids = frozen
-    params, static = eqx.partition(stacks, eqx.is_inexact_array)
-
-    def loss_fn(params):
-        return _stacks_loss(eqx.combine(params, static), flags, layer_in, target, mask, segment_ids, kind)
-
-    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-    return eqx.apply_updates(stacks, updates), opt_state, losses
+    return _update(stacks, opt_state, optimizer,
+                   lambda group: _stacks_loss(group, flags, layer_in, target, mask, segment_ids, kind))
 
 
 _jitted_group_step = eqx.filter_jit(_group_step, donate="all-except-first")
