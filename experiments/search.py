@@ -43,13 +43,29 @@ def sizes(quick: bool) -> dict[str, Any]:
     return {"batch_size": 8, "seq_len": 256, "eval_batches": 16, "calibration_batches": 4}
 
 
+def _widest_mlp(teacher_config, fields: dict[str, Any], budget: float, ratios) -> float | None:
+    """The first of `ratios` (widest first) whose student `fields` fits `budget` x the
+    teacher's parameters; None when none does."""
+    from blockdistill import StudentConfig, parameter_count, student_config_for
+
+    limit = budget * parameter_count(teacher_config)
+    for ratio in ratios:
+        student = StudentConfig(mlp_ratio=ratio, layers=fields["student_layers"], n_layers=fields["student_n_layers"],
+                                kv_heads_ratio=fields["kv_heads_ratio"])
+        if parameter_count(student_config_for(teacher_config, student)) <= limit:
+            return ratio
+    return None
+
+
+def _channels(teacher_config) -> list[float]:
+    """Every MLP ratio in whole channels of the teacher's MLP, widest first."""
+    return [c / teacher_config.mlp_dim for c in range(teacher_config.mlp_dim, 0, -1)]
+
+
 def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
     """Every uniform student (KV heads, depth) with the widest MLP (in 1/8ths of the
     teacher's; in whole channels where not even 1/8 fits) whose parameters fit `budget` x
     the teacher's; as `distill` options."""
-    from blockdistill import StudentConfig, parameter_count, student_config_for
-
-    limit = budget * parameter_count(teacher_config)
     depths = [("all", None)] + [("group", n) for n in range(1, teacher_config.n_layers)
                                 if teacher_config.n_layers % n == 0]
     kv_ratios = sorted({h / teacher_config.n_kv_heads for h in (teacher_config.n_kv_heads, teacher_config.n_kv_heads // 2, 1)
@@ -57,33 +73,22 @@ def uniform_students(teacher_config, budget: float) -> list[dict[str, Any]]:
     found = []
     for (layers, n_layers), kv in itertools.product(depths, kv_ratios):
         fields = {"student_layers": layers, "student_n_layers": n_layers, "kv_heads_ratio": kv}
-        for eighths in range(8, 0, -1):
-            student = StudentConfig(mlp_ratio=eighths / 8, layers=layers, n_layers=n_layers, kv_heads_ratio=kv)
-            if parameter_count(student_config_for(teacher_config, student)) <= limit:
-                found.append({"mlp_ratio": eighths / 8, **fields})
-                break
-        else:  # not even an eighth of the MLP fits: the widest in whole channels, if any
-            edge = edge_student(teacher_config, {"mlp_ratio": 0.0, **fields}, budget)
-            if edge is not None:
-                found.append(edge)
+        ratio = _widest_mlp(teacher_config, fields, budget, [e / 8 for e in range(8, 0, -1)])
+        if ratio is None:  # not even an eighth of the MLP fits: the widest in whole channels, if any
+            ratio = _widest_mlp(teacher_config, fields, budget, _channels(teacher_config))
+        if ratio is not None:
+            found.append({"mlp_ratio": ratio, **fields})
     return found
 
 
 def edge_student(teacher_config, fields: dict[str, Any], budget: float) -> dict[str, Any] | None:
     """The uniform student `fields` (as `uniform_students` gives it) refit to the budget's
     edge: the widest MLP in whole channels that fits; None when that is the same MLP."""
-    from blockdistill import StudentConfig, parameter_count, student_config_for
-
-    limit = budget * parameter_count(teacher_config)
+    ratio = _widest_mlp(teacher_config, fields, budget, _channels(teacher_config))
     width = teacher_config.mlp_dim
-    for channels in range(width, 0, -1):
-        student = StudentConfig(mlp_ratio=channels / width, layers=fields["student_layers"],
-                                n_layers=fields["student_n_layers"], kv_heads_ratio=fields["kv_heads_ratio"])
-        if parameter_count(student_config_for(teacher_config, student)) <= limit:
-            if channels == round(fields["mlp_ratio"] * width):
-                return None
-            return {**fields, "mlp_ratio": channels / width}
-    return None
+    if ratio is None or round(ratio * width) == round(fields["mlp_ratio"] * width):
+        return None
+    return {**fields, "mlp_ratio": ratio}
 
 
 def uniform_name(fields: dict[str, Any]) -> str:
@@ -123,6 +128,10 @@ def finish(out: pathlib.Path, args, seed: int, extra: dict[str, Any]) -> dict[st
             "params": parameter_count(student), "wall_s": time.perf_counter() - began}
 
 
+def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
 def run_study(args) -> dict[str, Any]:
     from blockdistill import load_model, parameter_count
     from blockdistill._io import shipped_teacher_path
@@ -132,7 +141,7 @@ def run_study(args) -> dict[str, Any]:
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
 
     def save():
-        args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        write_results(args.results, results)
 
     teacher_path = shipped_teacher_path() if args.teacher == "shipped" else pathlib.Path(args.teacher)
     teacher_config = load_model(teacher_path).config
@@ -193,6 +202,7 @@ def cost_scaling(args, counts=(1, 2, 5, 10, 20)) -> dict[str, Any]:
     import jax.numpy as jnp
 
     import blockdistill as bd
+    from blockdistill._search import _library_step
     from blockdistill._search_command import library_step_flops
 
     size = sizes(args.quick)
@@ -210,8 +220,6 @@ def cost_scaling(args, counts=(1, 2, 5, 10, 20)) -> dict[str, Any]:
         def one(step=step, state=state):
             copy = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, (state["library"], state["opt"]))
             jax.block_until_ready(step(*copy, model, tokens, mask)[2])
-
-        from blockdistill._search import _library_step
 
         compiled = eqx.filter_jit(_library_step).lower(
             (model, tokens, mask, None), library, state["opt"], optimizer=optimizer, kind="nmse").compile()
@@ -395,13 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost:
         results = json.loads(args.results.read_text()) if args.results.exists() else {}
         results["cost"] = cost_scaling(args)
-        args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        write_results(args.results, results)
     elif args.report_only:
         results = json.loads(args.results.read_text())
         scores = args.out / "library" / "scores.json"
         if "scores" not in results and scores.exists():  # a study made before the scores were kept
             results["scores"] = json.loads(scores.read_text())
-            args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            write_results(args.results, results)
     else:
         results = run_study(args)
     write_report(args.page, report(results, args.images, args.page))
