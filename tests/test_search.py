@@ -340,7 +340,7 @@ def test_grouped_steps_train_the_library_to_the_same_numbers(setup):
     results = []
     for group_size in (None, 4):
         step = bd.LibraryStep(optimizer=bd.make_optimizer(1e-3, clip_norm=None), group_size=group_size)
-        trained, opt_state = copy(library), None
+        trained = copy(library)
         opt_state = step.init(trained)
         for _ in range(2):
             trained, opt_state, losses = step(trained, opt_state, teacher, tokens, mask)
