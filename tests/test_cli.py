@@ -9,11 +9,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import blockdistill as bd
-from blockdistill._checkpoint import list_checkpoints
+from blockdistill._checkpoint import list_checkpoints, load_checkpoint_model
 from blockdistill._trainer import TIMING_KEYS as TIMING
 from blockdistill.cli import main
 
@@ -428,7 +429,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, teac
     assert_one_line_error(code, err, "non-finite", "at step")
     bad_step = int(err.split("at step ")[1].split(";")[0])
     records = read_metrics(out)
-    assert records[-1]["step"] == bad_step and not np.isfinite(records[-1]["loss"])
+    # a huge step overflows the gradient first: the stop comes at the first non-finite loss or gradient
+    assert records[-1]["step"] == bad_step
+    assert not (np.isfinite(records[-1]["loss"]) and np.isfinite(records[-1]["grad_norm"]))
     checkpoints = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
     assert checkpoints and max(checkpoints) < bad_step
     assert f"checkpoints/{max(checkpoints)}" in err
@@ -492,3 +495,129 @@ def test_every_flag_says_what_it_means_as_the_docs_do():
     docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "cli.md"
     rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", docs.read_text(), re.MULTILINE))
     assert rows == {k: v for k, v in HELP.items() if k not in ("model", "tokenizer")}
+
+
+# ----------------------------------------------------------------------------- what a resumed run reads back
+
+
+def _copy_corpus(corpus, to):
+    to.mkdir()
+    for file in pathlib.Path(corpus).iterdir():
+        (to / file.name).write_text(file.read_text())
+    return to
+
+
+def test_resume_refuses_a_changed_corpus_teacher_or_eval_set(tmp_path, teacher, corpus, capsys):
+    data = _copy_corpus(corpus, tmp_path / "data")
+    own_teacher = tmp_path / "teacher"
+    bd.save_model(bd.load_model(teacher), own_teacher)
+    out = tmp_path / "run"
+    extra = {"checkpoint-every": 4, "eval-every": 4}
+    assert run_main(base_args(out, own_teacher, data, steps=4, **extra), capsys)[0] == 0
+    more = dict(extra, steps=8, extend=True)
+
+    # the held-out set of the step-0 evaluation is kept
+    code, _, err = run_main(base_args(out, own_teacher, data, **{**more, "eval-batches": 1}), capsys)
+    assert_one_line_error(code, err, "eval_batches: 2 -> 1", "held-out batches")
+
+    # the corpus's files were edited: the store is rebuilt, the saved position must not be applied to it
+    first = sorted(data.iterdir())[0]
+    first.write_text(first.read_text() + "\n# one more line moves every row after it\n" * 3)
+    before = snapshot(out)
+    code, _, err = run_main(base_args(out, own_teacher, data, **more), capsys)
+    assert_one_line_error(code, err, "cannot resume", f"the corpus '{data}'", "training rows changed")
+    assert snapshot(out) == before
+
+    # the corpus back as it was, the teacher's folder overwritten with other weights
+    first.write_text((pathlib.Path(corpus) / first.name).read_text())
+    bd.save_model(bd.Transformer(bd.load_model(own_teacher).config, key=jax.random.key(7)), own_teacher)
+    code, _, err = run_main(base_args(out, own_teacher, data, **more), capsys)
+    assert_one_line_error(code, err, "cannot resume", "holds other weights")
+
+    bd.save_model(bd.load_model(teacher), own_teacher)  # restored: it resumes
+    code, _, err = run_main(base_args(out, own_teacher, data, **more), capsys)
+    assert code == 0 and "resuming from" in err
+
+
+class _Poisoned(bd.DistillationObjective):
+    """The objective with a NaN gradient (and a finite loss) in the update that makes step 4 only."""
+
+    def __call__(self, student, teacher_out, tokens, mask=None, step=0, **kwargs):
+        loss, metrics = super().__call__(student, teacher_out, tokens, mask, step, **kwargs)
+        return _nan_gradient_at(loss, jnp.asarray(step) == 3), metrics  # the update of step 4
+
+
+@jax.custom_vjp
+def _nan_gradient_at(x, when):
+    return x
+
+
+def _nan_fwd(x, when):
+    return x, when
+
+
+def _nan_bwd(when, g):
+    return jnp.where(when, jnp.nan, g), None
+
+
+_nan_gradient_at.defvjp(_nan_fwd, _nan_bwd)
+
+
+def _nan_updates_at_step_4():
+    """An optax transformation that makes the update of step 4 NaN (a finite gradient)."""
+    import optax
+
+    def update(updates, state, params=None):
+        poison = jnp.where(state == 4 - 1, jnp.nan, 0.0)
+        return jax.tree.map(lambda u: u + poison, updates), state + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
+@pytest.mark.parametrize("where", ["gradient", "update"])
+def test_a_finite_loss_with_non_finite_weights_is_never_saved(tmp_path, teacher, corpus, capsys, monkeypatch, where):
+    import optax
+
+    from blockdistill import _runconfig
+
+    if where == "gradient":
+        real = _runconfig.make_objective
+        monkeypatch.setattr(_runconfig, "make_objective",
+                            lambda cfg, stage=0: _Poisoned(**{f: getattr(real(cfg, stage), f) for f in
+                                                               bd.DistillationObjective.__dataclass_fields__}))
+    else:
+        real_optimizer = _runconfig.make_optimizer
+        monkeypatch.setattr(_runconfig, "make_optimizer",
+                            lambda *a, **k: optax.chain(real_optimizer(*a, **k), _nan_updates_at_step_4()))
+    out = tmp_path / "run"
+    code, _, err = run_main(base_args(out, teacher, corpus, steps=8, **{"checkpoint-every": 2}), capsys)
+    records = read_metrics(out)
+    step4 = next(r for r in records if r["step"] == 4)
+    assert np.isfinite(step4["loss"])  # the loss is computed before the update
+    expected = "gradient norm became non-finite" if where == "gradient" else "the weights became non-finite"
+    assert_one_line_error(code, err, expected, "at step 4", "checkpoints/2")
+    assert [int(p.name) for p in list_checkpoints(out)] == [2]
+
+
+def test_export_takes_checkpoints_newer_than_the_student(tmp_path, teacher, corpus, capsys, monkeypatch):
+    from blockdistill import _commands
+
+    out = tmp_path / "run"
+    extra = {"checkpoint-every": 2, "eval-every": 2}
+    assert run_main(base_args(out, teacher, corpus, steps=4, **extra), capsys)[0] == 0
+    before = bd.load_model(out / "student")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the student was written")
+
+    monkeypatch.setattr(_commands, "save_model", crash)  # an --extend that dies after its last checkpoint
+    code, _, _ = run_main(base_args(out, teacher, corpus, steps=8, extend=True, **extra), capsys)
+    assert code == 130 and [int(p.name) for p in list_checkpoints(out)][-1] == 8
+    monkeypatch.undo()
+    code, stdout, _ = run_main(["export-hf", str(out), str(tmp_path / "hf")], capsys)
+    assert code == 0 and "exporting checkpoint" in stdout and "(step 8)" in stdout and "(step 4)" in stdout
+    exported = bd.from_hf(tmp_path / "hf")
+    tokens = jnp.arange(16)
+    newest = load_checkpoint_model(out / "checkpoints" / "8", before)
+    assert not np.allclose(exported(tokens).logits, before(tokens).logits, atol=1e-6)  # not the step-4 student
+    np.testing.assert_allclose(exported(tokens).logits, newest(tokens).logits, atol=1e-5)

@@ -80,3 +80,37 @@ def test_a_mesh_larger_than_this_process_is_planned_in_a_child_with_as_many_cpu_
             "--seq-len", "16", "--mesh", f"data={devices}"]
     assert main(args) == 0
     assert f"mesh data={devices}" in capfd.readouterr().out
+
+
+def test_a_run_from_a_teacher_cache_is_planned_without_the_teacher(tmp_path, corpus, capsys):
+    teacher_cfg = TEACHER.replace(vocab_size=256)
+    model = bd.Transformer(teacher_cfg, key=jax.random.key(0))
+    bd.to_hf(model, tmp_path / "hf")
+    data = bd.token_dataset(corpus, bd.ByteTokenizer(), seq_len=16, cache=tmp_path / "tokens")
+    cache = bd.build_teacher_cache(model, data.train, tmp_path / "cache", top_k=8, row_index=range(8))
+    objective = bd.DistillationObjective(blockwise_weight=0.0)
+    optimizer = bd.make_optimizer(1e-3)
+    plan = plan_memory(teacher_cfg, STUDENT.replace(vocab_size=256), objective, batch_size=4, seq_len=16,
+                       optimizer=optimizer, teacher_top_k=8)
+    # what the real step from the cache holds: no teacher, the batch's top-k arrays
+    student = bd.Transformer(STUDENT.replace(vocab_size=256), key=jax.random.key(1))
+    opt_state = optimizer.init(eqx.filter(student, eqx.is_array))
+    tokens, mask, segments = (jnp.asarray(a) for a in data.train.take(range(4)))
+    cached = bd.TopKLogits(*(jnp.asarray(a) for a in cache.take(range(4))))
+    compiled = bd.DistillStep(objective, optimizer).lower(
+        student, opt_state, None, tokens, mask, 0, segment_ids=segments, teacher_logits=cached).compile()
+    assert plan["teacher_params"] == 0
+    assert plan["batch"] == _placed_bytes((tokens, mask, segments, cached))
+    assert plan["temporaries"] == compiled.memory_analysis().temp_size_in_bytes
+
+    # the command plans that step when given the cache, and says so; counts in a unit that fits
+    args = ["plan", "--teacher", str(tmp_path / "hf" / "config.json"), "--batch-size", "4", "--seq-len", "16",
+            "--teacher-cache", str(tmp_path / "cache")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "teacher logits from" in printed and "(top 8)" in printed
+    teacher_line = next(x for x in printed.splitlines() if x.strip().startswith("teacher parameters"))
+    assert teacher_line.split()[-2:] == ["0", "B"]
+    assert "0.00B" not in printed and "K parameters)" in printed  # 4 layers x 32 wide: thousands of parameters
+    assert main([*args, "--seq-len", "8"]) == 1
+    assert "was made for seq_len=16, this run has 8" in capsys.readouterr().err

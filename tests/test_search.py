@@ -353,3 +353,30 @@ def test_grouped_steps_train_the_library_to_the_same_numbers(setup):
         bd.LibraryStep(optimizer=bd.make_optimizer(1e-3), group_size=0)
     with pytest.raises(ValueError, match="build it with step.init"):
         bd.LibraryStep(optimizer=bd.make_optimizer(1e-3), group_size=2)(library, opt_state, teacher, tokens, mask)
+
+
+def test_a_diverged_library_is_never_saved(tmp_path, cli_teacher, corpus, capsys, monkeypatch):
+    """The block losses are computed before the update: a NaN update in step 4 leaves them
+    finite at the step-4 checkpoint, so the weights are checked before saving; the step-2
+    save in flight completes."""
+    import optax
+
+    from blockdistill import _search_command
+    from blockdistill.cli import main
+
+    real = _search_command.make_optimizer
+
+    def poisoned(*args, **kwargs):
+        def update(updates, count, params=None):
+            poison = jnp.where(count == 3, jnp.nan, 0.0)  # each group of candidates: its fourth update
+            return jax.tree.map(lambda u: u + poison, updates), count + 1
+
+        return optax.chain(real(*args, **kwargs), optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32),
+                                                                               update))
+
+    monkeypatch.setattr(_search_command, "make_optimizer", poisoned)
+    out = tmp_path / "search"
+    assert main(_search_args(out, cli_teacher, corpus, "--budget", "params=0.6")) == 1
+    err = capsys.readouterr().err
+    assert "the library's weights became non-finite at step 4" in err and "checkpoints/2" in err
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]

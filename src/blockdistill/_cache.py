@@ -316,11 +316,13 @@ class TeacherCache:
         count (a bound on what the tail bucket leaves out: see the module docs)."""
         return float(self.meta["mean_tail_mass"])
 
-    def teacher_eval_loss(self, rows: int) -> float | None:
-        """The teacher's held-out loss over `rows` held-out rows spread over the split, if the
-        cache measured it on that many (`None` otherwise)."""
+    def teacher_eval_loss(self, rows: int, val_sha256: str) -> float | None:
+        """The teacher's held-out loss over `rows` held-out rows spread over the split whose
+        digest is `val_sha256` ([`PackedRows.digest`][blockdistill.PackedRows.digest]), if
+        the cache measured it on those rows (`None` otherwise: another count or other
+        held-out rows)."""
         record = self.meta.get("teacher_eval")
-        if record and int(record["rows"]) == rows:
+        if record and int(record["rows"]) == rows and record.get("val_sha256") == val_sha256:
             return float(record["loss"])
         return None
 

@@ -222,9 +222,51 @@ def check_resumable(cfg: RunConfig, out: pathlib.Path, state: dict[str, Any]) ->
                 f"step {saved_horizon} they stay at their final values); or use another --out"
             )
         else:
+            if "eval_batches" in changed:
+                message += (f"eval_batches: the evaluations already in {out / 'metrics.jsonl'} (step 0's among "
+                            f"them) were made on {saved.get('eval_batches')} held-out batches; the rest of the "
+                            "run, its gap closed and its plots would mix two held-out sets; ")
             message += "use another --out or the same settings to resume it"
         raise ConfigError(message)
     return cfg
+
+
+def run_inputs(dataset: TokenDataset, *, teacher: str | None = None) -> dict[str, Any]:
+    """What a run reads, recorded in its checkpoints and compared when it resumes: the
+    corpus's rows ([`TokenDataset.identity`][blockdistill.TokenDataset.identity]) and,
+    for a run with a teacher, the digest of the teacher's weights."""
+    inputs: dict[str, Any] = {"corpus": dataset.identity()}
+    if teacher is not None:
+        inputs["teacher"], inputs["teacher_sha256"] = str(teacher), model_digest(teacher)
+    return inputs
+
+
+def check_resumed_inputs(out: pathlib.Path, state: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """A `ConfigError` when what the saved run read (`state["inputs"]`, see `run_inputs`)
+    is not what the run would read now: the corpus's training or held-out rows changed
+    (a resumed run would go on with other batches and evaluate on other rows than at step
+    0), or the teacher's folder now holds other weights. A checkpoint written before the
+    inputs were recorded is not checked."""
+    saved = state.get("inputs")
+    if not saved:
+        return
+    problems = []
+    old, new = saved.get("corpus", {}), inputs.get("corpus", {})
+    for split, what in (("train", "training"), ("val", "held-out")):
+        key = f"{split}_sha256"
+        if key in old and old[key] != new.get(key):
+            problems.append(f"its {what} rows changed ({old[f'{split}_rows']} rows, sha256 {old[key][:12]} when "
+                            f"the run started; now {new[f'{split}_rows']} rows, sha256 {new[key][:12]})")
+    if problems:
+        problems = [f"the corpus {new.get('source', old.get('source'))!r} is not what the run started on: "
+                    + " and ".join(problems)]
+    if "teacher_sha256" in saved and "teacher_sha256" in inputs and saved["teacher_sha256"] != inputs["teacher_sha256"]:
+        problems.append(f"the teacher {inputs.get('teacher', '')!r} holds other weights (sha256 "
+                        f"{saved['teacher_sha256'][:12]} when the run started; now {inputs['teacher_sha256'][:12]})")
+    if problems:
+        raise ConfigError(f"{out} cannot resume: " + "; ".join(problems) + ". Resuming would train and evaluate on "
+                          "other data than its checkpoints and step-0 evaluation; restore what changed, or use "
+                          "another --out")
 
 
 def _writers(cfg: RunConfig, folder: RunFolder) -> list:
@@ -392,8 +434,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     _batch_size_check(cfg, dataset)
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     folder = RunFolder(out, "pretrain")
+    inputs = run_inputs(dataset)
     if (state := folder.newest_state()) is not None:
         cfg = check_resumable(cfg, out, state)
+        check_resumed_inputs(out, state, inputs)
     flops = pretrain_flops(model_cfg, seq_len=cfg.seq_len, batch=cfg.batch_size)
     run_tokenizer(out, tokenizer)
     model = Transformer(model_cfg, key=jax.random.key(cfg.seed))
@@ -402,13 +446,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
     model, reached = fit(cfg, folder, DistillStep(objective, optimizer), model, dataset,
                          step_flops=lambda index: flops, metric_keys=("loss", "grad_norm"),
-                         extra_state={"model_config": model_cfg.to_dict()})
+                         extra_state={"model_config": model_cfg.to_dict(), "inputs": inputs})
     result = {"model": model, "step": reached, "evals": folder.evals()}
     model = result["model"]
     evals = result["evals"]
     final = evals[max(evals)]["eval/student_loss"]
     save_model(model, out / "model", tokenizer=tokenizer, extra={"eval_loss_nats_per_token": final,
-                                            "eval_bits_per_byte": final / math.log(2)})
+                                            "eval_bits_per_byte": final / math.log(2), "step": reached})
     lines = [
         f"pretrained {model_cfg.n_layers} layers x {model_cfg.dim} wide "
         f"({parameter_count(model.config) / 1e6:.2f}M parameters) for {result['step']} steps",
@@ -507,17 +551,21 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg = check_resumable(cfg, out, state)
     dataset = _open_dataset(cfg, tokenizer)
     _batch_size_check(cfg, dataset)
+    inputs = run_inputs(dataset, teacher=cfg.teacher)
+    if state is not None:
+        run_tokenizer(out, tokenizer)  # another tokenizer is named as such, before the rows it changes
+        check_resumed_inputs(out, state, inputs)
     objectives, steps = distill_steps(cfg, mesh)
     teacher_cache, cached_stages, teacher_loss = None, (False,) * len(objectives), None
     if cfg.teacher_cache is not None:
-        teacher_cache = open_teacher_cache(cfg, tokenizer, dataset)
-        cached_stages = tuple(o.uses_teacher and not o.passes(0)[1] for o in objectives)
+        teacher_cache = open_teacher_cache(cfg, tokenizer, dataset, teacher_sha256=inputs["teacher_sha256"])
+        cached_stages = cached_objectives(objectives)
         if not any(cached_stages):
             raise ConfigError(
                 f"teacher_cache={cfg.teacher_cache!r}: every step of this recipe has a blockwise term, "
                 "which needs the teacher's states (a cache holds only logits): it would never be read"
             )
-        teacher_loss = teacher_cache.teacher_eval_loss(_eval_rows(cfg, dataset))
+        teacher_loss = teacher_cache.teacher_eval_loss(_eval_rows(cfg, dataset), dataset.val.digest())
     # the teacher runs in the stages that do not read the cache
     needs_teacher = any(o.uses_teacher and not c for o, c in zip(objectives, cached_stages))
     teacher, student = load_teacher_and_student(
@@ -546,7 +594,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher = shard_model(teacher, mesh, shard_layers=False)
     trained, reached = fit(cfg, folder, steps, student, dataset, teacher=teacher, teacher_loss=teacher_loss,
                            step_flops=flops_of, stage_of_step=lambda index: stage_of(cfg, index),
-                           extra_state={"student_config": student.config.to_dict()}, mesh=mesh,
+                           extra_state={"student_config": student.config.to_dict(), "inputs": inputs}, mesh=mesh,
                            teacher_cache=teacher_cache, cached_stages=cached_stages)
     student = host_arrays(trained) if mesh is not None else trained
     result = {"step": reached, "evals": folder.evals()}
@@ -558,6 +606,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if folder.writer:
         save_model(student, out / "student", tokenizer=tokenizer, extra={
             "teacher": cfg.teacher, "eval_loss_nats_per_token": final, "teacher_eval_loss": teacher_loss,
+            "step": reached,
         })
     scfg, tcfg = student.config, teacher_config
     ratio = parameter_count(scfg) / teacher_params
@@ -586,24 +635,35 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- teacher cache
 
 
-def cache_identity(teacher: str, tokenizer: Tokenizer, dataset: TokenDataset) -> dict[str, Any]:
+def cache_identity(teacher: str, tokenizer: Tokenizer, dataset: TokenDataset,
+                   teacher_sha256: str | None = None) -> dict[str, Any]:
     """What a teacher cache is made from, as its `meta` records it and a run compares it:
-    the teacher's weights (digest), the tokenizer, and the training rows (the token store
-    of the corpus, the split, the sequence length and the row count)."""
+    the teacher's weights (digest; `teacher_sha256` when already computed), the tokenizer,
+    and the training rows themselves (their digest: the corpus's tokens, the split of its
+    documents, the sequence length), so that rows which differ under the same count (e.g.
+    another `val_fraction`) are another cache."""
     return {
-        "teacher": {"sha256": model_digest(teacher)},
+        "teacher": {"sha256": teacher_sha256 or model_digest(teacher)},
         "tokenizer": tokenizer_record(tokenizer),
-        "data": {"store": dataset.store.folder.name, "source": dataset.source, "split": "train",
-                 "seq_len": dataset.seq_len, "rows": len(dataset.train)},
+        "data": {"source": dataset.source, "split": "train", "seq_len": dataset.seq_len,
+                 "rows": len(dataset.train), "rows_sha256": dataset.train.digest()},
     }
 
 
-def open_teacher_cache(cfg: DistillConfig, tokenizer: Tokenizer, dataset: TokenDataset) -> TeacherCache:
+def cached_objectives(objectives: list[DistillationObjective]) -> tuple[bool, ...]:
+    """Which stages' objectives a teacher cache can serve: those that use the teacher's
+    logits alone (no blockwise term, which needs the teacher's states)."""
+    return tuple(o.uses_teacher and not o.passes(0)[1] for o in objectives)
+
+
+def open_teacher_cache(cfg: DistillConfig, tokenizer: Tokenizer, dataset: TokenDataset, *,
+                       teacher_sha256: str | None = None) -> TeacherCache:
     """The run's teacher cache, checked against its teacher, tokenizer, training rows and
     temperature (a `ConfigError` naming each mismatch)."""
     try:
         cache = TeacherCache(cfg.teacher_cache)
-        cache.check({**cache_identity(cfg.teacher, tokenizer, dataset), "temperature": float(cfg.temperature)})
+        cache.check({**cache_identity(cfg.teacher, tokenizer, dataset, teacher_sha256),
+                     "temperature": float(cfg.temperature)})
         if cache.row_index is not None:  # a cache of some runs' rows: this run must read only those
             cache.positions(run_rows(len(dataset.train), batch_size=cfg.batch_size, steps=cfg.steps, seeds=(cfg.seed,)))
     except KeyError as error:
@@ -659,11 +719,12 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
     if not cache.meta.get("complete"):
         raise KeyboardInterrupt(f"interrupted after {cache.rows_done()} of {cache.num_cached} rows; "
                                 "rerun the same command to resume")
-    rows = _eval_rows(cfg, dataset)
-    if cache.teacher_eval_loss(rows) is None:
+    rows, val_sha256 = _eval_rows(cfg, dataset), dataset.val.digest()
+    if cache.teacher_eval_loss(rows, val_sha256) is None:
         loss = evaluate(model, _val_batches(cfg, dataset), mesh)  # every process: it is one computation
         if jax.process_index() == 0:
-            write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "loss": loss}})
+            write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "val_sha256": val_sha256,
+                                                                          "loss": loss}})
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -678,7 +739,7 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
         f"{cache.num_cached} of {cache.num_rows} training rows of {cache.seq_len} tokens ({which}) in {out}",
         f"{per_token} bytes per token, {per_token * cache.num_cached * cache.seq_len / 1e6:.1f} MB; "
         f"mean tail mass outside the top {cfg.top_k}: {cache.mean_tail_mass:.2e}",
-        f"teacher held-out loss {cache.teacher_eval_loss(rows):.4f} on {rows} rows; distill with "
+        f"teacher held-out loss {cache.teacher_eval_loss(rows, val_sha256):.4f} on {rows} rows; distill with "
         f"--teacher-cache {out}",
     ]
     summary = {"rows": cache.num_cached, "bytes_per_token": per_token, "mean_tail_mass": cache.mean_tail_mass,
@@ -698,7 +759,7 @@ def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] 
     import subprocess
 
     from ._parallel import parse_mesh
-    from ._plan import format_bytes, parse_bytes, plan_memory
+    from ._plan import format_bytes, format_count, parse_bytes, plan_memory
     from ._prune import student_config_for
 
     limit = None if device_memory is None else parse_bytes(device_memory)
@@ -724,15 +785,28 @@ def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] 
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={teacher.max_seq_len}")
     mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
     objectives, steps = distill_steps(cfg, mesh)
+    top_k, cached = None, (False,) * len(objectives)
+    if cfg.teacher_cache is not None:  # the stages that read it plan the step without the teacher
+        cache = TeacherCache(cfg.teacher_cache)
+        for name, want, have in (("seq_len", cfg.seq_len, cache.seq_len),
+                                 ("temperature", float(cfg.temperature), cache.temperature),
+                                 ("vocab_size", teacher.vocab_size, cache.meta.get("vocab_size"))):
+            if want != have:
+                raise ConfigError(f"teacher cache {cache.folder} was made for {name}={have!r}, this run has {want!r}")
+        top_k, cached = cache.top_k, cached_objectives(objectives)
     plans = [plan_memory(teacher, student, objective, batch_size=cfg.batch_size, seq_len=cfg.seq_len, mesh=mesh,
-                         optimizer=step.optimizer, trainable=cfg.trainable, fused=step.fused, device_memory=limit)
-             for objective, step in zip(objectives, steps)]
+                         optimizer=step.optimizer, trainable=cfg.trainable, fused=step.fused, device_memory=limit,
+                         teacher_top_k=top_k if from_cache else None)
+             for objective, step, from_cache in zip(objectives, steps, cached)]
     worst = max(plans, key=lambda p: p["total"])
+    how = "one device" if cfg.mesh is None else cfg.mesh
     lines = [
         f"teacher {cfg.teacher}: {teacher.n_layers} layers x {teacher.dim}, vocab {teacher.vocab_size} "
-        f"({parameter_count(teacher) / 1e9:.2f}B parameters); student: {student.n_layers} layers, MLP "
-        f"{student.mlp_dim}, {student.n_kv_heads} KV heads ({parameter_count(student) / 1e9:.2f}B)",
-        f"batch {cfg.batch_size} x {cfg.seq_len}, compute {cfg.dtype}, remat {cfg.remat}, mesh {cfg.mesh or 'one device'}"
+        f"({format_count(parameter_count(teacher))} parameters); student: {student.n_layers} layers, MLP "
+        f"{student.mlp_dim}, {student.n_kv_heads} KV heads ({format_count(parameter_count(student))})",
+        f"batch {cfg.batch_size} x {cfg.seq_len}, compute {cfg.dtype}, remat {cfg.remat}, mesh {how}"
+        + (f"; teacher logits from {cfg.teacher_cache} (top {top_k}) in {sum(cached)} of {len(plans)} stages"
+           if cfg.teacher_cache is not None else "")
         + (f"; the larger of {len(plans)} stages" if len(plans) > 1 else ""),
         "per device:",
         f"  teacher parameters  {format_bytes(worst['teacher_params']):>12}",

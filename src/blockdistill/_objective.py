@@ -496,10 +496,10 @@ class DistillationObjective(eqx.Module):
             teacher_layers=teacher_out.states.layer_in.shape[1],
         )
 
-    def check_cached(self, teacher_out: TopKLogits, tokens: Array) -> None:
+    def check_cached(self, teacher_out: TopKLogits, tokens: Array | jax.ShapeDtypeStruct) -> None:
         """Raise a `ValueError` when cached teacher logits cannot serve this objective: a
         blockwise term needs the teacher's states, which a cache does not hold, or the
-        cached rows do not match `tokens`."""
+        cached rows do not match `tokens` (an array, or its abstract shape when planning)."""
         if self.passes(0)[1]:
             raise ValueError(
                 "cached teacher logits (TopKLogits) hold no teacher states: an objective with a "

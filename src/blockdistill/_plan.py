@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
+from ._cache import TopKLogits
 from ._config import TransformerConfig
 from ._model import Transformer
 from ._objective import DistillationObjective
@@ -75,6 +76,7 @@ def plan_memory(
     fused: str | bool = "auto",
     device_memory: int | None = None,
     hlo: bool = False,
+    teacher_top_k: int | None = None,
 ) -> dict[str, Any]:
     """Per-device bytes of one training step of `objective` for these model shapes, from
     the step compiled ahead of time on abstract arrays: no weights are created or read.
@@ -85,6 +87,10 @@ def plan_memory(
     and optimizer state reuse their donated buffers) and, given `device_memory`, `fits`.
     The compile is for this process's backend: on a CPU the temporaries estimate what an
     accelerator's compiler needs (it fuses differently); the other numbers are exact.
+
+    With `teacher_top_k`, the step is the one that reads the teacher's top-k logits of
+    each batch from a teacher cache (an objective without a blockwise term): the teacher
+    is not on the device, the batch holds the cached ids, log-probabilities and tail mass.
 
     **Example:**
 
@@ -108,16 +114,25 @@ def plan_memory(
     mask = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_, **batch)
     segments = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, **batch)
     step = DistillStep(objective, optimizer, mesh=mesh, trainable=trainable, fused=fused)
+    cached = None
+    if teacher_top_k is not None:
+        if not objective.uses_teacher or objective.passes(0)[1]:
+            raise ValueError("teacher_top_k: a teacher cache serves only objectives that use the teacher's logits "
+                             "alone (no blockwise term, a teacher weight above 0)")
+        shape = (batch_size, seq_len, teacher_top_k)
+        cached = jax.eval_shape(lambda: TopKLogits(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32),
+                                                   jnp.zeros(shape[:2], jnp.float32)))
+        cached = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, **batch), cached)
     # the step's own entry point, without the runtime checks of concrete arguments
-    frozen_teacher = Teacher(teacher_model) if objective.uses_teacher else None
-    lowered = step._run(True, student_model, opt_state, frozen_teacher, tokens, mask, 0, segments)
+    frozen_teacher = Teacher(teacher_model) if objective.uses_teacher and cached is None else None
+    lowered = step._run(True, student_model, opt_state, frozen_teacher, tokens, mask, 0, segments, cached)
     compiled = lowered.compile()
     memory = compiled.memory_analysis()
     result = {
-        "teacher_params": _device_bytes(teacher_model) if objective.uses_teacher else 0,
+        "teacher_params": _device_bytes(teacher_model) if frozen_teacher is not None else 0,
         "student_params": _device_bytes(student_model),
         "opt_state": _device_bytes(opt_state),
-        "batch": _device_bytes((tokens, mask, segments)),
+        "batch": _device_bytes((tokens, mask, segments, cached)),
         "arguments": int(memory.argument_size_in_bytes),
         "temporaries": int(memory.temp_size_in_bytes),
         "outputs_not_aliased": max(int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes), 0),
@@ -133,6 +148,15 @@ def plan_memory(
     return result
 
 
+def format_count(n: int | float) -> str:
+    """A parameter count in the unit that fits (`"4.85M"`, `"135M"`, `"1.24B"`)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_bytes(n: int | float) -> str:
     """`n` bytes in binary units (`"1.50 GiB"`)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -141,4 +165,4 @@ def format_bytes(n: int | float) -> str:
     return f"{n:.0f} B"
 
 
-__all__ = ["format_bytes", "parse_bytes", "plan_memory"]
+__all__ = ["format_bytes", "format_count", "parse_bytes", "plan_memory"]

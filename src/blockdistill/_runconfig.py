@@ -344,7 +344,7 @@ class RunConfig(DataOptions):
     #: what is trained). `steps` is not one of them: the learning-rate and blockwise
     #: schedules are built from it; `extend` resumes with more steps explicitly.
     RESUMABLE_CHANGES = frozenset(
-        {"eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+        {"eval_every", "checkpoint_every", "keep_checkpoints",
          "log_every", "progress", "plots", "out", "mesh", "extend", "fused", "attention_impl",
          "tensorboard", "wandb", "wandb_project", "wandb_mode", "token_cache", "logit_chunk",
          "coordinator", "num_processes", "process_id"}

@@ -13,7 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checkpoint import Checkpointer
-from ._commands import _batch_size_check, _open_dataset, _report, _val_batches, evaluate
+from ._commands import (
+    _batch_size_check,
+    _open_dataset,
+    _report,
+    _val_batches,
+    check_resumed_inputs,
+    evaluate,
+    run_inputs,
+)
 from ._config import BlockShape
 from ._files import write_json, write_text
 from ._hetero import (
@@ -39,6 +47,7 @@ from ._solver import choose_blocks
 from ._store import batch_iterator
 from ._teacher import Teacher
 from ._tokenizers import load_tokenizer
+from ._trainer import TrainingError, all_finite
 from ._train import make_optimizer
 
 #: the options that decide what the library learns: a resumed search must keep them
@@ -65,8 +74,24 @@ def _check_resumable(cfg: SearchConfig, saved: dict[str, Any], out: pathlib.Path
                           "or the same options to resume it")
 
 
+def _check_finite(library: BlockLibrary, losses: jax.Array, step: int, last: int | None, out: pathlib.Path) -> None:
+    """A `TrainingError` before a diverged library is saved: a candidate block's loss or any
+    weight non-finite (the losses are computed before the update, so the weights are
+    checked too), naming the candidates and the last good checkpoint (`last`, the step of
+    the last save)."""
+    rows = np.asarray(losses)
+    bad = sorted({shape_name(library.trained_shapes[c]) for c, _ in zip(*np.nonzero(~np.isfinite(rows)))})
+    if not bad and bool(all_finite(library)):
+        return
+    kept = f"the last good checkpoint is {out / 'checkpoints' / str(last)}" if last is not None else \
+        "no checkpoint was written before it"
+    what = f"the loss of {', '.join(bad)} became non-finite" if bad else "the library's weights became non-finite"
+    raise TrainingError(f"{what} at step {step}; stopped, {kept} (try a lower --learning-rate)")
+
+
 def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, dict[str, Any]]:
     """Train (or resume training) the library; returns it and what the training measured."""
+    inputs = run_inputs(dataset, teacher=cfg.teacher)
     optimizer = make_optimizer(lr_schedule(cfg), clip_norm=None)
     step = LibraryStep(optimizer=optimizer, kind=cfg.feature_loss, group_size=cfg.candidates_per_step)
     opt_state = step.init(library)
@@ -76,6 +101,7 @@ def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, d
     if (latest := checkpointer.latest()) is not None:
         state = checkpointer.read_state(latest)
         _check_resumable(cfg, state.get("search_config", {}), out)
+        check_resumed_inputs(out, state, inputs)
         library, opt_state, state = checkpointer.restore(latest, library, opt_state)
         batches.set_state(state["data"])
         start, seconds = latest, float(state.get("train_seconds", 0.0))
@@ -88,7 +114,7 @@ def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, d
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="library", unit="step", file=sys.stderr)
-    losses = None
+    losses, saved = None, (start or None)
     try:
         for index in range(start, cfg.steps):
             tokens, mask, segments = (jnp.asarray(a) for a in next(batches))
@@ -102,19 +128,20 @@ def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, d
                 bar.update(1)
             done = index + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-                jax.block_until_ready(losses)
+                _check_finite(library, losses, done, saved, out)
                 checkpointer.save(done, library, opt_state, {
-                    "data": batches.get_state(), "search_config": cfg.to_dict(), "train_seconds": seconds})
+                    "data": batches.get_state(), "search_config": cfg.to_dict(), "train_seconds": seconds,
+                    "inputs": inputs})
+                saved = done
             if stop:
-                checkpointer.close()
                 raise KeyboardInterrupt(f"interrupted after step {done} of {cfg.steps} (checkpoint written); "
                                         "rerun the same command to resume")
     finally:
+        checkpointer.close()  # the last save finishes, also when training stopped on an error
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if bar is not None:
             bar.close()
-    checkpointer.close()
     final = None if losses is None else np.asarray(losses).tolist()
     return library, {"train_seconds": seconds, "last_losses": final}
 

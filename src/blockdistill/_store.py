@@ -98,6 +98,19 @@ class TokenStore:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def content_sha256(self) -> str:
+        """sha256 of what the store holds: every document's token ids, the document
+        boundaries and the id type (not the files' names or times: a corpus rewritten
+        with the same text is the same content). Recorded when the store is built; a
+        store built before it was recorded is hashed once per process."""
+        if "content_sha256" not in self.meta:
+            digest = hashlib.sha256()
+            for lo in range(0, self.num_tokens, 1 << 24):
+                digest.update(np.asarray(self.tokens[lo : lo + (1 << 24)]).tobytes())
+            self.meta["content_sha256"] = _content_digest(digest, self.offsets, self.tokens.dtype)
+        return self.meta["content_sha256"]
+
     def document(self, index: int) -> np.ndarray:
         """The token ids of document `index` (a view of the memory map)."""
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]
@@ -114,6 +127,14 @@ class TokenStore:
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.folder)!r}, documents={self.num_documents}, "
                 f"tokens={self.num_tokens}, source={self.meta['source']!r})")
+
+
+def _content_digest(tokens: Any, offsets: np.ndarray, dtype: np.dtype) -> str:
+    """The store's content digest from `tokens`, the running sha256 of its token bytes."""
+    digest = hashlib.sha256(tokens.digest())
+    digest.update(np.dtype(dtype).name.encode())
+    digest.update(np.asarray(offsets, np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
@@ -183,6 +204,7 @@ def _build(corpus: CorpusFiles, tokenizer: Tokenizer, folder: pathlib.Path, iden
         bar = tqdm(total=sum(file_sizes.values()), unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
     try:
         offsets, hashes = [0], []
+        content = hashlib.sha256()
         with open(tmp / _TOKENS, "wb") as out:
             def flush(batch: list) -> None:
                 for document, ids in zip(batch, _encode_batch(tokenizer, [d.text for d in batch])):
@@ -190,7 +212,9 @@ def _build(corpus: CorpusFiles, tokenizer: Tokenizer, folder: pathlib.Path, iden
                     if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
                         raise ValueError(f"the tokenizer gave ids outside [0, {tokenizer.vocab_size}) "
                                          f"for document {document.name!r}")
-                    out.write(ids.astype(dtype).tobytes())
+                    data = ids.astype(dtype).tobytes()
+                    out.write(data)
+                    content.update(data)
                     offsets.append(offsets[-1] + ids.size)
                     hashes.append(_unit_hash(document.name))
 
@@ -213,7 +237,8 @@ def _build(corpus: CorpusFiles, tokenizer: Tokenizer, folder: pathlib.Path, iden
         np.save(tmp / _OFFSETS, np.asarray(offsets, np.int64))
         np.save(tmp / _HASHES, np.asarray(hashes, np.float64))
         meta = {**identity, "source": corpus.source, "dtype": dtype.name, "num_documents": len(hashes),
-                "num_tokens": offsets[-1]}
+                "num_tokens": offsets[-1],
+                "content_sha256": _content_digest(content, np.asarray(offsets, np.int64), dtype)}
         (tmp / _META).write_text(json.dumps(meta, indent=1, sort_keys=True))
         try:
             os.replace(tmp, folder)
@@ -264,9 +289,23 @@ class PackedRows:
         if not 0 <= lo <= hi <= self.num_packed_rows:
             raise ValueError(f"rows=({lo}, {hi}) is outside the {self.num_packed_rows} packed rows")
         self._lo, self._hi = lo, hi
+        self._digest: str | None = None
 
     def __len__(self) -> int:
         return self._hi - self._lo
+
+    def digest(self) -> str:
+        """sha256 of exactly what these rows hold: the store's content, which documents
+        (in order), the row length, the BOS and padding ids and which rows of the
+        packing. Two row sets with the same digest read the same tokens row for row;
+        another corpus, split (`val_fraction`), tokenizer or `seq_len` gives another."""
+        if self._digest is None:
+            record = {"store": self.store.content_sha256,
+                      "documents": hashlib.sha256(self.documents.tobytes()).hexdigest(),
+                      "seq_len": self.seq_len, "bos_id": self.bos_id, "pad_id": self.pad_id,
+                      "rows": [self._lo, self._hi]}
+            self._digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        return self._digest
 
     def rows(self, lo: int, hi: int) -> "PackedRows":
         """Rows `lo .. hi - 1` of these rows."""
@@ -351,6 +390,13 @@ class TokenDataset:
     num_documents: int
     num_val_documents: int
     store: TokenStore
+
+    def identity(self) -> dict[str, Any]:
+        """What a run read from this corpus, to compare later (a resumed run, a teacher
+        cache): the source, the row length and the digests of the training and held-out
+        rows ([`PackedRows.digest`][blockdistill.PackedRows.digest])."""
+        return {"source": self.source, "seq_len": self.seq_len, "train_rows": len(self.train),
+                "train_sha256": self.train.digest(), "val_rows": len(self.val), "val_sha256": self.val.digest()}
 
 
 def token_dataset(

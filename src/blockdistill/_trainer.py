@@ -26,7 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._checkpoint import Checkpointer, list_checkpoints, read_state
@@ -265,20 +267,37 @@ class EvalHook(Hook):
 
 
 class NonFiniteHook(Hook):
-    """Stops the run at a non-finite loss, naming the step and the last good checkpoint
-    (it runs before the checkpoint hook, so no checkpoint holds a diverged model)."""
+    """Stops the run before a diverged model is saved, naming the step and the last good
+    checkpoint (it runs before the checkpoint hook). Every step's `loss` and `grad_norm`
+    are checked (the loss is computed before the update, so a finite loss with an inf or
+    NaN gradient, e.g. a bf16 overflow in the backward pass, still writes non-finite
+    weights), and at a step that will be saved, the model's weights themselves."""
+
+    KEYS = {"loss": "loss", "grad_norm": "gradient norm"}
 
     def __init__(self, folder: RunFolder, checkpoints: "CheckpointHook"):
         self.folder, self.checkpoints = folder, checkpoints
 
+    def _stop(self, what: str, step: int) -> None:
+        last = self.checkpoints.last
+        kept = (f"the last good checkpoint is {self.folder.out / 'checkpoints' / str(last)}"
+                if last is not None else "no checkpoint was written before it")
+        raise TrainingError(f"{what} at step {step}; stopped, {kept} (try a lower --learning-rate)")
+
     def after_flush(self, trainer: Trainer, step: int, records: list[dict[str, Any]]) -> None:
         for record in records:
-            if "loss" in record and not math.isfinite(record["loss"]):
-                last = self.checkpoints.last
-                kept = (f"the last good checkpoint is {self.folder.out / 'checkpoints' / str(last)}"
-                        if last is not None else "no checkpoint was written before it")
-                raise TrainingError(f"loss became non-finite ({record['loss']}) at step {record['step']}; "
-                                    f"stopped, {kept} (try a lower --learning-rate)")
+            for key, name in self.KEYS.items():
+                if key in record and not math.isfinite(record[key]):
+                    self._stop(f"{name} became non-finite ({record[key]})", record["step"])
+        if self.checkpoints.saves_at(trainer, step) and not bool(all_finite(trainer.model)):
+            self._stop("the weights became non-finite (with a finite loss and gradient norm)", step)
+
+
+@eqx.filter_jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point array of `tree` is finite (one scalar from the device)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 class CheckpointHook(Hook):
@@ -294,8 +313,12 @@ class CheckpointHook(Hook):
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
+    def saves_at(self, trainer: Trainer, step: int) -> bool:
+        """Whether the boundary at `step` writes a checkpoint."""
+        return (self.due(step) or step == trainer.steps or trainer.stop_requested) and self.last != step
+
     def after_flush(self, trainer: Trainer, step: int, records: list[dict[str, Any]]) -> None:
-        if (self.due(step) or step == trainer.steps or trainer.stop_requested) and self.last != step:
+        if self.saves_at(trainer, step):
             self.checkpointer.save(step, trainer.model, trainer.opt_state, self.state())
             self.last = step
 
@@ -374,5 +397,5 @@ class PlotHook(Hook):
             plot_metrics(self.folder.metrics_path, self.folder.out)
 
 
-__all__ = ["CheckpointHook", "EvalHook", "Hook", "MetricsHook", "NonFiniteHook", "PlotHook", "ProgressHook",
+__all__ = ["all_finite", "CheckpointHook", "EvalHook", "Hook", "MetricsHook", "NonFiniteHook", "PlotHook", "ProgressHook",
            "RunFolder", "StopOnSignal", "Trainer", "TrainingError"]

@@ -6,6 +6,7 @@ Errors are one line naming the culprit, with a non-zero exit status.
 
 import argparse
 import os
+import pathlib
 import sys
 
 from ._runconfig import (
@@ -85,8 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _final_model(source: pathlib.Path) -> pathlib.Path | None:
+    """The final model folder of a run folder (`student/`, or a pretraining run's
+    `model/`), if it has one."""
+    for name in ("student", "model"):
+        if (source / name / "config.json").is_file():
+            return source / name
+    return None
+
+
 def _export(args) -> None:
-    import pathlib
+    import json
 
     from ._checkpoint import is_checkpoint, list_checkpoints, load_checkpoint_model, read_state
     from ._config import TransformerConfig
@@ -97,16 +107,29 @@ def _export(args) -> None:
     source = pathlib.Path(args.source)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
-    if (source / "student").is_dir():  # a finished run
-        model_dir = source / "student"
+    final = _final_model(source)
+    checkpoint = None
+    if is_checkpoint(source):
+        checkpoint = source
+    elif list_checkpoints(source):
+        checkpoint = list_checkpoints(source)[-1]
+        if not {"student_config", "model_config"} & read_state(checkpoint).keys():
+            checkpoint = None  # not a model's checkpoint (e.g. a search's block library)
+    if final is not None and checkpoint is not None and not is_checkpoint(source):
+        saved_step = json.loads((final / "config.json").read_text()).get("step")
+        if saved_step is not None and int(checkpoint.name) > saved_step:
+            # e.g. an --extend that was interrupted: its checkpoints are newer than the student
+            print(f"exporting checkpoint {checkpoint} (step {checkpoint.name}): it is newer than {final} "
+                  f"(step {saved_step}), which an unfinished continuation of the run has not replaced yet")
+            final = None
+        elif saved_step is None:
+            print(f"note: {final} does not record its step; {source} also holds checkpoints up to step "
+                  f"{checkpoint.name} (export {checkpoint} to take that one)")
+    if final is not None:  # a finished run
+        model_dir = final
         model = load_model(model_dir)
         tokenizer_dir = model_dir
     else:
-        checkpoint = None
-        if is_checkpoint(source):
-            checkpoint = source
-        elif list_checkpoints(source):
-            checkpoint = list_checkpoints(source)[-1]
         if checkpoint is not None:
             import equinox as eqx
             import jax
