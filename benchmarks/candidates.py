@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench
 
 import blockdistill as bd
-import blockdistill._attention as attention_module
-import blockdistill._layer as layer_module
-import blockdistill._model as model_module
+import blockdistill.nn.attention as attention_module
+import blockdistill.nn.layer as layer_module
+import blockdistill.nn.model as model_module
 
 # ----------------------------------------------------------------------------- patches
 

@@ -19,9 +19,9 @@ import pathlib  # noqa: E402
 import sys  # noqa: E402
 
 import blockdistill as bd  # noqa: E402
-from blockdistill._io import read_model_config  # noqa: E402
-from blockdistill._plan import format_bytes, plan_memory  # noqa: E402
-from blockdistill._prune import student_config_for  # noqa: E402
+from blockdistill.interop.folders import read_model_config
+from blockdistill.app.plan import format_bytes, plan_memory
+from blockdistill.distill.prune import student_config_for
 from blockdistill.testing import hlo_collectives  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

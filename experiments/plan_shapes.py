@@ -35,7 +35,7 @@ def plan(shape: str, devices: int) -> dict:
     if devices > 1:
         args += ["--mesh", f"fsdp={devices}"]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "blockdistill.cli", *args], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "blockdistill", *args], cwd=ROOT, capture_output=True,
                           text=True, check=True)
     seconds = time.perf_counter() - start
     row = {"shape": shape, "devices": devices, "batch": batch, "mesh": f"fsdp={devices}" if devices > 1 else "-",

@@ -201,7 +201,7 @@ def twin(run: Run) -> Run:
 def teacher_identity(teacher: str | None) -> str:
     """sha256 over the teacher's weight files (`*.eqx`, `*.safetensors`, by name and
     content): the study of one teacher never mixes with another's."""
-    from blockdistill._io import shipped_teacher_path
+    from blockdistill.interop.folders import shipped_teacher_path
 
     folder = shipped_teacher_path() if teacher in (None, "shipped") else pathlib.Path(teacher)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".eqx", ".safetensors")) if folder.is_dir() else []
@@ -214,7 +214,7 @@ def teacher_identity(teacher: str | None) -> str:
 
 def teacher_depth(teacher: str | None) -> int:
     """The number of layers of the teacher folder (blockdistill or Hugging Face; None: the shipped one)."""
-    from blockdistill._io import shipped_teacher_path
+    from blockdistill.interop.folders import shipped_teacher_path
 
     folder = shipped_teacher_path() if teacher in (None, "shipped") else pathlib.Path(teacher)
     meta = json.loads((folder / "config.json").read_text())
@@ -241,7 +241,7 @@ def budget(steps: int, quick: bool) -> dict[str, Any]:
 
 def config_for(run: Run, out: pathlib.Path, quick: bool, extra: dict[str, Any] | None = None):
     """The run's `DistillConfig`; `extra` sets other fields (`teacher`, `data`)."""
-    from blockdistill._runconfig import DistillConfig
+    from blockdistill.app.runconfig import DistillConfig
 
     size = budget(run.steps, quick)
     return DistillConfig(
@@ -256,7 +256,8 @@ def execute(run: Run, root: pathlib.Path, quick: bool, extra: dict[str, Any] | N
     """Run (or resume) one distillation and return its record. `stage_seconds` are the
     seconds per step of each of the run's programs (stages), measured side by side;
     `teacher` the teacher's identity (`teacher_identity`)."""
-    from blockdistill._commands import distill, stage_of
+    from blockdistill.app.distill import distill
+    from blockdistill.app.runconfig import stage_of
 
     out = root / run.name
     cfg = config_for(run, out, quick, extra)
@@ -320,9 +321,10 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     import jax
     import jax.numpy as jnp
 
-    from blockdistill._commands import distill_steps, load_teacher_and_student, stage_of
-    from blockdistill._store import token_dataset
-    from blockdistill._tokenizers import load_tokenizer
+    from blockdistill.app.runconfig import distill_steps, stage_of
+    from blockdistill.app.distill import load_teacher_and_student
+    from blockdistill.data.store import token_dataset
+    from blockdistill.data.tokenizers import load_tokenizer
 
     programs: dict[tuple[tuple[str, str, str], int], Any] = {}
     for cell in cells:
@@ -380,7 +382,8 @@ def equal_cost_steps(budget: str, steps: int, quick: bool, extra: dict[str, Any]
     """`steps_for(student, init, recipe)`: the steps at which a run costs what the main
     job's recipe costs in `steps` steps, in analytic FLOPs or in step seconds measured side
     by side (`seconds`, as `measured_step_seconds` returns them)."""
-    from blockdistill._commands import mean_step_flops, stage_of
+    from blockdistill.app.distill import mean_step_flops
+    from blockdistill.app.runconfig import stage_of
 
     def cost(cell):
         cfg = config_for(Run(*cell, seed=0, steps=steps), ROOT / "unused", quick, extra)
@@ -636,7 +639,7 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
 
 
 def _config_defaults() -> dict[str, Any]:
-    from blockdistill._runconfig import DistillConfig
+    from blockdistill.app.runconfig import DistillConfig
 
     return {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
 
@@ -705,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(results_path)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
-        from blockdistill._files import write_json  # atomic
+        from blockdistill._files import write_json
 
         teacher = teacher_identity(extra.get("teacher"))
         foreign = sorted(n for n, r in results.items() if r.get("teacher_sha256") != teacher)

@@ -112,8 +112,8 @@ def label(name: str, short: bool = False) -> str:
 def finish(out: pathlib.Path, args, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
     """One KD run of the main job's recipe (resumed if interrupted); its record."""
     from blockdistill import load_model, parameter_count
-    from blockdistill._commands import distill
-    from blockdistill._runconfig import DistillConfig
+    from blockdistill.app.distill import distill
+    from blockdistill.app.runconfig import DistillConfig
 
     size = sizes(args.quick)
     cfg = DistillConfig(out=str(out), teacher=args.teacher, steps=args.finish_steps, seed=seed,
@@ -134,9 +134,9 @@ def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
 
 def run_study(args) -> dict[str, Any]:
     from blockdistill import load_model, parameter_count
-    from blockdistill._io import shipped_teacher_path
-    from blockdistill._runconfig import SearchConfig
-    from blockdistill._search_command import search
+    from blockdistill.interop.folders import shipped_teacher_path
+    from blockdistill.app.search import SearchConfig
+    from blockdistill.app.search import search
 
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
 
@@ -202,8 +202,8 @@ def cost_scaling(args, counts=(1, 2, 5, 10, 20)) -> dict[str, Any]:
     import jax.numpy as jnp
 
     import blockdistill as bd
-    from blockdistill._search import _library_step
-    from blockdistill._search_command import library_step_flops
+    from blockdistill.search.library import _library_step
+    from blockdistill.app.search import library_step_flops
 
     size = sizes(args.quick)
     model = bd.load_model(args.teacher)
@@ -331,7 +331,7 @@ def report(results: dict[str, Any], images: pathlib.Path | None = None, page: pa
             if images is not None and "scores" in results:
                 import numpy as np
 
-                from blockdistill._search_command import _plot
+                from blockdistill.app.search import _plot
 
                 path = images / f"search_scores_params{budget:g}.png"
                 _plot(path, results["scores"]["candidates"], np.asarray(results["scores"]["kl"]),

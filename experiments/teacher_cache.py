@@ -30,8 +30,8 @@ TOP_KS = (16, 64)
 
 
 def build_cache(out: pathlib.Path, top_k: int, steps: int) -> dict[str, Any]:
-    from blockdistill._commands import cache_teacher
-    from blockdistill._runconfig import CacheConfig, DistillConfig
+    from blockdistill.app.commands import cache_teacher
+    from blockdistill.app.runconfig import CacheConfig, DistillConfig
 
     main = DistillConfig()
     cfg = CacheConfig(out=str(out), top_k=top_k, steps=steps, seeds=",".join(map(str, SEEDS)),
@@ -47,8 +47,8 @@ def build_cache(out: pathlib.Path, top_k: int, steps: int) -> dict[str, Any]:
 
 
 def run(out: pathlib.Path, seed: int, cache: pathlib.Path | None, steps: int) -> dict[str, Any]:
-    from blockdistill._commands import distill
-    from blockdistill._runconfig import DistillConfig
+    from blockdistill.app.distill import distill
+    from blockdistill.app.runconfig import DistillConfig
 
     summary_file = out / "summary.json"
     wall = None

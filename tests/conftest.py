@@ -39,7 +39,7 @@ def fresh_compilation_caches():
     segfault in `backend_compile_and_load`, twice at the same late test, never when that
     module ran alone), so each module starts from empty caches."""
     yield
-    from blockdistill import _train
+    from blockdistill.distill import step as _train
 
     _train._cached_step.cache_clear()
     jax.clear_caches()

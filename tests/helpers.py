@@ -1,8 +1,12 @@
 """Helpers shared by test modules (not tests)."""
 
 import json
+import pathlib
 
 import tokenizers
+
+#: the repository checkout the tests run from (docs, experiments, README)
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def make_tokenizer_dir(folder):

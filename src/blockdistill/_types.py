@@ -21,19 +21,3 @@ LayerHidden = Float[Array, "layers seq dim"]
 Logits = Float[Array, "seq vocab"]
 #: A scalar.
 Scalar = Float[Array, ""]
-
-__all__ = [
-    "Array",
-    "BatchMask",
-    "BatchSegments",
-    "BatchTokens",
-    "Bool",
-    "Float",
-    "Hidden",
-    "Int",
-    "LayerHidden",
-    "Logits",
-    "Scalar",
-    "Segments",
-    "Tokens",
-]

@@ -1,0 +1,5 @@
+"""`python -m blockdistill`: the command line."""
+
+from .app.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""The other commands over the same machinery: `pretrain`, `cache-teacher`, `plan` and
+`eval`."""
+
+import math
+import pathlib
+import sys
+from typing import Any
+
+import jax
+
+from .._files import write_json
+from ..data.pipeline import run_rows
+from ..data.tokenizers import ByteTokenizer, load_tokenizer
+from ..distill.objective import DistillationObjective
+from ..distill.step import DistillStep, make_optimizer
+from ..interop.folders import read_model_config, save_model
+from ..nn.costs import parameter_count, pretrain_flops
+from ..nn.model import Transformer
+from ..parallel.mesh import check_mesh, make_mesh
+from .distill import cache_identity, cached_objectives
+from .options import ConfigError
+from .run import (
+    _batch_size_check,
+    _eval_rows,
+    _open_dataset,
+    _prepare_out,
+    _report,
+    _val_batches,
+    check_resumable,
+    check_resumed_inputs,
+    evaluate,
+    fit,
+    run_inputs,
+    run_tokenizer,
+    start_processes,
+)
+from .runconfig import (
+    CacheConfig,
+    DistillConfig,
+    EvalConfig,
+    PretrainConfig,
+    distill_steps,
+    lr_schedule,
+    student_config,
+)
+from .teacher_cache import TeacherCache, build_teacher_cache
+from .trainer import RunFolder
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train a model from scratch with next-token cross-entropy (`blockdistill pretrain`)."""
+    out = _prepare_out(cfg, "runs/pretrain")
+    start_processes(cfg)
+    tokenizer = ByteTokenizer()
+    dataset = _open_dataset(cfg, tokenizer)
+    _batch_size_check(cfg, dataset)
+    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    folder = RunFolder(out, "pretrain")
+    inputs = run_inputs(dataset)
+    if (state := folder.newest_state()) is not None:
+        cfg = check_resumable(cfg, out, state)
+        check_resumed_inputs(out, state, inputs)
+    flops = pretrain_flops(model_cfg, seq_len=cfg.seq_len, batch=cfg.batch_size)
+    run_tokenizer(out, tokenizer)
+    model = Transformer(model_cfg, key=jax.random.key(cfg.seed))
+    # the same update as distillation's, with labels alone (no teacher)
+    objective = DistillationObjective(blockwise_weight=0.0, teacher_weight=0.0, label_weight=1.0)
+    optimizer = make_optimizer(lr_schedule(cfg), weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+    model, reached = fit(cfg, folder, DistillStep(objective, optimizer), model, dataset,
+                         step_flops=lambda index: flops, metric_keys=("loss", "grad_norm"),
+                         extra_state={"model_config": model_cfg.to_dict(), "inputs": inputs})
+    result = {"model": model, "step": reached, "evals": folder.evals()}
+    model = result["model"]
+    evals = result["evals"]
+    final = evals[max(evals)]["eval/student_loss"]
+    save_model(model, out / "model", tokenizer=tokenizer, extra={"eval_loss_nats_per_token": final,
+                                            "eval_bits_per_byte": final / math.log(2), "step": reached})
+    lines = [
+        f"pretrained {model_cfg.n_layers} layers x {model_cfg.dim} wide "
+        f"({parameter_count(model.config) / 1e6:.2f}M parameters) for {result['step']} steps",
+        f"eval loss {final:.4f} nats/token = {final / math.log(2):.4f} bits/byte; model saved to {out / 'model'}",
+    ]
+    summary = {"eval_loss": final, "lines": lines}
+    _report(summary)
+    return summary
+
+
+def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
+    """`blockdistill cache-teacher`: run the teacher once over the corpus's training rows
+    and store its top-k log-probabilities (see [`blockdistill.build_teacher_cache`][])."""
+    import signal
+
+    from ..interop.folders import load_model
+    from .teacher_cache import bytes_per_token
+
+    out = pathlib.Path(cfg.out)
+    start_processes(cfg)
+    mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
+    if mesh is not None:
+        check_mesh(mesh, batch_size=cfg.batch_size)
+    tokenizer = load_tokenizer(cfg.teacher)
+    dataset = _open_dataset(cfg, tokenizer)
+    model = load_model(cfg.teacher, dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={model.config.max_seq_len}")
+    if cfg.top_k > model.config.vocab_size:
+        raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({model.config.vocab_size})")
+    stop = []
+    handlers = {}
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handlers[signum] = signal.signal(signum, request_stop)
+    row_index, selection = None, "all"
+    if cfg.steps is not None:
+        _batch_size_check(cfg, dataset)
+        row_index = run_rows(len(dataset.train), batch_size=cfg.batch_size, steps=cfg.steps, seeds=cfg.seed_list())
+        selection = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seeds": list(cfg.seed_list())}
+    try:
+        cache = build_teacher_cache(
+            model, dataset.train, out, top_k=cfg.top_k, temperature=cfg.temperature, values_dtype=cfg.cache_dtype,
+            batch_size=cfg.batch_size, identity=cache_identity(cfg.teacher, tokenizer, dataset), mesh=mesh,
+            progress=cfg.progress, should_stop=lambda: bool(stop), row_index=row_index, selection=selection,
+        )
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if not cache.meta.get("complete"):
+        raise KeyboardInterrupt(f"interrupted after {cache.rows_done()} of {cache.num_cached} rows; "
+                                "rerun the same command to resume")
+    rows, val_sha256 = _eval_rows(cfg, dataset), dataset.val.digest()
+    if cache.teacher_eval_loss(rows, val_sha256) is None:
+        loss = evaluate(model, _val_batches(cfg, dataset), mesh)  # every process: it is one computation
+        if jax.process_index() == 0:
+            write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "val_sha256": val_sha256,
+                                                                          "loss": loss}})
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("blockdistill-cache-evaluated")
+        cache = TeacherCache(out)
+    per_token = bytes_per_token(cfg.top_k, cfg.cache_dtype)
+    which = "every training row" if row_index is None else (
+        f"the rows of {cfg.steps}-step runs at batch size {cfg.batch_size}, "
+        f"seed{'s' if len(cfg.seed_list()) > 1 else ''} {cfg.seeds}")
+    lines = [
+        f"cached the teacher's top {cfg.top_k} log-probabilities (temperature {cfg.temperature}) for "
+        f"{cache.num_cached} of {cache.num_rows} training rows of {cache.seq_len} tokens ({which}) in {out}",
+        f"{per_token} bytes per token, {per_token * cache.num_cached * cache.seq_len / 1e6:.1f} MB; "
+        f"mean tail mass outside the top {cfg.top_k}: {cache.mean_tail_mass:.2e}",
+        f"teacher held-out loss {cache.teacher_eval_loss(rows, val_sha256):.4f} on {rows} rows; distill with "
+        f"--teacher-cache {out}",
+    ]
+    summary = {"rows": cache.num_cached, "bytes_per_token": per_token, "mean_tail_mass": cache.mean_tail_mass,
+               "lines": lines}
+    _report(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_command(cfg: DistillConfig, device_memory: str | None, argv: list[str] | None = None) -> dict[str, Any]:
+    """`blockdistill plan`: per-device memory of the run `cfg` describes, from its step
+    compiled on abstract shapes (the teacher's `config.json` alone is read). A mesh of more
+    devices than this process has is planned in a child process with as many CPU devices."""
+    import os
+    import subprocess
+
+    from ..distill.prune import student_config_for
+    from ..parallel.mesh import parse_mesh
+    from .plan import format_bytes, format_count, parse_bytes, plan_memory
+
+    limit = None if device_memory is None else parse_bytes(device_memory)
+    needed = 1 if cfg.mesh is None else math.prod(parse_mesh(cfg.mesh).values())
+    if needed > jax.device_count():
+        if os.environ.get("BLOCKDISTILL_PLAN_CHILD") or argv is None:
+            raise ConfigError(f"mesh={cfg.mesh!r} needs {needed} devices; this process has {jax.device_count()}")
+        env = {**os.environ, "BLOCKDISTILL_PLAN_CHILD": "1", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={needed}"}
+        done = subprocess.run([sys.executable, "-m", "blockdistill", *argv], env=env)
+        if done.returncode:
+            raise RuntimeError(f"planning on {needed} CPU devices failed (exit status {done.returncode})")
+        return {}
+    teacher = read_model_config(cfg.teacher).replace(dtype=cfg.dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                                    attention_impl=cfg.attention_impl)
+    if cfg.student is not None:
+        student = read_model_config(cfg.student)
+    else:
+        student = student_config_for(teacher, student_config(cfg))
+    student = student.replace(dtype=cfg.dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                              attention_impl=cfg.attention_impl)
+    if cfg.seq_len > teacher.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={teacher.max_seq_len}")
+    mesh = None if cfg.mesh is None else make_mesh(cfg.mesh)
+    objectives, steps = distill_steps(cfg, mesh)
+    top_k, cached = None, (False,) * len(objectives)
+    if cfg.teacher_cache is not None:  # the stages that read it plan the step without the teacher
+        cache = TeacherCache(cfg.teacher_cache)
+        for name, want, have in (("seq_len", cfg.seq_len, cache.seq_len),
+                                 ("temperature", float(cfg.temperature), cache.temperature),
+                                 ("vocab_size", teacher.vocab_size, cache.meta.get("vocab_size"))):
+            if want != have:
+                raise ConfigError(f"teacher cache {cache.folder} was made for {name}={have!r}, this run has {want!r}")
+        top_k, cached = cache.top_k, cached_objectives(objectives)
+    plans = [plan_memory(teacher, student, objective, batch_size=cfg.batch_size, seq_len=cfg.seq_len, mesh=mesh,
+                         optimizer=step.optimizer, trainable=cfg.trainable, fused=step.fused, device_memory=limit,
+                         teacher_top_k=top_k if from_cache else None)
+             for objective, step, from_cache in zip(objectives, steps, cached)]
+    worst = max(plans, key=lambda p: p["total"])
+    how = "one device" if cfg.mesh is None else cfg.mesh
+    lines = [
+        f"teacher {cfg.teacher}: {teacher.n_layers} layers x {teacher.dim}, vocab {teacher.vocab_size} "
+        f"({format_count(parameter_count(teacher))} parameters); student: {student.n_layers} layers, MLP "
+        f"{student.mlp_dim}, {student.n_kv_heads} KV heads ({format_count(parameter_count(student))})",
+        f"batch {cfg.batch_size} x {cfg.seq_len}, compute {cfg.dtype}, remat {cfg.remat}, mesh {how}"
+        + (f"; teacher logits from {cfg.teacher_cache} (top {top_k}) in {sum(cached)} of {len(plans)} stages"
+           if cfg.teacher_cache is not None else "")
+        + (f"; the larger of {len(plans)} stages" if len(plans) > 1 else ""),
+        "per device:",
+        f"  teacher parameters  {format_bytes(worst['teacher_params']):>12}",
+        f"  student parameters  {format_bytes(worst['student_params']):>12}",
+        f"  optimizer state     {format_bytes(worst['opt_state']):>12}",
+        f"  batch               {format_bytes(worst['batch']):>12}",
+        f"  temporaries         {format_bytes(worst['temporaries']):>12}   (compiled for {worst['backend']}"
+        + ("; an estimate for an accelerator)" if worst["backend"] == "cpu" else ")"),
+        f"  total               {format_bytes(worst['total']):>12}"
+        + ("" if limit is None else f"   of {format_bytes(limit)}: "
+           + ("fits" if worst["fits"] else "DOES NOT FIT")),
+    ]
+    _report({"lines": lines})
+    return worst
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
+    """`blockdistill eval`: held-out loss of a model (nats/token and bits/byte)."""
+    from ..interop.folders import load_model
+
+    model = load_model(cfg.model, dtype=cfg.dtype)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    dataset = _open_dataset(cfg, tokenizer)
+    val = _val_batches(cfg, dataset)
+    loss = evaluate(model, val)
+    line = f"{cfg.model}: eval loss {loss:.4f} nats/token"
+    if isinstance(tokenizer, ByteTokenizer):
+        line += f" = {loss / math.log(2):.4f} bits/byte"
+    print(line)
+    return {"eval_loss": loss}
