@@ -44,6 +44,11 @@ per-round ratio, and tokens/s and MFU use each variant's best round (see
    and argument bytes (the teacher's weights are an argument of one, the cached logits of
    the other) and a cache's bytes per token for k = 16, 64, 256. `--only cache` runs this
    section alone (with the KD step it compares against).
+9. `--real FOLDER`: the KD step and the default blockwise step at a real checkpoint's
+   shapes (e.g. SmolLM2-135M, 49k vocabulary) against a PyTorch peer timed in processes
+   of its own: `real_vs_torch`, `real_mfu`, `real_kd_vs_student_step` and the KD step's
+   temporaries with and without `logit_chunk` (`benchmarks/real.py`; run alone, it runs
+   only this section).
 
 No assertion is made on any number: this is a measurement script, not a test.
 """
@@ -909,7 +914,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--only", choices=("cache",), help="run one section alone: `cache` (8)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--real", metavar="FOLDER",
+                        help="run only the real-checkpoint section (9): benchmarks/real.py on this Hugging Face folder")
+    args, rest = parser.parse_known_args(argv)
+    if args.real:  # its own children: JAX and torch never share a process there
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import real
+
+        extra = ["--json", args.json] if args.json else []
+        return real.main([args.real, *extra, *(["--no-torch"] if args.no_torch else []), *rest])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     sizes = QUICK if args.quick else FULL
     began = time.perf_counter()
     threads = cpu_threads()

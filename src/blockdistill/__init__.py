@@ -104,6 +104,13 @@ from .data.tokenizers import (
 from .distill.flops import (
     step_flops as step_flops,
 )
+from .distill.generate import (
+    generate as generate,
+    Generation as Generation,
+)
+from .distill.onpolicy import (
+    OnPolicy as OnPolicy,
+)
 from .distill.layer_map import (
     default_layer_map as default_layer_map,
 )
@@ -111,6 +118,7 @@ from .distill.losses import (
     chunked_logit_losses as chunked_logit_losses,
     feature_loss as feature_loss,
     kl_divergence as kl_divergence,
+    logit_divergence as logit_divergence,
     next_token_cross_entropy as next_token_cross_entropy,
 )
 from .distill.objective import (
@@ -141,10 +149,14 @@ from .interop.folders import (
 )
 from .interop.hf import (
     from_hf as from_hf,
+    to_decilm as to_decilm,
     to_hf as to_hf,
 )
 
 # the block search
+from .search.latency import (
+    block_latencies as block_latencies,
+)
 from .search.library import (
     assemble_student as assemble_student,
     BlockLibrary as BlockLibrary,
@@ -152,6 +164,7 @@ from .search.library import (
     init_library as init_library,
     library_loss as library_loss,
     LibraryStep as LibraryStep,
+    replacement_scores as replacement_scores,
     swap_scores as swap_scores,
 )
 from .search.solver import (
@@ -189,7 +202,9 @@ __all__ = [
     "candidate_shapes",
     "init_library",
     "library_loss",
+    "replacement_scores",
     "swap_scores",
+    "block_latencies",
     "BlockShape",
     "Choice",
     "block_flops_per_token",
@@ -252,10 +267,12 @@ __all__ = [
     "load_hf_tokenizer",
     "read_corpus",
     "to_hf",
+    "to_decilm",
     "Attention",
     "segment_positions",
     "DecoderLayer",
     "DistillStep",
+    "OnPolicy",
     "DistillationObjective",
     "LayerStack",
     "LayerStates",
@@ -263,9 +280,12 @@ __all__ = [
     "default_layer_map",
     "feature_loss",
     "kl_divergence",
+    "logit_divergence",
     "layer_flops",
     "pretrain_flops",
     "step_flops",
+    "generate",
+    "Generation",
     "make_optimizer",
     "next_token_cross_entropy",
     "trainable_labels",

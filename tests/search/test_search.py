@@ -127,7 +127,9 @@ def _skip_layer_kl(teacher, tokens, mask, layer):
 
 def test_swap_scores_are_the_kl_of_one_swapped_block(setup):
     teacher, tokens, mask, library = setup
+    scores = bd.replacement_scores(library, teacher, tokens, mask)
     kl = np.asarray(bd.swap_scores(library, teacher, tokens, mask))
+    np.testing.assert_array_equal(kl, scores["kl"])
     assert kl.shape == (len(library.shapes), CONFIG.n_layers)
     np.testing.assert_allclose(kl[_index(library, bd.BlockShape(48, 2))], 0.0, atol=1e-6)
     identity = _index(library, bd.BlockShape(0, 0))
@@ -138,8 +140,14 @@ def test_swap_scores_are_the_kl_of_one_swapped_block(setup):
     own = _index(library, bd.BlockShape(48, 2))
     student = bd.assemble_student(teacher, library, [own, half, own])
     logits = jax.vmap(student)(tokens).logits
-    expected = bd.kl_divergence(logits, jax.vmap(teacher.model)(tokens).logits, mask)
+    teacher_logits = jax.vmap(teacher.model)(tokens).logits
+    expected = bd.kl_divergence(logits, teacher_logits, mask)
     np.testing.assert_allclose(kl[half, 1], expected, rtol=1e-4)
+    # the other two scores of the same swap: its LM loss and how often its top-1 differs
+    np.testing.assert_allclose(scores["lm_loss"][half, 1], bd.next_token_cross_entropy(logits, tokens, mask), rtol=1e-4)
+    differs = np.asarray(jnp.argmax(logits, -1) != jnp.argmax(teacher_logits, -1))
+    np.testing.assert_allclose(scores["top1"][half, 1], differs[np.asarray(mask)].mean(), atol=1e-6)
+    assert np.all(np.asarray(scores["top1"][own]) == 0.0)  # the teacher's own block changes nothing
 
 
 def test_assembled_student_runs_the_chosen_blocks(setup):
@@ -166,7 +174,8 @@ def test_assembled_student_runs_the_chosen_blocks(setup):
         bd.assemble_student(teacher, library, [_index(library, bd.BlockShape(0, 0))] * 3)
     with pytest.raises(ValueError, match=r"indices\[1\]=99"):
         bd.assemble_student(teacher, library, [0, 99, 0])
-    with pytest.raises(ValueError, match="layers differ"):
+    # it has a linear layer, which the DeciLM format cannot hold (its linear map reads a normed input)
+    with pytest.raises(ValueError, match="linear"):
         bd.to_hf(student, "unused")
 
 
@@ -245,10 +254,18 @@ def test_search_command_resumes_and_writes_a_student(tmp_path, cli_teacher, corp
     np.testing.assert_allclose(again["kl"], scores["kl"], rtol=1e-5, atol=1e-9)
     assert json.loads((resumed / "choice.json").read_text())["indices"] == choice["indices"]
 
-    # a finished library is scored and assembled again at once under another budget
+    # a finished library is assembled again at once under another budget, its scores read back
     assert main(_search_args(out, cli_teacher, corpus, "--budget", "params=0.5,kv_bytes=0.5")) == 0
+    assert "scores read back from" in capsys.readouterr().out
     tighter = json.loads((out / "choice.json").read_text())
     assert tighter["costs"]["params"]["fraction"] <= 0.5 and tighter["costs"]["kv_bytes"]["fraction"] <= 0.5
+    assert tighter["search_cost"]["scores_cached"] and json.loads((out / "scores.json").read_text()) == scores
+    # other scores, and a measured latency budget beside a parameter budget
+    assert main(_search_args(out, cli_teacher, corpus, "--budget", "latency=0.8,params=0.9", "--score", "top1")) == 0
+    timed = json.loads((out / "choice.json").read_text())
+    assert timed["score"] == "top1" and timed["costs"]["latency"]["fraction"] <= 0.8
+    assert timed["costs"]["params"]["fraction"] <= 0.9 and len(timed["latency"]["blocks_s"]) == len(timed["candidates"])
+    assert (out / "scores_top1.png").is_file()
     # other training options are refused by name
     assert main(_search_args(out, cli_teacher, corpus, "--learning-rate", "0.01")) == 1
     assert "learning_rate: 0.001 -> 0.01" in capsys.readouterr().err
@@ -381,3 +398,14 @@ def test_a_diverged_library_is_never_saved(tmp_path, cli_teacher, corpus, capsys
     err = capsys.readouterr().err
     assert "the library's weights became non-finite at step 4" in err and "checkpoints/2" in err
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+
+
+def test_block_latencies_are_timed_once_and_read_back(tmp_path):
+    shapes = (bd.BlockShape(48, 2), bd.BlockShape(24, 1), bd.BlockShape(0, 0, linear=True), bd.BlockShape(0, 0))
+    timed = bd.block_latencies(CONFIG, shapes, batch_size=2, seq_len=16, rounds=3, cache=tmp_path)
+    assert not timed["cached"] and timed["blocks"][3] == 0.0 and all(t > 0 for t in timed["blocks"][:3])
+    assert timed["shared"] > 0
+    again = bd.block_latencies(CONFIG, shapes, batch_size=2, seq_len=16, rounds=3, cache=tmp_path)
+    assert again["cached"] and again["blocks"] == timed["blocks"]
+    # another batch is another measurement
+    assert not bd.block_latencies(CONFIG, shapes, batch_size=1, seq_len=16, rounds=1, cache=tmp_path)["cached"]

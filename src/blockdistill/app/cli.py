@@ -1,4 +1,5 @@
-"""The `blockdistill` command: `pretrain`, `distill`, `cache-teacher`, `search`, `plan`, `eval`, `export-hf`.
+"""The `blockdistill` command: `pretrain`, `distill`, `cache-teacher`, `search`, `plan`, `eval`, `generate`,
+`export-hf`.
 
 Every option is a field of a TOML config (`--config FILE`); flags override the file.
 Errors are one line naming the culprit, with a non-zero exit status.
@@ -10,7 +11,7 @@ import pathlib
 import sys
 
 from .options import add_flags, build_config, given_flags
-from .runconfig import CacheConfig, DistillConfig, EvalConfig, PretrainConfig
+from .runconfig import CacheConfig, DistillConfig, EvalConfig, GenerateConfig, PretrainConfig
 from .search import SearchConfig
 
 _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
@@ -21,6 +22,7 @@ _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
   blockdistill search --budget params=0.5     train candidate blocks per layer, assemble the best student
   blockdistill plan --teacher CONFIG.json     per-device memory of a run, before any weight is read
   blockdistill eval MODEL                     held-out loss of a model folder
+  blockdistill generate MODEL --prompt TEXT   continue a text with a model (greedy or sampled)
   blockdistill export-hf RUN_OR_MODEL OUT     write a folder transformers can load
 """
 
@@ -69,11 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("model", nargs="?", help="model folder (blockdistill or Hugging Face), default: shipped")
     sub.add_argument("--config", metavar="FILE")
     add_flags(sub, EvalConfig, skip=("model",))
+    text = "continue texts with a model, with a KV cache (greedy by default; sampled with --temperature)"
+    sub = commands.add_parser("generate", help=text, description=text)
+    sub.add_argument("model", nargs="?", help="a model folder (blockdistill or Hugging Face), a run folder (its "
+                     "final student), or `shipped` (the default)")
+    sub.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+    add_flags(sub, GenerateConfig, skip=("model",))
     sub = commands.add_parser("export-hf", help="export a student to a Hugging Face folder")
     sub.add_argument("source", help="a run folder (its final student, else its newest checkpoint), "
                      "a checkpoint folder or a model folder")
     sub.add_argument("out", help="the folder to write (config.json + model.safetensors)")
-    sub.add_argument("--architecture", default=None, help="LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM")
+    sub.add_argument("--architecture", default=None, help="LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM "
+                     "or DeciLMForCausalLM (the default for a heterogeneous student: NVIDIA Puzzle's format)")
     sub.add_argument("--tokenizer", default=None, metavar="FOLDER",
                      help="the tokenizer to export with (default: the one the source recorded)")
     return parser
@@ -158,8 +167,10 @@ def _export(args) -> None:
     if tokenizer_record(tokenizer)["kind"] == "hf":
         tokenizer_from = tokenizer.folder
     path = to_hf(model, args.out, architecture=args.architecture, tokenizer_from=tokenizer_from)
-    print(f"wrote {path} ({model.config.n_layers} layers, dim {model.config.dim}; tokenizer: "
-          f"{'copied from ' + str(tokenizer_from) if tokenizer_from else 'byte-level, no files'})")
+    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    remote = " (transformers: trust_remote_code=True)" if architecture == "DeciLMForCausalLM" else ""
+    print(f"wrote {path}: {architecture}{remote}, {model.config.n_layers} layers, dim {model.config.dim}; tokenizer: "
+          f"{'copied from ' + str(tokenizer_from) if tokenizer_from else 'byte-level, no files'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export-hf":
             _export(args)
             return 0
-        from .commands import cache_teacher, evaluate_command, plan_command, pretrain
+        from .commands import cache_teacher, evaluate_command, generate_command, plan_command, pretrain
         from .distill import distill
 
+        if args.command == "generate":
+            overrides = given_flags(args, GenerateConfig)
+            if args.model is not None:
+                overrides["model"] = args.model
+            generate_command(build_config(GenerateConfig, args.config, overrides))
+            return 0
         if args.command == "eval":
             overrides = given_flags(args, EvalConfig)
             if args.model is not None:

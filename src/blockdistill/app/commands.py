@@ -1,5 +1,5 @@
-"""The other commands over the same machinery: `pretrain`, `cache-teacher`, `plan` and
-`eval`."""
+"""The other commands over the same machinery: `pretrain`, `cache-teacher`, `plan`,
+`eval` and `generate`."""
 
 import math
 import pathlib
@@ -38,6 +38,7 @@ from .runconfig import (
     CacheConfig,
     DistillConfig,
     EvalConfig,
+    GenerateConfig,
     PretrainConfig,
     distill_steps,
     lr_schedule,
@@ -253,3 +254,72 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
         line += f" = {loss / math.log(2):.4f} bits/byte"
     print(line)
     return {"eval_loss": loss}
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _generation_folder(model: str) -> str:
+    """The model folder `model` names: itself, or a run folder's final model (`student/`,
+    or a pretraining run's `model/`)."""
+    if model == "shipped":
+        return model
+    for name in ("student", "model"):  # a run folder's own config.json is the run's
+        if (pathlib.Path(model) / name / "config.json").is_file():
+            return str(pathlib.Path(model) / name)
+    return model
+
+
+def generate_command(cfg: GenerateConfig) -> dict[str, Any]:
+    """`blockdistill generate`: continue each prompt with the model and print it.
+
+    The prompts are encoded with the model folder's tokenizer, each after the tokenizer's
+    BOS id (as every training document started), and generated together as one batch of
+    right-padded rows; a row stops at the end-of-sequence token (the byte tokenizer's is
+    the NUL byte that starts the next document), which is not printed.
+    """
+    import time
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ..data.tokenizers import HFTokenizer, _find_eos_id
+    from ..distill.generate import generate
+    from ..interop.folders import load_model
+
+    folder = _generation_folder(cfg.model)
+    # scanned layers: one layer's program compiles, whatever the depth
+    model = load_model(folder, dtype=cfg.dtype, scan_layers=True)
+    tokenizer = load_tokenizer(folder, cfg.tokenizer)
+    if isinstance(tokenizer, HFTokenizer):
+        eos_id = _find_eos_id(tokenizer.folder, tokenizer.tokenizer)
+    else:
+        eos_id = tokenizer.bos_id  # a NUL byte starts the next document
+    start = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    rows = [np.asarray(start + tokenizer.encode(text).tolist(), np.int32) for text in cfg.prompt]
+    width = max(len(row) for row in rows)
+    if width + cfg.max_new_tokens > model.config.max_seq_len:
+        raise ConfigError(
+            f"the longest prompt ({width} tokens) and max_new_tokens={cfg.max_new_tokens} exceed the model's "
+            f"max_seq_len={model.config.max_seq_len}: shorten the prompt or lower --max-new-tokens"
+        )
+    prompts = np.stack([np.pad(row, (0, width - len(row)), constant_values=tokenizer.pad_id) for row in rows])
+    began = time.perf_counter()
+    out = generate(
+        model, jnp.asarray(prompts), cfg.max_new_tokens, key=jax.random.key(cfg.seed),
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos_id,
+        prompt_lengths=jnp.asarray([len(row) for row in rows], jnp.int32),
+    )
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    seconds = time.perf_counter() - began
+    texts = []
+    for index, (text, row, length) in enumerate(zip(cfg.prompt, tokens, lengths), start=1):
+        new = row[:length]
+        if eos_id is not None and length and new[-1] == eos_id:
+            new = new[:-1]
+        texts.append(tokenizer.decode(new))
+        how = "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}, seed {cfg.seed}"
+        print(f"--- {cfg.model}, prompt {index} ({len(new)} new tokens, {how}) ---")
+        print(text + texts[-1])
+    print(f"--- {int(lengths.sum())} tokens in {seconds:.1f} s (compilation included)")
+    return {"texts": texts, "tokens": tokens, "lengths": lengths}

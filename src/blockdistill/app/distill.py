@@ -13,6 +13,7 @@ from ..data.pipeline import run_rows
 from ..data.store import TokenDataset
 from ..data.tokenizers import Tokenizer, load_tokenizer, tokenizer_record
 from ..distill.flops import step_flops
+from ..distill.losses import cached_divergence_refusal
 from ..distill.objective import DistillationObjective
 from ..interop.folders import model_digest, read_model_config, save_model
 from ..nn.costs import parameter_count
@@ -40,6 +41,7 @@ from .run import (
 from .runconfig import (
     DistillConfig,
     distill_steps,
+    on_policy,
     stage_objectives,
     stage_of,
     student_config,
@@ -149,6 +151,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                 f"teacher_cache={cfg.teacher_cache!r}: every step of this recipe has a blockwise term, "
                 "which needs the teacher's states (a cache holds only logits): it would never be read"
             )
+        refusal = cached_divergence_refusal(cfg.divergence, teacher_cache.top_k, int(teacher_cache.meta["vocab_size"]))
+        if refusal is not None:  # before anything is written to the run folder
+            raise ConfigError(f"teacher_cache={cfg.teacher_cache!r}: {refusal}")
         teacher_loss = teacher_cache.teacher_eval_loss(_eval_rows(cfg, dataset), dataset.val.digest())
     # the teacher runs in the stages that do not read the cache
     needs_teacher = any(o.uses_teacher and not c for o, c in zip(objectives, cached_stages))
@@ -156,8 +161,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg, dataset, load_teacher=needs_teacher or cfg.student is None or teacher_loss is None
     )
     teacher_config = teacher.config if teacher is not None else read_model_config(cfg.teacher)
-    if objectives[0].uses_teacher:
-        objectives[0].resolve_layer_map(teacher_config.n_layers, student.config.n_layers)
+    for objective in objectives:  # only a blockwise term maps student layers onto teacher layers
+        if objective.uses_teacher and objective.passes(0)[1]:
+            objective.resolve_layer_map(teacher_config.n_layers, student.config.n_layers)
     if mesh is not None:
         check_mesh(mesh, batch_size=cfg.batch_size, n_layers=student.config.n_layers)
 
@@ -179,7 +185,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     trained, reached = fit(cfg, folder, steps, student, dataset, teacher=teacher, teacher_loss=teacher_loss,
                            step_flops=flops_of, stage_of_step=lambda index: stage_of(cfg, index),
                            extra_state={"student_config": student.config.to_dict(), "inputs": inputs}, mesh=mesh,
-                           teacher_cache=teacher_cache, cached_stages=cached_stages)
+                           teacher_cache=teacher_cache, cached_stages=cached_stages, policy=on_policy(cfg))
     student = host_arrays(trained) if mesh is not None else trained
     result = {"step": reached, "evals": folder.evals()}
     evals = result["evals"]

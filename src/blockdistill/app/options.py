@@ -34,6 +34,7 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher", "path"),
     "teacher_cache": ("teacher", "cache"),
     **{name: ("cache", name) for name in ("top_k", "cache_dtype", "seeds")},
+    **{name: ("generate", name) for name in ("prompt", "max_new_tokens", "top_p")},
     **{name: ("search", name) for name in (
         "budget", "score", "mlp_ratios", "kv_heads", "drop_attention", "drop_mlp", "linear", "identity",
         "candidates_per_step")},
@@ -43,7 +44,9 @@ _SECTIONS: dict[str, tuple[str, str]] = {
         ("calibration_batches", "calibration_batches"))},
     **{name: ("objective", name) for name in (
         "blockwise_weight", "blockwise_schedule", "blockwise_weight_end", "blockwise_steps", "temperature",
-        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused", "cached_kl", "logit_chunk")},
+        "feature_loss", "inject_at", "label_weight", "teacher_weight", "injected_pass", "fused", "cached_kl", "logit_chunk",
+        "divergence", "jsd_beta", "skew_alpha", "onpolicy_fraction", "onpolicy_prompt_len", "onpolicy_temperature",
+        "onpolicy_top_p", "onpolicy_start")},
 }
 
 
@@ -105,6 +108,14 @@ HELP: dict[str, str] = {
     'blockwise_weight_end': '`w` at the end of the schedule',
     'blockwise_steps': 'length of the schedule; for `staged`, the step of the switch',
     'temperature': 'KL temperature `T`',
+    'divergence': "the logit term, between the teacher's and the student's distributions at temperature `T`, times `T^2`: `kl` (forward KL, teacher to student), `reverse_kl`, `jsd` (generalized Jensen-Shannon, GKD's), `skew_kl` (DistiLLM's skew KL) or `tvd` (total variation); a top-k teacher cache serves only `kl` unless it keeps the whole vocabulary (see [Concepts](concepts.md#losses))",
+    'jsd_beta': "`beta` of `jsd`, in [0, 1]: the mixture is `beta p_teacher + (1 - beta) q_student`; `0` is the forward KL, `1` the reverse KL",
+    'onpolicy_fraction': "on-policy distillation (GKD): the fraction of each batch's rows the student writes itself (its samples continuing the row's first tokens), scored by the teacher on the student's own tokens; 0 is off (needs `label_weight` 0 and no teacher cache)",
+    'onpolicy_prompt_len': "the tokens of a row kept as the prompt of an on-policy row; default: half the row",
+    'onpolicy_temperature': "the temperature the student samples its on-policy rows at (0: greedy)",
+    'onpolicy_top_p': "nucleus sampling of the on-policy rows: keep the most likely tokens up to this probability",
+    'onpolicy_start': "the first step that writes on-policy rows (e.g. a staged recipe's switch: blockwise first, then on-policy)",
+    'skew_alpha': "`alpha` of `skew_kl`, in [0, 1]: the KL from the teacher's `p` to the mixture `alpha p + (1 - alpha) q` with the student's `q`",
     'feature_loss': '`cosine`, `l2` or `nmse`',
     'inject_at': '`layer` (whole blocks) or `attention` (MaxText mode)',
     'label_weight': "weight of next-token cross-entropy on the data's labels",
@@ -116,8 +127,8 @@ HELP: dict[str, str] = {
     'num_processes': 'processes of a multi-process run (default: `$JAX_NUM_PROCESSES`)',
     'process_id': "this process's index in a multi-process run, 0 to num_processes - 1 (default: `$JAX_PROCESS_ID`)",
     'mesh': 'a device mesh such as `data=2,layers=4` or `data=2,fsdp=4` (see [Scaling](scaling.md))',
-    'budget': "what the searched student may cost, as fractions of the teacher's: `params=F` (all parameters), `kv_bytes=F` (KV cache per token), `flops=F` (forward FLOPs per token), comma-separated to bound several at once",
-    'score': "what the assembly minimises, summed over layers: `kl` (the teacher's KL with only that block swapped in, Puzzle's) or `blockwise` (the block's own held-out loss)",
+    'budget': "what the searched student may cost, as fractions of the teacher's: `params=F` (all parameters), `kv_bytes=F` (KV cache per token), `flops=F` (forward FLOPs per token), `latency=F` (forward seconds at the search's batch, every candidate block timed on this machine and cached), comma-separated to bound several at once",
+    'score': "what the assembly minimises, summed over layers, with only that block swapped into the teacher: `kl` (the teacher's KL, Puzzle's), `lm_loss` (next-token cross-entropy on the held-out rows) or `top1` (how often the top-1 token differs from the teacher's); or `blockwise` (the block's own held-out loss)",
     'mlp_ratios': "the candidates' MLP widths, as fractions of the teacher's (comma-separated)",
     'kv_heads': "the candidates' KV head counts (comma-separated); default: the teacher's n, n/2 and 1",
     'drop_attention': 'also offer every MLP width without attention',
@@ -127,12 +138,17 @@ HELP: dict[str, str] = {
     'candidates_per_step': "train the candidates in groups of this many, one compiled program per group on the same teacher states: the same numbers, with one group's activations in memory instead of every candidate's; default: all in one program",
     'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',
     'tokenizer': 'the tokenizer folder (or `byte`); default: the one the model folder recorded',
+    'prompt': 'a text to continue; repeat the flag for several (they are generated together, as one batch)',
+    'max_new_tokens': 'tokens to generate after each prompt (fewer when the model ends the text with its end-of-sequence token)',
+    'top_p': 'sample only from the smallest set of most likely tokens whose probability reaches P (nucleus sampling)',
 }
 
 
-def section_of(name: str) -> tuple[str, str]:
-    """`(section, key)` of a config field in a TOML file."""
-    return _SECTIONS.get(name, ("run", name))
+def section_of(name: str, cls: Any = None) -> tuple[str, str]:
+    """`(section, key)` of a config field in a TOML file (a command's own place for it,
+    in its class's `SECTION_CHANGES`, first)."""
+    own = getattr(cls, "SECTION_CHANGES", {}).get(name)
+    return own if own is not None else _SECTIONS.get(name, ("run", name))
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -140,8 +156,9 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(`int`, True) for `int | None`; (`int`, False) for `int`."""
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(`int`, True) for `int | None`; (`int`, False) for `int`; (`tuple[str, ...]`, False)
+    for a list of texts."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0], True
@@ -154,6 +171,10 @@ def coerce(cls, name: str, value: Any, source: str) -> Any:
     base, optional = _base_type(types_[name])
     if value is None and optional:
         return None
+    if typing.get_origin(base) is tuple:  # a list of texts (a flag given several times)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{source}: {name} must be a list of strings, got {value!r}")
+        return tuple(value)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is bool and not isinstance(value, bool):
@@ -183,14 +204,14 @@ def load_toml(cls, path: str | os.PathLike) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     fields = [f.name for f in dataclasses.fields(cls)]
-    where = {section_of(name): name for name in fields}
+    where = {section_of(name, cls): name for name in fields}
     sections = sorted({section for section, _ in where})
     source = f"config file {path}"
     out: dict[str, Any] = {}
     for top, value in data.items():
         if not isinstance(value, dict):
             if top in fields:
-                section, key = section_of(top)
+                section, key = section_of(top, cls)
                 raise ConfigError(f"{source}: {top!r} must be in section [{section}] (as {key} = ...)")
             raise _unknown_key(cls, top, source)
         if top not in sections:
@@ -253,13 +274,15 @@ def add_flags(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
             continue
         base, _ = _base_type(annotation)
         flag = "--" + name.replace("_", "-")
-        section, key = section_of(name)
+        section, key = section_of(name, cls)
         default = defaults[name]
-        shown = "" if default is None else f"default: {str(default).lower() if isinstance(default, bool) else default}; "
+        shown = "" if default is None or default == () else f"default: {str(default).lower() if isinstance(default, bool) else default}; "
         meaning = getattr(cls, "HELP_CHANGES", {}).get(name, HELP[name])
         text = f"{meaning} ({shown}[{section}] {key})".replace("%", "%%")
         if base is bool:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        elif typing.get_origin(base) is tuple:  # repeat the flag for several values
+            parser.add_argument(flag, dest=name, default=None, action="append", metavar="TEXT", help=text)
         else:
             parser.add_argument(flag, dest=name, default=None, type=base, metavar=base.__name__.upper(), help=text)
 

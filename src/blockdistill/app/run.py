@@ -6,6 +6,7 @@ writers, and `fit`, which runs a model's steps through the one
 import dataclasses
 import pathlib
 import sys
+import time
 from typing import Any
 
 import equinox as eqx
@@ -25,6 +26,7 @@ from ..data.tokenizers import (
     tokenizer_record,
 )
 from ..distill.losses import next_token_cross_entropy, next_token_pairs
+from ..distill.onpolicy import OnPolicy
 from ..distill.sparse import TopKLogits
 from ..distill.step import DistillStep
 from ..interop.folders import model_digest
@@ -280,13 +282,17 @@ def fit(
     metric_keys: tuple[str, ...] | None = None,
     teacher_cache: TeacherCache | None = None,
     cached_stages: tuple[bool, ...] = (),
+    policy: OnPolicy | None = None,
 ) -> tuple[Transformer, int]:
     """Train `model` with `step` (or one step per stage, chosen by `stage_of_step(index)`)
     for `cfg.steps` steps in `folder`, resuming from its newest checkpoint: the Trainer with
     the metrics, evaluation, non-finite, checkpoint, progress, signal and plot hooks.
     `metric_keys` keeps only those of the step's metrics. With `teacher_cache`, the stages
     marked in `cached_stages` read each batch's teacher logits from it instead of running
-    the teacher. Returns the trained model (as placed) and the step reached."""
+    the teacher. With `policy`, the steps it is active in first have part of their batch
+    written by the model itself (on-policy distillation; its seconds are the step's
+    `gen_seconds` metric, apart from the update's). Returns the trained model (as placed)
+    and the step reached."""
     steps = step if isinstance(step, list) else [step]
     optimizer = steps[0].optimizer
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -324,11 +330,21 @@ def fit(
             return tuple(jnp.asarray(array) for array in arrays)
         return shard_local_batch(mesh, cfg.batch_size, *arrays)  # this process's rows of the global batch
 
+    sample_key = jax.random.fold_in(jax.random.key(cfg.seed), 0x6F6E)  # resumes with the same samples
+
     def step_fn(model, opt_state, batch, index):
         cached = None
         if teacher_cache is not None:
             batch, cached = batch
         tokens, mask, segment_ids = place(batch)
+        generation = {}
+        if policy is not None and policy.active(index):  # the model writes part of its batch
+            began = time.perf_counter()
+            tokens, mask, segment_ids = jax.block_until_ready(
+                policy.mix(model, tokens, mask, segment_ids, step=index, key=sample_key))
+            seconds = time.perf_counter() - began
+            written = policy.rows(cfg.batch_size) * (cfg.seq_len - policy.prompt_len)
+            generation = {"gen_seconds": seconds, "gen_tokens_per_s": written / max(seconds, 1e-9)}
         # a staged run switches programs at a step: each stage compiles only its passes
         stage = stage_of_step(index) if stage_of_step is not None else 0
         chosen = steps[stage]
@@ -340,7 +356,7 @@ def fit(
             model, opt_state, metrics = chosen(model, opt_state, teacher, tokens, mask, index, segment_ids=segment_ids)
         if metric_keys is not None:  # the run's own metrics only (pretraining: no teacher terms)
             metrics = {key: metrics[key] for key in metric_keys}
-        return model, opt_state, metrics
+        return model, opt_state, {**metrics, **generation}
 
     schedule = lr_schedule(cfg)
     flops_prefix = [0.0]

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from ..distill.objective import DistillationObjective
+from ..distill.onpolicy import OnPolicy
 from ..distill.prune import StudentConfig
 from ..distill.step import TRAINABLE, DistillStep, make_optimizer
 from ..nn.config import TransformerConfig, check_execution
@@ -208,10 +209,30 @@ class DistillConfig(RunConfig):
     teacher_cache: str | None = None
     cached_kl: str = "tail"
     logit_chunk: int | None = None
+    divergence: str = "kl"
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    # on-policy distillation (GKD): a fraction of each batch written by the student itself
+    onpolicy_fraction: float = 0.0
+    onpolicy_prompt_len: int | None = None
+    onpolicy_temperature: float = 1.0
+    onpolicy_top_p: float | None = None
+    onpolicy_start: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "calibration_batches", "blockwise_steps")
+        if self.onpolicy_fraction > 0:
+            if self.label_weight != 0:
+                raise ConfigError(
+                    f"onpolicy_fraction={self.onpolicy_fraction} with label_weight={self.label_weight}: the label "
+                    "cross-entropy would train the student on its own samples; use label_weight=0 with on-policy "
+                    "distillation")
+            if self.teacher_cache is not None:
+                raise ConfigError(
+                    f"onpolicy_fraction={self.onpolicy_fraction} with teacher_cache={self.teacher_cache!r}: the teacher "
+                    "must score the student's own sequences, which no cache holds")
+            _library(on_policy, self)
         # the end of the weight's schedule (the schedule is built here, not by the library)
         if not 0.0 <= self.blockwise_weight_end <= 1.0:
             raise ConfigError(f"blockwise_weight_end={self.blockwise_weight_end!r} is invalid: must be in [0, 1]")
@@ -310,6 +331,39 @@ class EvalConfig(DataOptions):
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "eval_batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Options of `blockdistill generate` (continue prompts with a model, see
+    [`blockdistill.generate`][])."""
+
+    model: str = "shipped"
+    prompt: tuple[str, ...] = ()
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    tokenizer: str | None = None
+    dtype: str = "float32"
+
+    #: what some options mean for this command (the others mean what they mean for `distill`)
+    HELP_CHANGES = {"temperature": "sampling temperature; `0` is greedy decoding (the most likely token at every step)",
+                    "top_k": "sample only from the K most likely tokens",
+                    "seed": "the key of the sampling (the same seed gives the same text)"}
+    #: where this command's sampling options live in a TOML file
+    SECTION_CHANGES = {name: ("generate", name) for name in ("temperature", "top_k", "seed")}
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ConfigError("prompt: give at least one text to continue (--prompt TEXT)")
+        _positive(self, "max_new_tokens", "top_k", "top_p")
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"temperature={self.temperature!r} is invalid: must be >= 0 (0 is greedy)")
+        if self.top_p is not None and self.top_p > 1.0:
+            raise ConfigError(f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
+        _library(check_execution, "none", self.dtype, "auto", "model")
 
 
 # ----------------------------------------------------------------------------- library objects
@@ -418,7 +472,22 @@ def make_objective(cfg: DistillConfig, stage: int = 0) -> DistillationObjective:
         injected_pass=injected_pass,
         cached_kl=cfg.cached_kl,
         logit_chunk=cfg.logit_chunk,
+        divergence=cfg.divergence,
+        jsd_beta=cfg.jsd_beta,
+        skew_alpha=cfg.skew_alpha,
     )
+
+
+def on_policy(cfg: DistillConfig) -> OnPolicy | None:
+    """The run's [`blockdistill.OnPolicy`][] (`None` without on-policy distillation): the
+    prompt is half the row unless `onpolicy_prompt_len` says otherwise."""
+    if cfg.onpolicy_fraction == 0:
+        return None
+    prompt_len = cfg.onpolicy_prompt_len if cfg.onpolicy_prompt_len is not None else cfg.seq_len // 2
+    policy = OnPolicy(fraction=cfg.onpolicy_fraction, prompt_len=prompt_len, temperature=cfg.onpolicy_temperature,
+                      top_p=cfg.onpolicy_top_p, start=cfg.onpolicy_start)
+    policy.check(cfg.seq_len, cfg.batch_size)
+    return policy
 
 
 def student_config(cfg: DistillConfig) -> StudentConfig:

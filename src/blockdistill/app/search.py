@@ -2,6 +2,8 @@
 rows, and assemble the best student under a budget (see docs/search.md)."""
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 import signal
 import sys
@@ -26,13 +28,15 @@ from ..nn.costs import (
 )
 from ..nn.hetero import describe_shapes, shape_name
 from ..nn.teacher import Teacher
+from ..search.latency import block_latencies
 from ..search.library import (
+    REPLACEMENT_SCORES,
     BlockLibrary,
     LibraryStep,
     assemble_student,
     blockwise_scores,
     init_library,
-    swap_scores,
+    replacement_scores,
 )
 from ..search.solver import choose_blocks
 from ..search.space import candidate_costs
@@ -40,6 +44,7 @@ from .checkpoint import Checkpointer
 from .options import ConfigError, _positive
 from .run import (
     _batch_size_check,
+    _eval_rows,
     _open_dataset,
     _report,
     _val_batches,
@@ -50,8 +55,8 @@ from .run import (
 from .runconfig import DataOptions, _library, lr_schedule
 from .trainer import TrainingError, all_finite
 
-_BUDGET_KINDS = ("params", "kv_bytes", "flops")
-_SCORES = ("kl", "blockwise")
+_BUDGET_KINDS = ("params", "kv_bytes", "flops", "latency")
+_SCORES = ("kl", "lm_loss", "top1", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,30 +251,75 @@ def _train_library(cfg, out, teacher, dataset, library) -> tuple[BlockLibrary, d
 
 
 def _scores(cfg, teacher, val, library) -> dict[str, np.ndarray]:
-    """Mean held-out scores over the eval batches `val`: `[candidates, layers]` each."""
-    block, kl = [], []
+    """Mean held-out scores over the eval batches `val`: `[candidates, layers]` each (the
+    block loss, and the replacement scores of `replacement_scores`)."""
+    block, swapped = [], []
     for tokens, mask, segments in val:
         tokens, mask, segments = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(segments)
         block.append(blockwise_scores(library, teacher, tokens, mask, segment_ids=segments, kind=cfg.feature_loss))
-        kl.append(swap_scores(library, teacher, tokens, mask, segment_ids=segments))
-    block, kl = jax.device_get((block, kl))
-    return {"blockwise": np.mean(block, axis=0), "kl": np.mean(kl, axis=0)}
+        swapped.append(replacement_scores(library, teacher, tokens, mask, segment_ids=segments))
+    block, swapped = jax.device_get((block, swapped))
+    return {"blockwise": np.mean(block, axis=0),
+            **{name: np.mean([s[name] for s in swapped], axis=0) for name in REPLACEMENT_SCORES}}
 
 
-def _layer_budgets(cfg: SearchConfig, config) -> tuple[dict[str, float], dict[str, float]]:
+def _score_key(cfg: SearchConfig, inputs: dict[str, Any], step: int, val_rows: int) -> str:
+    """What a library's scores depend on: its training (options, inputs, the step its
+    checkpoint holds) and the held-out rows they are measured on."""
+    record = {"training": {name: getattr(cfg, name) for name in _TRAINING_FIELDS}, "inputs": inputs, "step": step,
+              "val_rows": val_rows, "eval_batches": cfg.eval_batches, "batch_size": cfg.batch_size}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cached_scores(cfg, out, teacher, val, library, key: str) -> tuple[dict[str, np.ndarray], float, bool]:
+    """The scores of `library` on `val`, read back from `out/score_cache/` when this
+    library was scored on the same rows before (a new budget is then solved at once);
+    returns the scores, the seconds scoring took (when it ran) and whether they were read."""
+    path = out / "score_cache" / f"{key}.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        return {name: np.asarray(value) for name, value in kept["scores"].items()}, kept["seconds"], True
+    began = time.perf_counter()
+    scores = _scores(cfg, teacher, val, library)
+    seconds = time.perf_counter() - began
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"scores": {name: value.tolist() for name, value in scores.items()}, "seconds": seconds})
+    return scores, seconds, False
+
+
+def _layer_budgets(cfg: SearchConfig, config, latency: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, float], dict[str, float]]:
     """`(budget of the layers, teacher total)` per kind: the fraction of the teacher's
-    whole-model cost, less what every student shares (embeddings, head, final norm)."""
+    whole-model cost, less what every student shares (embeddings, head, final norm).
+    `latency` (see `block_latencies`) holds the measured seconds of the teacher's own block
+    (`teacher_block`) and of the shared part."""
     totals = {"params": float(parameter_count(config)),
               "kv_bytes": float(kv_cache_bytes_per_token(config)),
               "flops": float(flops_per_token(config, cfg.seq_len))}
     outer = config.replace(n_layers=1, layer_shapes=(BlockShape(0, 0),))  # no layer: what every student shares
     shared = {"params": float(parameter_count(outer)), "kv_bytes": 0.0, "flops": float(flops_per_token(outer, cfg.seq_len))}
-    budgets = {kind: fraction * totals[kind] - shared[kind] for kind, fraction in cfg.budgets().items()}
+    if latency is not None:
+        totals["latency"] = config.n_layers * latency["teacher_block"] + latency["shared"]
+        shared["latency"] = latency["shared"]
+    budgets = {kind: fraction * totals[kind] - shared[kind] for kind, fraction in cfg.budgets().items()
+               if kind in totals}  # a latency budget once the blocks are timed
     for kind, value in budgets.items():
         if value <= 0:
             raise ConfigError(f"budget {kind}={cfg.budgets()[kind]} leaves nothing for the layers: the embeddings "
                               f"and head alone cost {shared[kind]:.4g} of the teacher's {totals[kind]:.4g}")
     return budgets, totals
+
+
+def _latencies(cfg: SearchConfig, config, shapes) -> dict[str, Any]:
+    """Measured seconds of every candidate shape and of the teacher's own block (see
+    [`blockdistill.block_latencies`][]), on the search's batches."""
+    own = BlockShape(config.mlp_dim, config.n_kv_heads)
+    timed_shapes = tuple(dict.fromkeys((*shapes, own)))
+    timed = block_latencies(config, timed_shapes, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                            cache=cfg.token_cache)
+    seconds = dict(zip(timed_shapes, timed["blocks"]))
+    return {"blocks": np.asarray([seconds[s] for s in shapes]), "teacher_block": seconds[own],
+            "shared": timed["shared"], "device": timed["device"], "cached": timed["cached"]}
 
 
 def _plot(path: pathlib.Path, names: list[str], scores: np.ndarray, chosen: tuple[int, ...], title: str) -> None:
@@ -293,17 +343,24 @@ def _plot(path: pathlib.Path, names: list[str], scores: np.ndarray, chosen: tupl
     plt.close(figure)
 
 
-def _table(names: list[str], scores: dict[str, np.ndarray], chosen: tuple[int, ...]) -> str:
-    layers = scores["kl"].shape[1]
-    lines = ["| candidate | " + " | ".join(f"layer {l} KL / block" for l in range(layers)) + " |",
+def _table(names: list[str], scores: dict[str, np.ndarray], chosen: tuple[int, ...], score: str) -> str:
+    """Every candidate's score at every layer (the one the choice used, and the block
+    loss), the chosen ones in bold."""
+    shown = score if score != "blockwise" else "kl"
+    layers = scores[shown].shape[1]
+    lines = ["| candidate | " + " | ".join(f"layer {l} {shown} / block" for l in range(layers)) + " |",
              "|---|" + "---:|" * layers]
     for c, name in enumerate(names):
         cells = []
         for layer in range(layers):
-            cell = f"{scores['kl'][c, layer]:.2e} / {scores['blockwise'][c, layer]:.3f}"
+            cell = f"{scores[shown][c, layer]:.2e} / {scores['blockwise'][c, layer]:.3f}"
             cells.append(f"**{cell}**" if chosen[layer] == c else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+_SCORE_TITLES = {"kl": "KL with the block swapped in", "lm_loss": "LM loss with the block swapped in",
+                 "top1": "top-1 disagreement with the block swapped in"}
 
 
 def search(cfg: SearchConfig) -> dict[str, Any]:
@@ -320,19 +377,23 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the teacher's max_seq_len={config.max_seq_len}")
     if config.layer_shapes is not None:
         raise ConfigError(f"teacher {cfg.teacher} is heterogeneous: the search needs a uniform teacher")
-    budgets, totals = _layer_budgets(cfg, config)
+    budgets, totals = _layer_budgets(cfg, config)  # the formulas' budgets, checked before any work
     teacher = Teacher(model)
     calibration, calibration_mask, _ = (jnp.asarray(a) for a in dataset.train.spread(
         cfg.calibration_batches * cfg.batch_size))
     library = init_library(teacher, cfg.space(), calibration, calibration_mask=calibration_mask)
     names = [shape_name(s) for s in library.shapes]
+    latency = _latencies(cfg, config, library.shapes) if "latency" in cfg.budgets() else None
+    if latency is not None:
+        budgets, totals = _layer_budgets(cfg, config, latency)
     out.mkdir(parents=True, exist_ok=True)
     library, trained = _train_library(cfg, out, teacher, dataset, library)
     val = _val_batches(cfg, dataset)
-    began = time.perf_counter()
-    scores = _scores(cfg, teacher, val, library)
-    score_seconds = time.perf_counter() - began
+    key = _score_key(cfg, run_inputs(dataset, teacher=cfg.teacher), cfg.steps, _eval_rows(cfg, dataset))
+    scores, score_seconds, scores_cached = _cached_scores(cfg, out, teacher, val, library, key)
     costs = candidate_costs(config, library.shapes, seq_len=cfg.seq_len)
+    if latency is not None:
+        costs["latency"] = latency["blocks"]
     per_layer = {kind: np.tile(costs[kind], (config.n_layers, 1)) for kind in costs}
     choice = choose_blocks(scores[cfg.score].T.astype(np.float64), per_layer, budgets)
     student = assemble_student(teacher, library, choice.indices)
@@ -340,6 +401,8 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
     student_config = student.config
     real = {"params": parameter_count(student_config), "kv_bytes": kv_cache_bytes_per_token(student_config),
             "flops": flops_per_token(student_config, cfg.seq_len)}
+    if latency is not None:
+        real["latency"] = float(sum(latency["blocks"][i] for i in choice.indices) + latency["shared"])
     teacher_loss, student_loss = evaluate(model, val), evaluate(student, val)
     step_flops = library_step_flops(library, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     record = {
@@ -352,23 +415,30 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
                          "fraction": float(real[kind]) / totals[kind]} for kind in real},
         "eval_loss": {"teacher": teacher_loss, "assembled_student": student_loss},
         "search_cost": {"steps": cfg.steps, "train_seconds": trained["train_seconds"],
-                        "score_seconds": score_seconds, "train_flops": step_flops * cfg.steps,
-                        "candidates_trained": len(library.stacks)},
+                        "score_seconds": score_seconds, "scores_cached": scores_cached,
+                        "train_flops": step_flops * cfg.steps, "candidates_trained": len(library.stacks)},
     }
-    write_json(out / "scores.json", {"candidates": names, "kl": scores["kl"].tolist(),
-                                     "blockwise": scores["blockwise"].tolist(), "feature_loss": cfg.feature_loss})
+    if latency is not None:
+        record["latency"] = {"device": latency["device"], "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                             "blocks_s": latency["blocks"].tolist(), "shared_s": latency["shared"],
+                             "cached": latency["cached"]}
+    write_json(out / "scores.json", {"candidates": names, **{name: value.tolist() for name, value in scores.items()},
+                                     "feature_loss": cfg.feature_loss})
     write_json(out / "choice.json", record)
-    write_text(out / "scores.md", _table(names, scores, choice.indices))
+    write_text(out / "scores.md", _table(names, scores, choice.indices, cfg.score))
     if cfg.plots:
-        _plot(out / "scores_kl.png", names, scores["kl"], choice.indices, "KL with the block swapped in")
+        for name in dict.fromkeys(("kl", cfg.score if cfg.score != "blockwise" else "kl")):
+            _plot(out / f"scores_{name}.png", names, scores[name], choice.indices, _SCORE_TITLES[name])
         _plot(out / "scores_blockwise.png", names, scores["blockwise"], choice.indices, f"block {cfg.feature_loss}")
     save_model(student, out / "student", tokenizer=tokenizer,
                extra={"teacher": cfg.teacher, "search": {k: record[k] for k in ("budget", "score", "chosen")},
                       "eval_loss_nats_per_token": student_loss})
-    fractions = ", ".join(f"{kind} {record['costs'][kind]['fraction']:.0%}" for kind in ("params", "kv_bytes", "flops"))
+    fractions = ", ".join(f"{kind} {record['costs'][kind]['fraction']:.0%}" for kind in real)
+    scored = (f"scores read back from {out / 'score_cache'} (scoring took {score_seconds:.0f} s)" if scores_cached
+              else f"scored in {score_seconds:.0f} s")
     lines = [
         f"trained {len(library.stacks)} candidates x {config.n_layers} layers for {cfg.steps} steps "
-        f"({trained['train_seconds']:.0f} s, {step_flops * cfg.steps / 1e12:.2f} TFLOP); scored in {score_seconds:.0f} s",
+        f"({trained['train_seconds']:.0f} s, {step_flops * cfg.steps / 1e12:.2f} TFLOP); {scored}",
         f"chose ({cfg.budget}, by {cfg.score}): {describe_shapes(student_config)}",
         f"student: {fractions} of the teacher's; held-out loss {student_loss:.4f} before finishing "
         f"(teacher {teacher_loss:.4f})",

@@ -6,9 +6,10 @@ gradient taken right there (the blocks are independent, so nothing later needs t
 and, when the recipe needs the student's free-running pass, the student's own layer on
 its own residual stream (the carry). No `[layers, batch, seq, dim]` teacher state
 outlives its scan step: the teacher's states are consumed where they are made. The
-heads, KL and cross-entropy run once after the scan; the free pass is differentiated by
-ordinary reverse-mode autodiff through the scan (its activations are the only per-layer
-residuals, and `remat` applies to them).
+heads, the logit divergence (the objective's, KL by default) and cross-entropy run once
+after the scan; the free pass is differentiated by ordinary reverse-mode autodiff
+through the scan (its activations are the only per-layer residuals, and `remat` applies
+to them).
 """
 
 from typing import Any
@@ -24,7 +25,7 @@ from ..parallel.sharding import gather_fsdp
 from .losses import (
     chunked_logit_losses,
     feature_loss,
-    kl_divergence,
+    logit_divergence,
     next_token_cross_entropy,
 )
 from .objective import DistillationObjective, Metrics
@@ -178,10 +179,14 @@ def fused_value_and_grad(
                     return chunked_logit_losses(
                         model.head, own_hidden, tokens, mask, segment_ids, chunk=objective.logit_chunk,
                         temperature=temperature, teacher_head=teacher.head, teacher_hidden=teacher_hidden,
+                        divergence=objective.divergence, jsd_beta=objective.jsd_beta, skew_alpha=objective.skew_alpha,
                     )
                 logits = jax.vmap(model.head)(own_hidden)
                 teacher_logits = jax.vmap(teacher.head)(teacher_hidden)
-                kl = kl_divergence(logits, teacher_logits, mask, temperature)
+                kl = logit_divergence(  # the objective's divergence (the KL by default)
+                    logits, teacher_logits, mask, temperature, objective.divergence,
+                    jsd_beta=objective.jsd_beta, skew_alpha=objective.skew_alpha,
+                )
                 return kl, next_token_cross_entropy(logits, tokens, mask, segment_ids)
 
             zero = jnp.zeros((), jnp.float32)

@@ -47,3 +47,32 @@ def _validate_layer_map(layer_map: Sequence[Sequence[int]]) -> tuple[tuple[int, 
     if not spans:
         raise ValueError("layer_map=() is invalid: needs one span per student layer")
     return tuple(spans)
+
+
+def resolve_layer_map(
+    layer_map: Sequence[Sequence[int]] | None, inject_at: str, teacher_layers: int, student_layers: int
+) -> tuple[tuple[int, int], ...]:
+    """The spans of `layer_map` (or, when `None`, the identity for equal depths and
+    [`blockdistill.default_layer_map`][] otherwise) for a teacher/student depth pair: the
+    body of `DistillationObjective.resolve_layer_map`.
+
+    Raises a `ValueError` that names both depths when they cannot be mapped.
+    """
+    if layer_map is not None:
+        spans = _validate_layer_map(layer_map)
+        if len(spans) != student_layers or spans[-1][1] > teacher_layers:
+            raise ValueError(
+                f"layer_map={spans} does not fit a teacher of {teacher_layers} layers and "
+                f"a student of {student_layers} layers: it needs {student_layers} spans "
+                f"ending at or before {teacher_layers}"
+            )
+        return spans
+    if teacher_layers == student_layers:
+        return tuple((j, j + 1) for j in range(student_layers))
+    if inject_at != "layer":
+        raise ValueError(
+            f"a teacher of {teacher_layers} layers and a student of {student_layers} layers "
+            "can only be mapped at inject_at='layer' (attention-level injection needs "
+            "equal depths)"
+        )
+    return default_layer_map(teacher_layers, student_layers)

@@ -13,16 +13,18 @@ from .._types import Array, BatchMask, BatchSegments, BatchTokens, Float
 from ..nn.config import TransformerConfig
 from ..nn.layer import InjectAt, check_inject_at
 from ..nn.model import ModelOutput, Transformer
-from .layer_map import _validate_layer_map, default_layer_map
+from .layer_map import _validate_layer_map, resolve_layer_map
 from .losses import (
     FEATURE_LOSSES,
     FeatureLoss,
+    cached_divergence_refusal,
+    check_divergence,
     chunked_logit_losses,
     feature_loss,
-    kl_divergence,
+    logit_divergence,
     next_token_cross_entropy,
 )
-from .sparse import TopKLogits, cached_kl_divergence
+from .sparse import TopKLogits
 
 InjectedPass = Literal["auto", "vmap", "scan"]
 CACHED_KL = ("tail", "renormalized")
@@ -62,6 +64,10 @@ class DistillationObjective(eqx.Module):
 
     - `blockwise_weight`: `w`, a float in [0, 1] or an optax schedule `step -> w`.
     - `temperature`: `T` of the KL term, a float or a schedule.
+    - `divergence`, `jsd_beta`, `skew_alpha`: the KL's replacement: `"kl"` (default),
+      `"reverse_kl"`, `"jsd"` (with `jsd_beta` in [0, 1], default 0.5), `"skew_kl"` (with
+      `skew_alpha` in [0, 1], default 0.1) or `"tvd"`, times `T^2` (the `kl` metric; see
+      [`blockdistill.logit_divergence`][]); a top-k cache serves only `"kl"`.
     - `feature_loss`: `"cosine"`, `"l2"` or `"nmse"`.
     - `inject_at`: `"attention"` (MaxText semantics: only the attention of each block
       is trained by `F`) or `"layer"` (whole blocks, NVIDIA Puzzle's semantics).
@@ -127,6 +133,9 @@ class DistillationObjective(eqx.Module):
     teacher_weight: float = eqx.field(static=True, default=1.0)
     cached_kl: str = eqx.field(static=True, default="tail")
     logit_chunk: int | None = eqx.field(static=True, default=None)
+    divergence: str = eqx.field(static=True, default="kl")
+    jsd_beta: float = eqx.field(static=True, default=0.5)
+    skew_alpha: float = eqx.field(static=True, default=0.1)
 
     def __check_init__(self):
         _check_weight("blockwise_weight", self.blockwise_weight)
@@ -165,6 +174,7 @@ class DistillationObjective(eqx.Module):
                 f"DistillationObjective.logit_chunk={self.logit_chunk!r} is invalid: must be a positive integer "
                 "(sequence positions per chunk) or None"
             )
+        check_divergence(self.divergence, self.jsd_beta, self.skew_alpha, owner="DistillationObjective.")
         if self.cached_kl not in CACHED_KL:
             raise ValueError(
                 f"DistillationObjective.cached_kl={self.cached_kl!r} is invalid: must be one of {CACHED_KL}"
@@ -202,6 +212,7 @@ class DistillationObjective(eqx.Module):
         teacher_weight: float = 1.0,
         cached_kl: str = "tail",
         logit_chunk: int | None = None,
+        divergence: str = "kl", jsd_beta: float = 0.5, skew_alpha: float = 0.1,
     ):
         # names are plain `str` here (not Literal) so that a wrong one is the ValueError
         # of __check_init__, which names the field, in and out of the type-checked tests
@@ -216,6 +227,7 @@ class DistillationObjective(eqx.Module):
         self.teacher_weight = teacher_weight
         self.cached_kl = cached_kl
         self.logit_chunk = logit_chunk
+        self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
 
     # ------------------------------------------------------------------ helpers
 
@@ -224,24 +236,7 @@ class DistillationObjective(eqx.Module):
 
         Raises a `ValueError` that names both depths when they cannot be mapped.
         """
-        if self.layer_map is not None:
-            spans = _validate_layer_map(self.layer_map)
-            if len(spans) != student_layers or spans[-1][1] > teacher_layers:
-                raise ValueError(
-                    f"layer_map={spans} does not fit a teacher of {teacher_layers} layers and "
-                    f"a student of {student_layers} layers: it needs {student_layers} spans "
-                    f"ending at or before {teacher_layers}"
-                )
-            return spans
-        if teacher_layers == student_layers:
-            return tuple((j, j + 1) for j in range(student_layers))
-        if self.inject_at != "layer":
-            raise ValueError(
-                f"a teacher of {teacher_layers} layers and a student of {student_layers} layers "
-                "can only be mapped at inject_at='layer' (attention-level injection needs "
-                "equal depths)"
-            )
-        return default_layer_map(teacher_layers, student_layers)
+        return resolve_layer_map(self.layer_map, self.inject_at, teacher_layers, student_layers)
 
     def check_pair(self, student: Transformer, teacher_out: ModelOutput, tokens: Array) -> None:
         """Raise a `ValueError` naming both values when student and teacher do not fit."""
@@ -255,12 +250,14 @@ class DistillationObjective(eqx.Module):
             teacher_dim=teacher_out.states.layer_in.shape[-1],
             teacher_vocab=teacher_out.logits.shape[-1],
             teacher_layers=teacher_out.states.layer_in.shape[1],
+            layer_map=self.passes(0)[1],  # the logit terms need no map: a student of any depth fits them
         )
 
-    def check_cached(self, teacher_out: TopKLogits, tokens: Array | jax.ShapeDtypeStruct) -> None:
+    def check_cached(self, teacher_out: TopKLogits, tokens: Array | jax.ShapeDtypeStruct, vocab: int = 0) -> None:
         """Raise a `ValueError` when cached teacher logits cannot serve this objective: a
-        blockwise term needs the teacher's states, which a cache does not hold, or the
-        cached rows do not match `tokens` (an array, or its abstract shape when planning)."""
+        blockwise term needs the teacher's states, which a cache does not hold, the cached
+        rows do not match `tokens` (an array, or its abstract shape when planning), or
+        the divergence is not `"kl"` and the cache keeps fewer ids than the `vocab`."""
         if self.passes(0)[1]:
             raise ValueError(
                 "cached teacher logits (TopKLogits) hold no teacher states: an objective with a "
@@ -271,12 +268,16 @@ class DistillationObjective(eqx.Module):
                 f"cached teacher ids have shape {tuple(teacher_out.ids.shape)}, which does not "
                 f"match tokens of shape {tuple(tokens.shape)}"
             )
+        if vocab and (refusal := cached_divergence_refusal(self.divergence, teacher_out.k, vocab)):
+            raise ValueError(f"DistillationObjective.{refusal}")
 
     def check_shapes(
-        self, student: TransformerConfig, *, teacher_dim: int, teacher_vocab: int, teacher_layers: int
+        self, student: TransformerConfig, *, teacher_dim: int, teacher_vocab: int, teacher_layers: int,
+        layer_map: bool = True,
     ) -> tuple[tuple[int, int], ...]:
         """Check that a student fits a teacher of these sizes (a `ValueError` naming both
-        values otherwise); returns the layer map's spans."""
+        values otherwise); returns the layer map's spans (none with `layer_map=False`: the
+        logit terms alone need no map, so a student of any depth fits them)."""
         if teacher_dim != student.dim:
             raise ValueError(
                 f"teacher width {teacher_dim} != student width {student.dim}: "
@@ -292,6 +293,8 @@ class DistillationObjective(eqx.Module):
                 f"DistillationObjective.layer_indices={self.layer_indices} is invalid for a "
                 f"student of {student.n_layers} layers"
             )
+        if not layer_map:
+            return ()
         return self.resolve_layer_map(teacher_layers, student.n_layers)
 
     def _feature_terms(
@@ -352,7 +355,7 @@ class DistillationObjective(eqx.Module):
                     f"teacher_out=None needs teacher_weight=0 (got teacher_weight={self.teacher_weight!r})"
                 )
         elif isinstance(teacher_out, TopKLogits):
-            self.check_cached(teacher_out, tokens)
+            self.check_cached(teacher_out, tokens, student.config.vocab_size)
         else:
             self.check_pair(student, teacher_out, tokens)
         if segment_ids is not None and segment_ids.shape != tokens.shape:
@@ -379,15 +382,18 @@ class DistillationObjective(eqx.Module):
                     teacher = {"teacher_logits": teacher_out.logits}
                 return chunked_logit_losses(
                     student.head, hidden, tokens, mask, segment_ids, chunk=self.logit_chunk,
-                    temperature=temperature, tail=self.cached_kl == "tail", **teacher,
+                    temperature=temperature, tail=self.cached_kl == "tail", divergence=self.divergence,
+                    jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha, **teacher,
                 )
             logits = jax.vmap(lambda t, seg: student(t, segment_ids=seg).logits)(tokens, segment_ids)
             if teacher_out is None:
                 kl = zero
-            elif isinstance(teacher_out, TopKLogits):
-                kl = cached_kl_divergence(logits, teacher_out, mask, temperature, tail=self.cached_kl == "tail")
             else:
-                kl = kl_divergence(logits, teacher_out.logits, mask, temperature)
+                kl = logit_divergence(
+                    logits, teacher_out if isinstance(teacher_out, TopKLogits) else teacher_out.logits, mask,
+                    temperature, self.divergence, jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
+                    tail=self.cached_kl == "tail",
+                )
             ce = next_token_cross_entropy(logits, tokens, mask, segment_ids)
             return kl, ce
 

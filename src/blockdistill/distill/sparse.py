@@ -14,7 +14,12 @@ so it is never larger than the dense KL, and the difference is at most
 `p_tail * max_{j in tail} log(p(j|tail) / q(j|tail))`. Its gradient with respect to the
 student's logits equals the dense one on the top-k ids; on the tail the two differ by
 `T * p_tail * (p(j|tail) - q(j|tail))`, at most `2 T p_tail` in L1 norm per position.
-Both vanish with the tail: with `k` equal to the vocabulary the cached KL is the dense KL."""
+Both vanish with the tail: with `k` equal to the vocabulary the cached KL is the dense KL.
+
+The other divergences of [`blockdistill.logit_divergence`][] (reverse KL, Jensen-Shannon,
+skew KL, total variation) weigh or compare the teacher's probability of every id the
+student gives mass to, which a top-k cache does not hold; they are served only from a
+cache of the whole vocabulary, and refused by name otherwise."""
 
 import equinox as eqx
 import jax

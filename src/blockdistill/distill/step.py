@@ -229,7 +229,8 @@ class DistillStep(eqx.Module):
     `teacher_logits=` a [`blockdistill.TopKLogits`][] of the batch (read from a
     [`blockdistill.TeacherCache`][]) replaces the teacher for an objective without a
     blockwise term: the teacher does not run (pass `teacher=None`), and the KL is
-    [`blockdistill.cached_kl_divergence`][].
+    [`blockdistill.cached_kl_divergence`][] (another `divergence` needs a cache of the
+    whole vocabulary and is refused by name otherwise).
 
     **Example:**
 
@@ -272,7 +273,7 @@ class DistillStep(eqx.Module):
 
     def _run(self, lower, student, opt_state, teacher, tokens, mask, step, segment_ids, teacher_logits=None):
         if teacher_logits is not None:
-            self.objective.check_cached(teacher_logits, tokens)
+            self.objective.check_cached(teacher_logits, tokens, student.config.vocab_size)
             teacher = None  # the cache stands in for it
         elif teacher is None and self.objective.uses_teacher:
             raise ValueError(

@@ -3,7 +3,9 @@
 The parameters of a [`blockdistill.Transformer`][] use the Hugging Face `(out, in)` layout
 and the "rotate half" RoPE convention, so a Llama / Qwen2 / Mistral checkpoint maps onto
 it tensor by tensor: only the per-layer tensors `model.layers.{i}.*` are stacked on the
-leading `layers` axis. Reading needs no torch: safetensors files are read with
+leading `layers` axis. A heterogeneous model goes in and out as NVIDIA Puzzle's DeciLM /
+Nemotron-NAS format ([`decilm`][blockdistill.interop.decilm]): the same names, each layer's
+tensors at its own shape. Reading needs no torch: safetensors files are read with
 `safetensors`' numpy API, and bfloat16 tensors (which numpy cannot represent) straight
 from the file's bytes.
 """
@@ -26,8 +28,10 @@ from safetensors.numpy import save_file
 from .._files import write_folder_atomically
 from ..data.tokenizers import _TOKENIZER_FILES, tokenizer_files_of
 from ..nn.config import TransformerConfig
-from ..nn.hetero import describe_shapes
+from ..nn.hetero import describe_shapes, layer_weights, own_weights, place_weights
 from ..nn.model import Transformer
+from . import decilm
+from .decilm_code import CONFIGURATION_CODE, CONFIGURATION_FILE, MODELING_CODE, MODELING_FILE
 from .hf_config import _MODEL_TYPES, _SUPPORTED, _config_from_hf, _config_to_hf
 
 PathLike = str | os.PathLike
@@ -63,7 +67,16 @@ _GLOBAL_WEIGHTS: dict[str, Callable[[Transformer], Any]] = {
 
 
 def _expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape, for every tensor of a checkpoint of this config."""
+    """HF tensor name -> shape, for every tensor of a checkpoint of this config (each
+    layer's own tensors at its own shape, for a heterogeneous config)."""
+    if config.layer_shapes is not None:
+        shapes = {k: v for k, v in _expected_shapes(config.replace(layer_shapes=None)).items()
+                  if not k.startswith("model.layers.")}
+        stacked = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0)).layers.layers
+        for index in range(config.n_layers):
+            own = jax.eval_shape(lambda layers, i=index: layer_weights(layers, config, i), stacked)
+            shapes.update({f"model.layers.{index}.{name}": tuple(x.shape) for name, x in own.items()})
+        return shapes
     q_width = config.n_heads * config.head_dim
     kv_width = config.n_kv_heads * config.head_dim
     per_layer = {
@@ -220,14 +233,17 @@ def _parameter_slots(
 
 
 def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
-    """Load a Hugging Face Llama, Qwen2 or Mistral causal LM checkpoint.
+    """Load a Hugging Face Llama, Qwen2, Mistral or DeciLM causal LM checkpoint.
 
     Reads `config.json` and `model.safetensors` (or the shards listed in
     `model.safetensors.index.json`) without torch; bfloat16, float16 and float32
     weights all become float32 parameters. Supported: `LlamaForCausalLM` (including
-    Llama-3 `rope_scaling`), `Qwen2ForCausalLM` (q/k/v biases) and `MistralForCausalLM`
+    Llama-3 `rope_scaling`), `Qwen2ForCausalLM` (q/k/v biases), `MistralForCausalLM`
     (whose `max_seq_len` is capped at its `sliding_window`, within which its attention is
-    plain causal attention), with tied or untied embeddings.
+    plain causal attention) and NVIDIA Puzzle's `DeciLMForCausalLM` (`model_type
+    "nemotron-nas"`: per-layer KV heads and MLP widths, attention or MLP `no_op`; read as
+    a heterogeneous model with `layer_shapes`, or a uniform one when every layer has the
+    same full shape), with tied or untied embeddings.
 
     **Arguments:**
 
@@ -257,8 +273,12 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
     config = _config_from_hf(json.loads(config_file.read_text()), config_file, config_overrides)
     tensors = _read_tensors(folder, _expected_shapes(config))
     skeleton = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
+    if config.layer_shapes is not None:  # each layer's own tensors into its padded storage
+        skeleton = eqx.tree_at(lambda m: m.layers.layers, skeleton, _placed_layers(skeleton, tensors))
     getters, values = [], []
     for name, getter, per_layer in _parameter_slots(config):
+        if per_layer and config.layer_shapes is not None:
+            continue
         getters.append(getter)
         if per_layer:
             stacked = np.stack([tensors[name.format(i=i)] for i in range(config.n_layers)])
@@ -270,6 +290,18 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
     if unfilled:  # every parameter has an HF tensor; anything else is a bug here
         raise RuntimeError(f"from_hf left {len(unfilled)} parameters without a value")
     return model
+
+
+def _placed_layers(skeleton: Transformer, tensors: dict[str, np.ndarray]) -> Any:
+    """The stacked layers of a heterogeneous model (an abstract `skeleton`) holding the
+    checkpoint's per-layer tensors, each in the corner of its padded array; the padding,
+    and any array no layer has, is zero."""
+    rows = []
+    for index in range(skeleton.config.n_layers):
+        prefix = f"model.layers.{index}."
+        rows.append({k[len(prefix):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(prefix)})
+    layers = place_weights(skeleton.layers.layers, rows)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, layers)
 
 
 def _special_token_ids(tokenizer_from: Path) -> dict[str, Any]:
@@ -291,6 +323,7 @@ def to_hf(
     *,
     architecture: str | None = None,
     tokenizer_from: PathLike | None = None,
+    ffn_mult_only: bool = False,
 ) -> Path:
     """Write a model as a Hugging Face checkpoint (`config.json` + `model.safetensors`).
 
@@ -303,11 +336,15 @@ def to_hf(
 
     - `model`: a [`blockdistill.Transformer`][].
     - `path`: the output folder.
-    - `architecture`: `"LlamaForCausalLM"`, `"Qwen2ForCausalLM"` or
-      `"MistralForCausalLM"`; default Qwen2 when the model has q/k/v biases, else Llama.
+    - `architecture`: `"LlamaForCausalLM"`, `"Qwen2ForCausalLM"`,
+      `"MistralForCausalLM"` or `"DeciLMForCausalLM"`; default DeciLM for a heterogeneous
+      model, else Qwen2 when the model has q/k/v biases, else Llama.
     - `tokenizer_from`: optional folder of a HF tokenizer (e.g. the teacher checkpoint)
       whose tokenizer files (`tokenizer.json`, `tokenizer_config.json`, ...) are copied
       along, together with the bos/eos/pad token ids of its `config.json`.
+    - `ffn_mult_only`: DeciLM only: write every MLP width as `ffn_mult` (which every
+      DeciLM loader reads) and refuse a width that is not a multiple of 256, instead of
+      writing such a width as the exact `intermediate_size`.
 
     **Returns:** `path` as a `pathlib.Path`.
 
@@ -320,23 +357,27 @@ def to_hf(
     hf_model = transformers.AutoModelForCausalLM.from_pretrained("out/student-hf")
     ```
     A heterogeneous student (`config.layer_shapes`, from [`blockdistill.assemble_student`][])
-    has no `transformers` architecture: it is a `ValueError` that names its layers' shapes
-    (save it with [`blockdistill.save_model`][]).
+    is written in NVIDIA Puzzle's DeciLM / Nemotron-NAS format (see
+    [`blockdistill.to_decilm`][]), with the modeling code that `transformers` loads with
+    `trust_remote_code=True`; a layer that is a linear map is a `ValueError` (the format's
+    linear replacement maps the normed input).
     """
     config = model.config
-    if config.layer_shapes is not None:
-        raise ValueError(
-            f"this model's layers differ ({describe_shapes(config)}): transformers has no Llama, "
-            "Qwen2 or Mistral with per-layer MLP widths, KV heads or missing parts; keep it in "
-            "blockdistill's format (save_model / load_model)"
-        )
     if architecture is None:
-        architecture = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
+        if config.layer_shapes is not None:
+            architecture = decilm.ARCHITECTURE
+        else:
+            architecture = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
     if architecture not in _MODEL_TYPES:
         raise ValueError(
             f"architecture {architecture!r} is not supported; supported: {_SUPPORTED}"
         )
-    if config.qkv_bias and architecture != "Qwen2ForCausalLM":
+    if config.layer_shapes is not None and architecture != decilm.ARCHITECTURE:
+        raise ValueError(
+            f"this model's layers differ ({describe_shapes(config)}): {architecture} gives every layer "
+            f"the same shape; write it as {decilm.ARCHITECTURE} (architecture=None)"
+        )
+    if config.qkv_bias and architecture not in ("Qwen2ForCausalLM", decilm.ARCHITECTURE):
         raise ValueError(
             f"the model has q/k/v biases (qkv_bias=True), which {architecture} cannot hold; "
             "use architecture='Qwen2ForCausalLM'"
@@ -352,8 +393,12 @@ def to_hf(
             )
         token_ids = _special_token_ids(source)
 
+    is_decilm = architecture == decilm.ARCHITECTURE
+    hf_config = {**_config_to_hf(config, architecture, ffn_mult_only=ffn_mult_only), **token_ids}
     tensors: dict[str, np.ndarray] = {}
     for name, getter, per_layer in _parameter_slots(config):
+        if per_layer and is_decilm:  # each layer's own tensors, at its own shape
+            continue
         value = np.asarray(getter(model), dtype=np.float32)
         if per_layer:
             for index in range(config.n_layers):
@@ -366,14 +411,65 @@ def to_hf(
             for proj, heads in widths.items():
                 name = f"model.layers.{index}.self_attn.{proj}_proj.bias"
                 tensors[name] = np.zeros(heads * config.head_dim, dtype=np.float32)
-    hf_config = {**_config_to_hf(config, architecture), **token_ids}
+    if is_decilm:
+        for index in range(config.n_layers):
+            for name, value in own_weights(model, index).items():
+                tensors[f"model.layers.{index}.{name}"] = np.ascontiguousarray(np.asarray(value, np.float32))
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / _WEIGHTS_FILE), metadata={"format": "pt"})
         (folder / _CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        if is_decilm:  # the modeling code of transformers' trust_remote_code=True
+            (folder / CONFIGURATION_FILE).write_text(CONFIGURATION_CODE)
+            (folder / MODELING_FILE).write_text(MODELING_CODE)
         for file in tokenizer_files:
             shutil.copyfile(file, folder / file.name)
 
     out = Path(path)
     write_folder_atomically(out, write)
     return out
+
+
+def to_decilm(
+    model: Transformer,
+    path: PathLike,
+    *,
+    tokenizer_from: PathLike | None = None,
+    ffn_mult_only: bool = False,
+) -> Path:
+    """Write a model, heterogeneous or uniform, in NVIDIA Puzzle's DeciLM / Nemotron-NAS
+    format: [`blockdistill.to_hf`][] with `architecture="DeciLMForCausalLM"`.
+
+    The folder holds `config.json` (`architectures: ["DeciLMForCausalLM"]`, `model_type:
+    "nemotron-nas"`, one `block_configs` entry per layer: its `n_heads_in_group` or
+    attention `no_op`, its MLP width as `ffn_mult` or `intermediate_size`, or MLP `no_op`),
+    `model.safetensors` (each layer's own tensors under the Llama names, so the stored
+    parameters are [`blockdistill.parameter_count`][] of the config), and blockdistill's
+    own modeling code for `transformers.AutoModelForCausalLM.from_pretrained(path,
+    trust_remote_code=True)` (`auto_map`). [`blockdistill.from_hf`][] reads it back.
+
+    **Arguments:**
+
+    - `model`: a [`blockdistill.Transformer`][] without linear layers (the format's
+      linear replacement maps the normed input, which is a different layer).
+    - `path`: the output folder (replaced atomically).
+    - `tokenizer_from`: as for [`blockdistill.to_hf`][].
+    - `ffn_mult_only`: write every MLP width as `ffn_mult` and refuse one that is not a
+      multiple of 256 (the loaders' rounding), instead of writing it as the exact
+      `intermediate_size`.
+
+    **Returns:** `path` as a `pathlib.Path`.
+
+    **Example:**
+
+    ```python
+    shapes = (bd.BlockShape(128, 2), bd.BlockShape(64, 1), bd.BlockShape(128, 0), bd.BlockShape(0, 2))
+    student = bd.Transformer(cfg.replace(n_layers=4, layer_shapes=shapes), key=jax.random.key(0))
+    folder = bd.to_decilm(student, "out/student-decilm")
+    again = bd.from_hf(folder)
+    assert again.config.layer_shapes == shapes
+    ```
+    """
+    return to_hf(
+        model, path, architecture=decilm.ARCHITECTURE, tokenizer_from=tokenizer_from, ffn_mult_only=ffn_mult_only
+    )

@@ -1,17 +1,21 @@
 """Hugging Face configs in and out: a Llama / Qwen2 / Mistral `config.json` as a
 [`TransformerConfig`][blockdistill.TransformerConfig] (RoPE scaling included) and back,
-and which architectures and keys are understood."""
+a DeciLM / Nemotron-NAS one (per-layer shapes, see [`decilm`][blockdistill.interop.decilm])
+as a heterogeneous config and back, and which architectures and keys are understood."""
 
 from pathlib import Path
 from typing import Any
 
 from ..nn.config import RopeScaling, TransformerConfig
+from . import decilm
+from .decilm_code import AUTO_MAP
 
 #: HF `model_type` -> the `*ForCausalLM` architecture that blockdistill reads and writes.
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    decilm.MODEL_TYPE: decilm.ARCHITECTURE,
 }
 _MODEL_TYPES = {arch: model_type for model_type, arch in _ARCHITECTURES.items()}
 _SUPPORTED = ", ".join(f"{t!r} ({a})" for t, a in _ARCHITECTURES.items())
@@ -69,9 +73,11 @@ def _config_from_hf(
     activation = hf.get("hidden_act", "silu")
     if activation != "silu":
         raise ValueError(f"{source}: hidden_act {activation!r} is not supported, only 'silu'")
-    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window", "o_proj_bias"):
         if hf.get(flag):
             raise ValueError(f"{source}: {flag}=true is not supported by blockdistill")
+    if hf.get("position_embedding_type", "rope") != "rope":
+        raise ValueError(f"{source}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
     if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
     unknown = sorted(set(overrides) - set(_OVERRIDABLE))
@@ -88,13 +94,16 @@ def _config_from_hf(
         max_seq_len = min(max_seq_len, int(sliding_window))
     n_heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim")
+    if model_type == decilm.MODEL_TYPE:  # per-layer shapes
+        shapes = decilm.shape_fields(decilm.block_shapes_of(hf, source))
+    else:
+        shapes = dict(n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), mlp_dim=int(hf["intermediate_size"]))
     fields = dict(
         vocab_size=int(hf["vocab_size"]),
         dim=int(hf["hidden_size"]),
         n_layers=int(hf["num_hidden_layers"]),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        mlp_dim=int(hf["intermediate_size"]),
+        **shapes,
         max_seq_len=max_seq_len,
         head_dim=None if head_dim is None else int(head_dim),
         rope_theta=rope_theta,
@@ -106,8 +115,9 @@ def _config_from_hf(
     return TransformerConfig(**{**fields, **overrides})
 
 
-def _config_to_hf(config: TransformerConfig, architecture: str) -> dict[str, Any]:
-    """The HF `config.json` contents of a model with this config."""
+def _config_to_hf(config: TransformerConfig, architecture: str, *, ffn_mult_only: bool = False) -> dict[str, Any]:
+    """The HF `config.json` contents of a model with this config (`ffn_mult_only`: see
+    [`block_configs_of`][blockdistill.interop.decilm.block_configs_of])."""
     model_type = _MODEL_TYPES[architecture]
     rope_scaling = None
     if config.rope_scaling is not None:
@@ -138,7 +148,13 @@ def _config_to_hf(config: TransformerConfig, architecture: str) -> dict[str, Any
         "torch_dtype": "float32",
         "use_cache": True,
     }
-    if model_type == "llama":
+    if model_type == decilm.MODEL_TYPE:  # the widths and KV heads are per layer
+        del hf["intermediate_size"], hf["num_key_value_heads"]
+        hf.update(
+            block_configs=decilm.block_configs_of(config, ffn_mult_only=ffn_mult_only),
+            attention_bias=False, mlp_bias=False, auto_map=dict(AUTO_MAP),
+        )
+    elif model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type == "qwen2":
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)

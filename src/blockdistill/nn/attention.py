@@ -167,6 +167,20 @@ def blocked_attention(
     return heads.transpose(2, 0, 1, 3).reshape(seq_len, n_heads, head_dim)
 
 
+class KVCache(eqx.Module):
+    """Keys and values of attention, for generation with a KV cache: rotated keys `k`
+    and values `v` of every stored KV head, `[*layers, len, n_kv_heads, head_dim]`.
+
+    A model's cache holds every layer's (stacked on a leading `layers` axis, as the
+    parameters are) for `max_len` positions; one layer's step returns those of its new
+    positions alone (`len` 1 when decoding). See `Transformer.prefill` and
+    [`blockdistill.generate`][].
+    """
+
+    k: Float[Array, "*layers len kv_heads head_dim"]
+    v: Float[Array, "*layers len kv_heads head_dim"]
+
+
 def apply_rope(
     x: Float[Array, "seq heads head_dim"],
     inv_freq: Float[Array, " half"],
@@ -250,6 +264,21 @@ class Attention(eqx.Module):
         self.rope_scaling = config.rope_scaling
         self.attention_impl = config.attention_impl
 
+    def project(
+        self, attn_in: Hidden, positions: Int[Array, " seq"] | None = None
+    ) -> tuple[Float[Array, "seq heads head_dim"], KVCache]:
+        """The rotated queries, and the rotated keys and values (all stored KV heads), of
+        `attn_in` at rotary `positions` (default `0, 1, ..., seq - 1`): the projections
+        that the full forward and the cached decode share."""
+        seq_len = attn_in.shape[0]
+        q = apply_linear(self.q_proj, attn_in).reshape(seq_len, self.n_heads, self.head_dim)
+        k = apply_linear(self.k_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
+        v = apply_linear(self.v_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+        q = apply_rope(q, inv_freq, positions)
+        k = apply_rope(k, inv_freq, positions)
+        return q, KVCache(k=k, v=v)
+
     def __call__(
         self,
         x: Hidden,
@@ -259,14 +288,75 @@ class Attention(eqx.Module):
         kv_slot: Int[Array, " heads"] | None = None,
     ) -> Hidden:
         attn_in = x if inject is None else inject.astype(x.dtype)
-        seq_len = attn_in.shape[0]
-        q = apply_linear(self.q_proj, attn_in).reshape(seq_len, self.n_heads, self.head_dim)
-        k = apply_linear(self.k_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
-        v = apply_linear(self.v_proj, attn_in).reshape(seq_len, self.n_kv_heads, self.head_dim)
-        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
         positions = None if segment_ids is None else segment_positions(segment_ids)
-        q = apply_rope(q, inv_freq, positions)
-        k = apply_rope(k, inv_freq, positions)
+        q, kv = self.project(attn_in, positions)
+        return self._attend(q, kv, segment_ids, kv_slot)
+
+    def prefill(self, x: Hidden, *, kv_slot: Int[Array, " heads"] | None = None) -> tuple[Hidden, KVCache]:
+        """The attention output on a prompt `x` (one document from position 0), as
+        `attention(x, kv_slot=kv_slot)` computes it, and the prompt's keys and values
+        (`[seq, n_kv_heads, head_dim]`, rotated) for a KV cache."""
+        q, kv = self.project(x)
+        return self._attend(q, kv, None, kv_slot), kv
+
+    def decode(
+        self,
+        x: Float[Array, "1 dim"],
+        cache: KVCache,
+        position: Int[Array, ""],
+        *,
+        kv_slot: Int[Array, " heads"] | None = None,
+    ) -> tuple[Float[Array, "1 dim"], KVCache]:
+        """The attention output at one new `position`, given the keys and values of
+        every earlier position in `cache` (`[max_len, n_kv_heads, head_dim]`; entries at
+        `position` and later are ignored).
+
+        **Returns:** the output (`[1, dim]`) and the new position's own keys and values
+        (a `KVCache` of length 1), which the caller writes into its cache at `position`.
+        The same projections, rotary embedding and softmax (float32) as the full forward,
+        so the output equals row `position` of `attention(x_all)` up to float round-off.
+        """
+        q, new = self.project(x, position[None])
+        scale = jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
+        # scores against the cached positions before `position`, and against the new one
+        before = jnp.arange(cache.k.shape[0]) < position
+        if kv_slot is None:  # query head h reads KV head h // group
+            group = self.n_heads // self.n_kv_heads
+            q_groups = q.reshape(self.n_kv_heads, group, self.head_dim)
+            cached = jnp.einsum("kgd,skd->kgs", q_groups, cache.k).reshape(self.n_heads, -1)
+            own = jnp.einsum("kgd,kd->kg", q_groups, new.k[0]).reshape(self.n_heads, 1)
+        else:  # query head h reads stored KV head kv_slot[h]: select it with a one-hot
+            pick = jax.nn.one_hot(kv_slot, self.n_kv_heads, dtype=q.dtype)  # [heads, kv]
+            q_slots = q[0][None, :, :] * pick.T[:, :, None]  # [kv, heads, head_dim], zero off the slot
+            cached = jnp.einsum("khd,skd->hs", q_slots, cache.k)
+            own = jnp.einsum("khd,kd->h", q_slots, new.k[0])[:, None]
+        scores = jnp.concatenate([cached, own], axis=1) * scale
+        allowed = jnp.concatenate([before, jnp.ones(1, bool)])[None, :]
+        scores = jnp.where(allowed, scores.astype(jnp.float32), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cache.v.dtype)
+        cached_probs, own_prob = probs[:, :-1], probs[:, -1]
+        if kv_slot is None:
+            group = self.n_heads // self.n_kv_heads
+            heads = jnp.einsum("kgs,skd->kgd", cached_probs.reshape(self.n_kv_heads, group, -1), cache.v)
+            heads = heads.reshape(self.n_heads, self.head_dim)
+            heads = heads + own_prob[:, None] * jnp.repeat(new.v[0], group, axis=0)
+        else:
+            per_slot = jnp.einsum("hs,skd->hkd", cached_probs, cache.v)  # every head against every slot
+            heads = jnp.einsum("hkd,hk->hd", per_slot, pick) + own_prob[:, None] * jnp.take(new.v[0], kv_slot, axis=0)
+        out = apply_linear(self.o_proj, heads.reshape(1, self.n_heads * self.head_dim))
+        return out, new
+
+    def _attend(
+        self,
+        q: Float[Array, "seq heads head_dim"],
+        kv: KVCache,
+        segment_ids: Segments | None,
+        kv_slot: Int[Array, " heads"] | None,
+    ) -> Hidden:
+        """Causal attention of every position of `q` over `kv` with the config's kernel,
+        then the o-projection."""
+        seq_len = q.shape[0]
+        k, v = kv.k, kv.v
         if kv_slot is not None:  # a padded layer with its own KV heads: one per query head
             k, v = jnp.take(k, kv_slot, axis=1), jnp.take(v, kv_slot, axis=1)
         impl = resolve_attention_impl(self.attention_impl, q.dtype)

@@ -6,10 +6,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Bool, Int, PRNGKeyArray
+from jaxtyping import Bool, Float, Int, PRNGKeyArray
 
 from .._types import Array, Hidden, Segments
-from .attention import Attention, RMSNorm, apply_linear, init_linear
+from .attention import Attention, KVCache, RMSNorm, apply_linear, init_linear
 from .config import TransformerConfig
 
 InjectAt = Literal["attention", "layer"]
@@ -171,6 +171,62 @@ class DecoderLayer(eqx.Module):
         out = self.self_attn(x, inject=inject, segment_ids=segment_ids, kv_slot=masks.kv_slot)
         return jnp.where(masks.attention, out, jnp.zeros_like(out))
 
+    def _rest(self, layer_in: Hidden, attn_out: Hidden, masks: BlockMasks | None) -> Hidden:
+        """The layer's output given its input and its attention output: the residual
+        add, the MLP and (for a linear layer) the linear map."""
+        hidden = layer_in + attn_out
+        if masks is not None and not masks.any_mlp:  # no layer of the stack has an MLP
+            layer_out = hidden
+        else:
+            channels = None if masks is None else masks.mlp_channels
+            layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
+        if self.linear is not None and masks is not None:
+            mapped = apply_linear(self.linear, layer_in)
+            layer_out = layer_out + jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
+        return layer_out
+
+    def prefill(self, layer_in: Hidden, *, masks: BlockMasks | None = None) -> tuple[Hidden, KVCache]:
+        """The layer on a prompt (one document from position 0): its output, as
+        `layer(layer_in, masks=masks).layer_out`, and the prompt's keys and values
+        (`[seq, n_kv_heads, head_dim]`; zero for a layer without attention)."""
+        normed = self.input_layernorm(layer_in)
+        if masks is not None and not masks.any_attention:
+            attn_out = jnp.zeros_like(normed)
+            kv = self._no_kv(layer_in.shape[0], normed.dtype)
+        else:
+            attn_out, kv = self.self_attn.prefill(normed, kv_slot=None if masks is None else masks.kv_slot)
+            if masks is not None:
+                attn_out = jnp.where(masks.attention, attn_out, jnp.zeros_like(attn_out))
+        return self._rest(layer_in, attn_out, masks), kv
+
+    def decode(
+        self,
+        layer_in: Float[Array, "1 dim"],
+        cache: KVCache,
+        position: Int[Array, ""],
+        *,
+        masks: BlockMasks | None = None,
+    ) -> tuple[Float[Array, "1 dim"], KVCache]:
+        """The layer at one new `position`, attending to the earlier positions' keys and
+        values in `cache` (this layer's, `[max_len, n_kv_heads, head_dim]`): its output
+        and the new position's keys and values (length 1), for the caller to store (see
+        [`blockdistill.Attention`][]'s `decode`)."""
+        normed = self.input_layernorm(layer_in)
+        if masks is not None and not masks.any_attention:
+            attn_out = jnp.zeros_like(normed)
+            kv = self._no_kv(1, normed.dtype)
+        else:
+            kv_slot = None if masks is None else masks.kv_slot
+            attn_out, kv = self.self_attn.decode(normed, cache, position, kv_slot=kv_slot)
+            if masks is not None:
+                attn_out = jnp.where(masks.attention, attn_out, jnp.zeros_like(attn_out))
+        return self._rest(layer_in, attn_out, masks), kv
+
+    def _no_kv(self, length: int, dtype) -> KVCache:
+        attn = self.self_attn
+        zeros = jnp.zeros((length, attn.n_kv_heads, attn.head_dim), dtype)
+        return KVCache(k=zeros, v=zeros)
+
     def __call__(
         self,
         layer_in: Hidden,
@@ -186,15 +242,7 @@ class DecoderLayer(eqx.Module):
         normed = self.input_layernorm(layer_in)
         attn_in = normed if inject is None else inject.astype(layer_in.dtype)
         attn_out = self.attend(normed, inject=inject, segment_ids=segment_ids, masks=masks)
-        hidden = layer_in + attn_out
-        if masks is not None and not masks.any_mlp:  # no layer of the stack has an MLP
-            layer_out = hidden
-        else:
-            channels = None if masks is None else masks.mlp_channels
-            layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
-        if self.linear is not None and masks is not None:
-            mapped = apply_linear(self.linear, layer_in)
-            layer_out = layer_out + jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
+        layer_out = self._rest(layer_in, attn_out, masks)
         return LayerStep(attn_in=attn_in, attn_out=attn_out, layer_in=layer_in, layer_out=layer_out)
 
 

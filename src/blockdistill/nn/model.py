@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from .._types import Array, Float, Hidden, LayerHidden, Logits, Segments, Tokens
-from .attention import RMSNorm, apply_linear, init_linear
+from .._types import Array, Float, Hidden, Int, LayerHidden, Logits, Segments, Tokens
+from .attention import KVCache, RMSNorm, apply_linear, init_linear
 from .config import TransformerConfig
 from .layer import InjectAt, check_inject_at
 from .stack import LayerStack, LayerStates
@@ -154,6 +154,56 @@ class Transformer(eqx.Module):
             self.check_inject(tokens.shape, inject)
         return _forward(self, tokens, inject, inject_at, segment_ids)
 
+    def prefill(self, tokens: Tokens, max_len: int) -> tuple[Hidden, KVCache]:
+        """Run a prompt (one document from position 0) and start a KV cache for
+        generation.
+
+        **Arguments:**
+
+        - `tokens`: the prompt, `Int[Array, "seq"]`.
+        - `max_len`: the positions the cache holds (at least `seq`, at most
+          `max_seq_len`): the prompt and the tokens to come.
+
+        **Returns:** `(hidden, cache)`: the residual stream after the last layer (as
+        `ModelOutput.hidden`; `model.head(hidden)` gives the logits) and every layer's
+        rotated keys and values of the prompt, `[layers, max_len, n_kv_heads, head_dim]`,
+        zero past the prompt. [`blockdistill.generate`][] builds on this and
+        `decode_step`.
+
+        **Example:**
+
+        ```python
+        hidden, cache = model.prefill(tokens, max_len=24)
+        logits = model.head(hidden)  # equal to model(tokens).logits
+        cache.k.shape  # (cfg.n_layers, 24, cfg.n_kv_heads, cfg.head_dim)
+        ```
+        """
+        self._checked(tokens, None)
+        if not tokens.shape[0] <= max_len <= self.config.max_seq_len:
+            raise ValueError(
+                f"max_len={max_len} must be at least the prompt's length {tokens.shape[0]} "
+                f"and at most max_seq_len={self.config.max_seq_len}"
+            )
+        return _prefill(self, tokens, max_len)
+
+    def decode_step(
+        self, token: Int[Array, ""], cache: KVCache, position: Int[Array, ""]
+    ) -> tuple[Float[Array, " vocab"], KVCache]:
+        """One step of generation: the logits after `token`, placed at `position`, given
+        the keys and values of every earlier position in `cache` (from `prefill` and the
+        steps before); returns them and the cache with `position`'s keys and values
+        written in. The same computation as row `position` of a full forward pass.
+
+        **Example:**
+
+        ```python
+        hidden, cache = model.prefill(tokens[:8], max_len=16)
+        logits, cache = model.decode_step(tokens[8], cache, jnp.asarray(8))
+        # equal to model(tokens[:9]).logits[8]
+        ```
+        """
+        return _decode_step(self, token, cache, position)
+
     def blockwise_outputs(
         self,
         tokens: Tokens,
@@ -198,6 +248,24 @@ def _forward(
     hidden = model.embed(tokens)
     hidden, states = model.layers(hidden, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
     return ModelOutput(logits=model.head(hidden), states=states, hidden=hidden)
+
+
+@eqx.filter_jit
+def _prefill(model: Transformer, tokens: Tokens, max_len: int) -> tuple[Hidden, KVCache]:
+    model = in_compute_dtype(model)
+    hidden, kv = model.layers.prefill(model.embed(tokens))
+    pad = [(0, 0), (0, max_len - tokens.shape[0]), (0, 0), (0, 0)]
+    return hidden, KVCache(k=jnp.pad(kv.k, pad), v=jnp.pad(kv.v, pad))
+
+
+@eqx.filter_jit
+def _decode_step(
+    model: Transformer, token: Int[Array, ""], cache: KVCache, position: Int[Array, ""]
+) -> tuple[Float[Array, " vocab"], KVCache]:
+    model = in_compute_dtype(model)
+    hidden = model.embed(token[None])
+    hidden, cache = model.layers.decode(hidden, cache, position)
+    return model.head(hidden)[0], cache
 
 
 @eqx.filter_jit

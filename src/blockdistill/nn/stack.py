@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Key, PRNGKeyArray
 
-from .._types import Hidden, LayerHidden, Segments
+from .._types import Float, Hidden, Int, LayerHidden, Segments
 from ..parallel.sharding import gather_fsdp
+from .attention import KVCache
 from .config import BlockShape, TransformerConfig
 from .layer import (
     BlockMasks,
@@ -168,6 +169,66 @@ class LayerStack(eqx.Module):
             x = step.layer_out
         stacked = jax.tree.map(lambda *rows: jnp.stack(rows), *steps)
         return x, _states(stacked)
+
+    def _over_layers(self, step, x, per_layer):
+        """Run `step(layer, x, layer_xs, masks) -> (x, layer_ys)` over the layers, in a
+        scan (or the unrolled loop), with `per_layer` (arrays stacked on `layers`) as
+        scanned inputs; returns the last `x` and the per-layer outputs stacked."""
+        params = eqx.filter(self.layers, eqx.is_array)
+        static = eqx.filter(self.layers, eqx.is_array, inverse=True)
+
+        def body(carry, xs):
+            layer_params, layer_xs, layer_masks = xs
+            layer = eqx.combine(gather_fsdp(layer_params), static)
+            return step(layer, carry, layer_xs, layer_masks)
+
+        masks = self.masks()
+        if self.scan_layers:
+            return jax.lax.scan(body, x, (params, per_layer, masks))
+        outputs = []
+        for index in range(self.n_layers):
+            x, layer_ys = body(x, jax.tree.map(lambda p: p[index], (params, per_layer, masks)))
+            outputs.append(layer_ys)
+        return x, jax.tree.map(lambda *rows: jnp.stack(rows), *outputs)
+
+    def prefill(self, x: Hidden) -> tuple[Hidden, KVCache]:
+        """The stack on a prompt (one document from position 0): the output, as
+        `stack(x)[0]`, and every layer's keys and values of the prompt (a `KVCache`
+        of `[layers, seq, n_kv_heads, head_dim]`), which come back as the scan's outputs.
+
+        **Example:**
+
+        ```python
+        stack = bd.LayerStack(cfg, key=jax.random.key(0))
+        x_out, cache = stack.prefill(jnp.ones((16, cfg.dim)))
+        cache.k.shape  # (cfg.n_layers, 16, cfg.n_kv_heads, cfg.head_dim)
+        ```
+        """
+
+        def step(layer, layer_in, _, masks):
+            return layer.prefill(layer_in, masks=masks)
+
+        return self._over_layers(step, x, None)
+
+    def decode(
+        self, x: Float[Array, "1 dim"], cache: KVCache, position: Int[Array, ""]
+    ) -> tuple[Float[Array, "1 dim"], KVCache]:
+        """The stack at one new `position`: each layer attends to its own keys and values
+        of the earlier positions in `cache` (`[layers, max_len, n_kv_heads, head_dim]`,
+        which travels through the scan as scanned inputs, one layer's slice per step).
+        Returns the output and `cache` with every layer's keys and values of `position`
+        written in (the layers' new rows come back as the scan's outputs).
+        """
+
+        def step(layer, layer_in, layer_cache, masks):
+            return layer.decode(layer_in, layer_cache, position, masks=masks)
+
+        x_out, new = self._over_layers(step, x, cache)
+        at = (0, position, 0, 0)
+        return x_out, KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), at),
+        )
 
     def blockwise_outputs(
         self,

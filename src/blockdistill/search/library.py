@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Array, BatchMask, BatchSegments, BatchTokens, Float
-from ..distill.losses import FeatureLoss, feature_loss, kl_divergence
+from ..distill.losses import FeatureLoss, feature_loss, kl_divergence, next_token_cross_entropy
 from ..distill.prune import _prune, mlp_channel_importance
 from ..nn.config import BlockShape, TransformerConfig
 from ..nn.hetero import layer_weights, place_weights
@@ -215,34 +215,47 @@ def blockwise_scores(
     return jnp.stack(rows)
 
 
+#: the scores of a block swapped into the teacher, each lower-is-better (see `replacement_scores`)
+REPLACEMENT_SCORES = ("kl", "lm_loss", "top1")
+
+
 @eqx.filter_jit
-def swap_scores(
+def replacement_scores(
     library: BlockLibrary,
     teacher: Transformer | Teacher,
     tokens: BatchTokens,
     mask: BatchMask,
     *,
     segment_ids: BatchSegments | None = None,
-) -> Float[Array, "candidates layers"]:
-    """Puzzle's replace-one-block score: for every candidate `c` and layer `l`, the KL
-    divergence `KL(teacher || teacher with layer l replaced by c)` of the next-token
-    distributions, averaged over the valid tokens of the batch.
+) -> dict[str, Float[Array, "candidates layers"]]:
+    """Puzzle's replace-one-block scores: for every candidate `c` and layer `l`, the
+    teacher with layer `l` replaced by `c` is scored three ways on the batch, each
+    lower-is-better:
+
+    - `"kl"`: `KL(teacher || teacher with the block swapped)` of the next-token
+      distributions, averaged over the valid tokens;
+    - `"lm_loss"`: the swapped model's next-token cross-entropy on the batch's own
+      tokens (pairs within one document);
+    - `"top1"`: how often the swapped model's most likely next token is not the
+      teacher's (1 - top-1 agreement), over the valid tokens.
 
     The teacher's prefix is shared (its input to layer `l` is the candidate's input); the
     teacher layers after `l` then run on the candidate's output, for all candidates of one
     layer together (`jax.lax.map` over candidates, so one candidate's logits are alive at
-    a time).
+    a time), and the three scores come from the same logits.
 
     **Example:**
 
     ```python
-    kl = bd.swap_scores(library, teacher, batch_tokens, jnp.ones(batch_tokens.shape, bool))
-    kl.shape  # (len(library.shapes), cfg.n_layers)
+    scores = bd.replacement_scores(library, teacher, batch_tokens, jnp.ones(batch_tokens.shape, bool))
+    scores["top1"].shape  # (len(library.shapes), cfg.n_layers)
     ```
     """
     model = jax.lax.stop_gradient(_unwrap(teacher))
     out = _teacher_states(model, tokens, segment_ids)
     states, teacher_logits = out.states, out.logits
+    teacher_top1 = jnp.argmax(teacher_logits, axis=-1)
+    valid = mask.astype(jnp.float32)
     outputs = jnp.stack([
         states.layer_in if (stack := library.stack_of(c)) is None
         else _candidate_outputs(stack, states.layer_in, segment_ids)
@@ -265,10 +278,37 @@ def swap_scores(
                 return model.head(h)
 
             logits = jax.vmap(one)(hidden, segment_ids)
-            return kl_divergence(logits, teacher_logits, mask)
+            disagree = (jnp.argmax(logits, axis=-1) != teacher_top1).astype(jnp.float32)
+            return (kl_divergence(logits, teacher_logits, mask),
+                    next_token_cross_entropy(logits, tokens, mask, segment_ids),
+                    jnp.sum(disagree * valid) / jnp.maximum(jnp.sum(valid), 1.0))
 
         columns.append(jax.lax.map(finish, outputs[:, :, layer]))
-    return jnp.stack(columns, axis=1)
+    return {name: jnp.stack([column[i] for column in columns], axis=1) for i, name in enumerate(REPLACEMENT_SCORES)}
+
+
+def swap_scores(
+    library: BlockLibrary,
+    teacher: Transformer | Teacher,
+    tokens: BatchTokens,
+    mask: BatchMask,
+    *,
+    segment_ids: BatchSegments | None = None,
+) -> Float[Array, "candidates layers"]:
+    """Puzzle's replace-one-block score: for every candidate `c` and layer `l`, the KL
+    divergence `KL(teacher || teacher with layer l replaced by c)` of the next-token
+    distributions, averaged over the valid tokens of the batch (the `"kl"` score of
+    [`replacement_scores`][blockdistill.replacement_scores], which gives the others from
+    the same pass).
+
+    **Example:**
+
+    ```python
+    kl = bd.swap_scores(library, teacher, batch_tokens, jnp.ones(batch_tokens.shape, bool))
+    kl.shape  # (len(library.shapes), cfg.n_layers)
+    ```
+    """
+    return replacement_scores(library, teacher, tokens, mask, segment_ids=segment_ids)["kl"]
 
 
 def _update(tree, opt_state, optimizer, loss_fn):

@@ -1,0 +1,127 @@
+"""On-policy distillation (GKD, arXiv 2306.13649): a fraction of each batch's sequences are
+continuations the current student samples from prompts of the corpus, so that the
+student learns where its own generations take it, not only on the corpus's text.
+
+[`OnPolicy`][blockdistill.OnPolicy] turns a batch into a mixed one before the step: the
+first `round(fraction * batch)` rows keep their first `prompt_len` tokens and continue
+them with the student's own samples (KV-cache sampling,
+[`blockdistill.generate`][]) up to the row's length. The step then runs as usual on the
+mixed batch, so the teacher's logits (and, with a blockwise term, its layer states) are
+computed on the student's own tokens; on a sampled row only the positions that predict
+sampled tokens count (the prompt's do not), so the divergence is the student's on its
+own continuations. The sampler's key is `fold_in(key, step)`: a resumed run samples the
+same continuations.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from .._types import BatchMask, BatchSegments, BatchTokens, Bool, Array
+from ..nn.model import Transformer
+from .generate import generate
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+    """How many of a batch's sequences the student writes itself, and how it samples.
+
+    **Arguments:**
+
+    - `fraction`: `lambda`, the fraction of each batch's rows replaced by the student's
+      continuations (GKD's student-data fraction), in `[0, 1]`.
+    - `prompt_len`: how many of the row's first tokens are kept as the prompt; the student
+      writes the rest of the row.
+    - `temperature`, `top_k`, `top_p`: how the student samples (see
+      [`blockdistill.generate`][]); GKD samples at temperature 1.
+    - `start`: the first step that samples (e.g. a staged recipe's switch: blockwise first,
+      then on-policy KD); before it the batches are the corpus's.
+
+    **Example:**
+
+    ```python
+    policy = bd.OnPolicy(fraction=0.5, prompt_len=8)
+    tokens, mask, segments = policy.mix(student, batch_tokens, mask, None, step=0, key=jax.random.key(0))
+    tokens.shape  # (4, 16): rows 0 and 1 are the student's continuations of their first 8 tokens
+    ```
+    """
+
+    fraction: float
+    prompt_len: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    start: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"OnPolicy.fraction={self.fraction!r} is invalid: must be in [0, 1]")
+        if isinstance(self.prompt_len, bool) or not isinstance(self.prompt_len, int) or self.prompt_len < 1:
+            raise ValueError(f"OnPolicy.prompt_len={self.prompt_len!r} is invalid: must be a positive integer")
+        if not self.temperature >= 0:
+            raise ValueError(f"OnPolicy.temperature={self.temperature!r} is invalid: must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"OnPolicy.top_k={self.top_k!r} is invalid: must be positive")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"OnPolicy.top_p={self.top_p!r} is invalid: must be in (0, 1]")
+        if self.start < 0:
+            raise ValueError(f"OnPolicy.start={self.start!r} is invalid: must be >= 0")
+
+    def rows(self, batch_size: int) -> int:
+        """How many rows of a batch of `batch_size` the student writes."""
+        return int(round(self.fraction * batch_size))
+
+    def active(self, step: int) -> bool:
+        """Whether step `step` (0-based) samples."""
+        return self.fraction > 0 and step >= self.start
+
+    def check(self, seq_len: int, batch_size: int) -> None:
+        """A `ValueError` naming the values when the rows cannot hold a prompt and a
+        continuation."""
+        if not 0 < self.prompt_len < seq_len:
+            raise ValueError(f"OnPolicy.prompt_len={self.prompt_len} is invalid for rows of {seq_len} tokens: "
+                             "the student must write at least one token after the prompt")
+        if self.fraction > 0 and self.rows(batch_size) == 0:
+            raise ValueError(f"OnPolicy.fraction={self.fraction} of a batch of {batch_size} rows is no row: "
+                             f"raise it to at least {1 / batch_size:.3g}")
+
+    def mix(
+        self,
+        student: Transformer,
+        tokens: BatchTokens,
+        mask: BatchMask,
+        segment_ids: BatchSegments | None,
+        *,
+        step: int,
+        key: PRNGKeyArray,
+    ) -> tuple[BatchTokens, BatchMask, BatchSegments]:
+        """The batch with its first `rows(batch)` rows written by `student`: each keeps its
+        first `prompt_len` tokens and continues them with the student's samples (key
+        `fold_in(key, step)`); on those rows the mask keeps only the positions that
+        predict a sampled token, and the continuation belongs to the prompt's last
+        document."""
+        if segment_ids is None:
+            segment_ids = jnp.where(mask, 1, 0).astype(jnp.int32)
+        self.check(tokens.shape[1], tokens.shape[0])
+        return _mix(student, tokens, mask, segment_ids, jax.random.fold_in(key, step), self.rows(tokens.shape[0]),
+                    self.prompt_len, self.temperature, self.top_k, self.top_p)
+
+
+@eqx.filter_jit
+def _mix(student, tokens, mask, segment_ids, key, rows: int, prompt_len: int, temperature: float,
+         top_k: int | None, top_p: float | None):
+    seq_len = tokens.shape[1]
+    prompts = tokens[:rows, :prompt_len]
+    written = generate(student, prompts, seq_len - prompt_len, key=key, temperature=temperature, top_k=top_k,
+                       top_p=top_p).tokens
+    sampled_tokens = jnp.concatenate([prompts, written], axis=1).astype(tokens.dtype)
+    # position t predicts token t + 1: the predictions of sampled tokens are t >= prompt_len - 1
+    predicts_sample: Bool[Array, " seq"] = jnp.arange(seq_len) >= prompt_len - 1
+    sampled_mask = jnp.broadcast_to(predicts_sample, (rows, seq_len))
+    last = segment_ids[:rows, prompt_len - 1 : prompt_len]
+    sampled_segments = jnp.where(jnp.arange(seq_len) < prompt_len, segment_ids[:rows], jnp.maximum(last, 1))
+    return (jnp.concatenate([sampled_tokens, tokens[rows:]]), jnp.concatenate([sampled_mask, mask[rows:]]),
+            jnp.concatenate([sampled_segments.astype(segment_ids.dtype), segment_ids[rows:]]))
