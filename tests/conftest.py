@@ -1,9 +1,20 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 CPU devices for the mesh tests; XLA's CPU backend without LLVM's optimisation passes:
+# the suite's programs are tiny and compiled once or twice each, so compiling dominates
+# its time (about half of it goes away) and the numbers checked do not depend on how
+# fast the machine code is
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 # token stores built by the tests go to a folder of their own, not the user's cache
 os.environ["BLOCKDISTILL_CACHE"] = tempfile.mkdtemp(prefix="blockdistill-test-cache-")
+# XLA's compiled programs are kept on disk for this test run, shared by the workers and by
+# the command-line runs they start: the suite compiles the same training steps again and
+# again (each module starts from empty in-memory caches, each subprocess from nothing),
+# and on CPU a compile costs seconds where the step costs milliseconds
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"blockdistill-xla-{_run}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -47,12 +58,13 @@ def fresh_compilation_caches():
 
 @pytest.fixture
 def compile_events():
-    """Names of the backend compilations that happen while the test runs (a list that
+    """Names of the backend compilations (or compilation-cache reads) that happen while the test runs (a list that
     grows); the listener is removed afterwards."""
     events: list[str] = []
 
     def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
+        # a program compiled, or read back from the test run's compilation cache on disk
+        if event in ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec"):
             events.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
