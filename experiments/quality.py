@@ -46,6 +46,7 @@ IMAGES = ROOT / "docs" / "images"
 BEGIN = "<!-- quality-study:begin (written by experiments/quality.py; do not edit) -->"
 END = "<!-- quality-study:end -->"
 COMMAND = "python experiments/quality.py"
+OUT = "runs/quality"  # the runs' folder (--out)
 DEFAULT_STEPS = 150  # the main job's budget (DistillConfig.steps)
 DEFAULT_LR = 1e-3  # the main job's peak learning rate (DistillConfig.learning_rate)
 
@@ -316,12 +317,14 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
     """Measured seconds per training step of each (student, init, recipe) and each of its
     programs (one, or a staged recipe's two), side by side in one process: every program
     compiled first, then `rounds` rounds of one step of each (every other round in reverse
-    order), the median per program. Keys are `student/init/recipe`."""
+    order), the median per program. An on-policy recipe's step includes its sampling (the
+    student writes its share of the batch before the update, as in a run). Keys are
+    `student/init/recipe`."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
 
-    from blockdistill.app.runconfig import distill_steps, stage_of
+    from blockdistill.app.runconfig import distill_steps, on_policy, stage_of
     from blockdistill.app.distill import load_teacher_and_student
     from blockdistill.data.store import token_dataset
     from blockdistill.data.tokenizers import load_tokenizer
@@ -333,15 +336,19 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
         teacher, student = load_teacher_and_student(cfg, dataset)
         tokens, mask, segments = (jnp.asarray(a) for a in dataset.train.take(range(cfg.batch_size)))
         _, steps = distill_steps(cfg)  # the run's own programs, one per stage
+        policy = on_policy(cfg)
         stages = [stage_of(cfg, i) for i in range(cfg.steps)]
         for stage, step in enumerate(steps):
             index = stages.index(stage) if stage in stages else 0  # the stage's first step
             own = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, student)  # steps donate it
             state = {"student": own, "opt": step.optimizer.init(eqx.filter(own, eqx.is_array))}
 
-            def one(step=step, state=state, index=index):
+            def one(step=step, state=state, index=index, policy=policy):
+                rows = tokens, mask, segments
+                if policy is not None and policy.active(index):
+                    rows = policy.mix(state["student"], *rows, step=index, key=jax.random.key(0))
                 state["student"], state["opt"], metrics = step(
-                    state["student"], state["opt"], teacher, tokens, mask, index, segment_ids=segments)
+                    state["student"], state["opt"], teacher, rows[0], rows[1], index, segment_ids=rows[2])
                 jax.block_until_ready(metrics)
 
             one()  # compile
@@ -673,8 +680,8 @@ def load_results(path: pathlib.Path) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/quality",
-                        help="folder of the runs, one subfolder per teacher (default runs/quality)")
+    parser.add_argument("--out", default=OUT,
+                        help=f"folder of the runs, one subfolder per teacher (default {OUT})")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--only", default="*", help="comma-separated globs over run names, e.g. 'mlp-prune/*,kv-*/kd/*' (default all)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
@@ -709,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
         from blockdistill._files import write_json
+
+        results_path.parent.mkdir(parents=True, exist_ok=True)
 
         teacher = teacher_identity(extra.get("teacher"))
         foreign = sorted(n for n, r in results.items() if r.get("teacher_sha256") != teacher)
