@@ -343,8 +343,8 @@ def step_seconds(cells: list[tuple[str, str, str]], quick: bool, extra: dict[str
             own = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, student)  # steps donate it
             state = {"student": own, "opt": step.optimizer.init(eqx.filter(own, eqx.is_array))}
 
-            def one(step=step, state=state, index=index, policy=policy):
-                rows = tokens, mask, segments
+            def one(step=step, state=state, index=index, policy=policy, teacher=teacher,
+                    rows=(tokens, mask, segments)):
                 if policy is not None and policy.active(index):
                     rows = policy.mix(state["student"], *rows, step=index, key=jax.random.key(0))
                 state["student"], state["opt"], metrics = step(
