@@ -46,17 +46,17 @@ quality = _load("_signals_study_quality", HERE / "quality.py")
 #: defaults never changes a recipe
 _KD = {"blockwise_weight": 0.0, "blockwise_schedule": "constant", "divergence": "kl", "jsd_beta": 0.5,
        "onpolicy_fraction": 0.0}
-RECIPES = {
+RECIPES = {  # in the order they run: the main questions first
     "kd": _KD,
+    "onpolicy-0.5": {**_KD, "onpolicy_fraction": 0.5},
+    "kd-jsd": {**_KD, "divergence": "jsd"},
+    "onpolicy-0.5-jsd": {**_KD, "onpolicy_fraction": 0.5, "divergence": "jsd"},
     "ce": {**_KD, "teacher_weight": 0.0, "label_weight": 1.0},  # the best at equal seconds so far
     "kd-rkl": {**_KD, "divergence": "reverse_kl"},
-    "kd-jsd": {**_KD, "divergence": "jsd"},
-    "kd-tvd": {**_KD, "divergence": "tvd"},
     # GKD: lambda of the batch written by the student at temperature 1 from the row's first half
     "onpolicy-0.25": {**_KD, "onpolicy_fraction": 0.25},
-    "onpolicy-0.5": {**_KD, "onpolicy_fraction": 0.5},
-    "onpolicy-0.5-jsd": {**_KD, "onpolicy_fraction": 0.5, "divergence": "jsd"},
     "onpolicy-1.0": {**_KD, "onpolicy_fraction": 1.0},
+    "kd-tvd": {**_KD, "divergence": "tvd"},
 }
 RECIPE_LABELS = {
     "kd": "KD, forward KL",
