@@ -182,17 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import cache_teacher, evaluate_command, generate_command, plan_command, pretrain
         from .distill import distill
 
-        if args.command == "generate":
-            overrides = given_flags(args, GenerateConfig)
+        model_commands = {"generate": (GenerateConfig, generate_command), "eval": (EvalConfig, evaluate_command)}
+        if args.command in model_commands:  # a saved model as the positional argument
+            config_class, command = model_commands[args.command]
+            overrides = given_flags(args, config_class)
             if args.model is not None:
                 overrides["model"] = args.model
-            generate_command(build_config(GenerateConfig, args.config, overrides))
-            return 0
-        if args.command == "eval":
-            overrides = given_flags(args, EvalConfig)
-            if args.model is not None:
-                overrides["model"] = args.model
-            evaluate_command(build_config(EvalConfig, args.config, overrides))
+            command(build_config(config_class, args.config, overrides))
             return 0
         if args.command == "plan":
             cfg = build_config(DistillConfig, args.config, given_flags(args, DistillConfig))
