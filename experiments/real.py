@@ -829,9 +829,15 @@ def plot_curves(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return save_figure(fig, images / "real_curves.png")
+
+
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+    """Lay out, write (creating its folder) and close `fig`."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    images.mkdir(parents=True, exist_ok=True)
-    path = images / "real_curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -872,12 +878,7 @@ def plot_layers(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    images.mkdir(parents=True, exist_ok=True)
-    path = images / "real_layers.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, images / "real_layers.png")
 
 
 def layer_lines(records: list[dict[str, Any]]) -> list[str]:
