@@ -11,7 +11,6 @@ import pytest
 
 import blockdistill as bd
 from blockdistill.distill.generate import sample_tokens
-from blockdistill.nn.layer import mask_padding
 
 BASE = bd.TransformerConfig(
     vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=32
@@ -38,17 +37,13 @@ LENGTHS = (7, 2, 5)  # right-padded prompts of their own lengths
 @functools.cache
 def random_model(config, seed=0):
     """A model with every own weight random and large enough that errors show (norms
-    too); a heterogeneous model's padding stays zero."""
+    too; a heterogeneous model stores only its layers' own weights)."""
     model = bd.Transformer(config, key=jax.random.key(seed))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     noisy = [leaf + 0.15 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-    model = eqx.combine(jax.tree.unflatten(treedef, noisy), static)
-    masks = model.layers.masks()
-    if masks is not None:
-        model = eqx.tree_at(lambda m: m.layers.layers, model, mask_padding(model.layers.layers, masks))
-    return model
+    return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 
 def prompts_of(config, seed=3):
