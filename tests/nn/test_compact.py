@@ -152,6 +152,10 @@ def test_saves_and_loads(tmp_path):
     loaded = bd.load_model(tmp_path / "model")
     assert eqx.tree_equal(loaded, model)
     np.testing.assert_array_equal(loaded(tokens).logits, model(tokens).logits)
+    # a folder saved before compact segments (every layer padded) loads into the compact form
+    padded, _ = bd.padded_layers(model)
+    eqx.tree_serialise_leaves(tmp_path / "model" / "model.eqx", eqx.tree_at(lambda m: m.layers.layers, model, padded))
+    assert eqx.tree_equal(bd.load_model(tmp_path / "model"), model)
     # Orbax checkpoints of the model and its optimizer state
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -195,7 +199,7 @@ def test_distill_step_trains_it_fused_and_unfused_alike(inject_at):
 def test_generate_equals_the_full_forward():
     model = _random(_config())
     prompt = jax.random.randint(jax.random.key(2), (5,), 0, BASE.vocab_size)
-    hidden, cache = model.prefill(prompt, max_len=12)
+    _, cache = model.prefill(prompt, max_len=12)
     assert isinstance(cache, tuple) and len(cache) == len(model.layers.segments)
     assert cache[1].k.shape == (2, 12, 1, BASE.head_dim) and cache[2] is None  # own KV heads; no attention
     generated = bd.generate(model, prompt, 6)

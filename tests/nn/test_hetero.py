@@ -102,7 +102,7 @@ def test_layers_are_stored_at_their_own_shape_and_all_learn():
     config = _hetero(shapes)
     model = _randomised(bd.Transformer(config, key=jax.random.key(0)), jax.random.key(1))
     assert model.layers.bounds == ((0, 1), (1, 3), (3, 4), (4, 5), (5, 6), (6, 7))
-    assert [segment.shape for segment in model.layers.segments] == list(dict.fromkeys(shapes))
+    assert [segment.block_shape for segment in model.layers.segments] == list(dict.fromkeys(shapes))
     narrow = model.layers.segments[1]
     assert narrow.mlp.gate_proj.weight.shape == (2, 16, config.dim)
     assert narrow.self_attn.k_proj.weight.shape == (2, config.head_dim, config.dim)

@@ -38,7 +38,7 @@ def stack_weights(stack: LayerStack, layer: int) -> dict[str, Array]:
     """[`own_weights`][blockdistill.own_weights] of layer `layer` of a `LayerStack`."""
     for segment, (start, stop) in zip(stack.segments, stack.bounds):
         if start <= layer < stop:
-            return layer_weights(segment, segment.shape, layer - start)
+            return layer_weights(segment, segment.block_shape, layer - start)
     raise ValueError(f"layer={layer} is out of range for a stack of n_layers={stack.n_layers}")
 
 
@@ -137,7 +137,8 @@ def place_stack(stack: LayerStack, rows: list[dict[str, Array]]) -> LayerStack:
     ])
 
 
-def _padded_skeleton(config: TransformerConfig) -> DecoderLayer:
+def padded_skeleton(config: TransformerConfig) -> DecoderLayer:
+    """The abstract (`jax.ShapeDtypeStruct`) padded stacked layers of `config`."""
     keys = jax.random.split(jax.random.key(0), config.n_layers)
     return eqx.filter_eval_shape(eqx.filter_vmap(lambda key: DecoderLayer(config, key=key)), keys)
 
@@ -170,7 +171,7 @@ def padded_layers(model: Transformer) -> tuple[DecoderLayer, BlockMasks | None]:
             row["input_layernorm.weight"] = jnp.ones(dim)
         if not shape.has_mlp:
             row["post_attention_layernorm.weight"] = jnp.ones(dim)
-    layers = place_weights(_padded_skeleton(config), rows)
+    layers = place_weights(padded_skeleton(config), rows)
     layers = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, layers)
     return layers, block_masks(config)
 

@@ -181,7 +181,7 @@ class DecoderLayer(eqx.Module):
         self.norm_eps = config.norm_eps
 
     @property
-    def shape(self) -> BlockShape:
+    def block_shape(self) -> BlockShape:
         """The shape the layer is stored at (for a padded layer: the padded storage's)."""
         return BlockShape(
             mlp_dim=0 if self.mlp is None else self.mlp.down_proj.in_features,
