@@ -206,3 +206,41 @@ def test_generate_equals_the_full_forward():
     sequence = jnp.concatenate([prompt, generated.tokens])
     logits = model(sequence).logits
     np.testing.assert_array_equal(generated.tokens, jnp.argmax(logits[len(prompt) - 1:-1], axis=-1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_sharded_step_equals_one_device(fused):
+    """Segments shard over `fsdp` (never their layers axis) and over `layers` where it
+    divides their depth; a step on the mesh gives the one-device numbers (the fused step
+    refuses a `layers` axis: it runs on `fsdp`)."""
+    from jax.sharding import PartitionSpec as P
+
+    shapes = (bd.BlockShape(16, 1), bd.BlockShape(16, 1), bd.BlockShape(32, 0), bd.BlockShape(48, 2))
+    config = BASE.replace(n_layers=4, layer_shapes=shapes)
+    teacher = bd.Teacher(_random(BASE.replace(n_layers=4), seed=3))
+    student = _random(config, seed=4)
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, BASE.vocab_size)
+    mask = jnp.ones(tokens.shape, bool)
+    mesh = bd.make_mesh("data=2,fsdp=2,layers=2")
+    sharded = bd.shard_model(student, mesh)
+    pair, mlp_only, _ = sharded.layers.segments
+    assert pair.mlp.up_proj.weight.sharding.spec == P("layers", None, "fsdp")  # [2, 16, 32]
+    assert mlp_only.mlp.up_proj.weight.sharding.spec == P(None, "fsdp")  # [1, 32, 32]
+    mesh = bd.make_mesh("data=2,fsdp=4") if fused else mesh
+    objective = bd.DistillationObjective(blockwise_weight=0.5, inject_at="layer")
+    results = []
+    for on_mesh in (False, True):
+        optimizer = optax.sgd(0.1)
+        step = bd.DistillStep(objective, optimizer, mesh=mesh if on_mesh else None, fused=fused)
+        model, frozen, batch = jax.tree.map(jnp.copy, student), teacher, (tokens, mask)
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+        if on_mesh:
+            model = bd.shard_model(model, mesh)
+            opt_state = bd.shard_opt_state(opt_state, model, mesh)
+            frozen = bd.shard_model(teacher, mesh, shard_layers=False)
+            batch = bd.shard_batch(mesh, tokens, mask)
+        results.append(step(model, opt_state, frozen, *batch, 0))
+    (one, _, metrics_one), (many, _, metrics_many) = results
+    np.testing.assert_allclose(metrics_one["loss"], metrics_many["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), atol=1e-5)
