@@ -41,7 +41,9 @@ from .nn.costs import (
     pretrain_flops as pretrain_flops,
 )
 from .nn.hetero import (
+    compact_layers as compact_layers,
     own_weights as own_weights,
+    padded_layers as padded_layers,
 )
 from .nn.layer import (
     block_masks as block_masks,
@@ -214,6 +216,8 @@ __all__ = [
     "flops_per_token",
     "kv_cache_bytes_per_token",
     "own_weights",
+    "padded_layers",
+    "compact_layers",
     "parameter_count",
     "TeacherCache",
     "TopKLogits",

@@ -11,7 +11,6 @@ import pytest
 
 import blockdistill as bd
 from blockdistill.distill.generate import sample_tokens
-from blockdistill.nn.layer import mask_padding
 
 BASE = bd.TransformerConfig(
     vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=32
@@ -38,17 +37,13 @@ LENGTHS = (7, 2, 5)  # right-padded prompts of their own lengths
 @functools.cache
 def random_model(config, seed=0):
     """A model with every own weight random and large enough that errors show (norms
-    too); a heterogeneous model's padding stays zero."""
+    too; a heterogeneous model stores only its layers' own weights)."""
     model = bd.Transformer(config, key=jax.random.key(seed))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     noisy = [leaf + 0.15 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-    model = eqx.combine(jax.tree.unflatten(treedef, noisy), static)
-    masks = model.layers.masks()
-    if masks is not None:
-        model = eqx.tree_at(lambda m: m.layers.layers, model, mask_padding(model.layers.layers, masks))
-    return model
+    return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 
 def prompts_of(config, seed=3):
@@ -85,16 +80,19 @@ def test_prefill_and_decode_step_equal_the_forward_pass():
     tokens = jax.random.randint(jax.random.key(0), (12,), 0, BASE.vocab_size)
     full = model(tokens).logits
     hidden, cache = model.prefill(tokens[:5], max_len=12)
-    assert cache.k.shape == (model.config.n_layers, 12, BASE.n_kv_heads, BASE.head_dim)
+    # one cache per segment of equal layers, at its own KV heads; none without attention
+    shapes = [None if c is None else c.k.shape for c in cache]
+    assert shapes == [(1, 12, 2, BASE.head_dim), (1, 12, 1, BASE.head_dim), None, (1, 12, 2, BASE.head_dim), None, None]
     np.testing.assert_allclose(model.head(hidden), full[:5], atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(cache.k[:, 5:], 0.0)
+    for k in jax.tree.leaves(cache):
+        np.testing.assert_array_equal(k[:, 5:], 0.0)
     for position in range(5, 12):
         logits, cache = model.decode_step(tokens[position], cache, jnp.asarray(position))
         np.testing.assert_allclose(logits, full[position], atol=1e-5, rtol=0)
     # the cache now holds what a prefill of the whole sequence computes
     _, whole = model.prefill(tokens, max_len=12)
-    np.testing.assert_allclose(cache.k, whole.k, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(cache.v, whole.v, atol=1e-5, rtol=0)
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_one_prompt_equals_its_row_of_a_batch():

@@ -19,7 +19,6 @@ from blockdistill.app.cli import main
 from blockdistill.interop.decilm import FFN_ROUNDING, ffn_mult_for, ffn_mult_to_intermediate_size
 from blockdistill.interop.decilm_code import CONFIGURATION_CODE
 from blockdistill.interop.folders import read_model_config
-from blockdistill.nn.layer import block_masks, mask_padding
 
 BASE = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, mlp_dim=128, max_seq_len=64)
 #: every block kind the format carries: full, fewer KV heads and a narrower MLP,
@@ -37,19 +36,16 @@ TOKENS = np.random.default_rng(0).integers(0, BASE.vocab_size, 20).astype(np.int
 
 def random_model(config, seed=0, std=0.2):
     """A `bd.Transformer` with random weights large enough that errors show (norms around
-    1), its padding zero as a heterogeneous model stores it."""
+    1), each layer at its own shape as a heterogeneous model stores it."""
     skeleton = eqx.filter_eval_shape(bd.Transformer, config, key=jax.random.key(0))
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(skeleton)
     model = jax.tree.unflatten(treedef, [jnp.asarray(std * rng.standard_normal(x.shape), jnp.float32) for x in leaves])
-    norms = lambda m: [  # noqa: E731
-        m.norm.weight, m.layers.layers.input_layernorm.weight, m.layers.layers.post_attention_layernorm.weight,
+    norms = lambda m: [m.norm.weight] + [  # noqa: E731
+        norm.weight for segment in m.layers.segments
+        for norm in (segment.input_layernorm, segment.post_attention_layernorm) if norm is not None
     ]
-    model = eqx.tree_at(norms, model, [1.0 + w for w in norms(model)])
-    masks = block_masks(config)
-    if masks is not None:
-        model = eqx.tree_at(lambda m: m.layers.layers, model, mask_padding(model.layers.layers, masks))
-    return model
+    return eqx.tree_at(norms, model, [1.0 + w for w in norms(model)])
 
 
 @eqx.filter_jit
@@ -130,8 +126,10 @@ def test_stored_parameters_are_the_models_own(mixed):
     model, folder = mixed
     stored = safetensors.numpy.load_file(folder / "model.safetensors")
     assert sum(v.size for v in stored.values()) == bd.parameter_count(model.config)
-    padded = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-    assert bd.parameter_count(model.config) < padded
+    # the model stores exactly these (each layer at its own shape); the padded form more
+    assert sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) == bd.parameter_count(model.config)
+    padded, _ = bd.padded_layers(model)
+    assert bd.parameter_count(model.config) < sum(x.size for x in jax.tree.leaves(padded))
     # parts a layer lacks have no tensors (no norm either); layer 4 is the identity
     assert not [name for name in stored if name.startswith("model.layers.4.")]
     assert "model.layers.2.input_layernorm.weight" not in stored

@@ -1,4 +1,4 @@
-"""Heterogeneous students: layers of different shapes in one padded, masked stack."""
+"""Heterogeneous students: layers of different shapes, each stored and run at its own shape."""
 
 import equinox as eqx
 import jax
@@ -32,16 +32,11 @@ def _hetero(shapes=SHAPES, **changes):
 
 
 def _randomised(model, key):
-    """Every own weight random (norms too), padding kept at zero."""
+    """Every weight random (norms and linear maps too)."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    noisy = [
-        jnp.where(leaf != 0, leaf + 0.2 * jax.random.normal(k, leaf.shape), 0.0)
-        if leaf.ndim > 1 and leaf.shape[0] == model.config.n_layers
-        else leaf + 0.1 * jax.random.normal(k, leaf.shape)
-        for leaf, k in zip(leaves, keys)
-    ]
+    noisy = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
     return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 
@@ -70,7 +65,7 @@ def _reference_layer(config, weights, shape, x):
     [(SHAPES, True), (SHAPES, False), (ATTENTION_FREE, True), (MLP_FREE, True)],
     ids=["mixed-scan", "mixed-unrolled", "attention-free", "mlp-free"],
 )
-def test_masked_stack_equals_the_layers_run_one_by_one(shapes, scan_layers):
+def test_stack_equals_the_layers_run_one_by_one(shapes, scan_layers):
     config = _hetero(shapes, scan_layers=scan_layers)
     model = _randomised(bd.Transformer(config, key=jax.random.key(0)), jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (20,), 0, config.vocab_size)
@@ -100,36 +95,33 @@ def test_uniform_shapes_equal_the_uniform_model():
     np.testing.assert_allclose(model(tokens).logits, twin(tokens).logits, atol=1e-6)
 
 
-def test_padding_is_zero_and_gets_no_gradient():
-    config = _hetero()
+def test_layers_are_stored_at_their_own_shape_and_all_learn():
+    """One stack per run of equal layers, each at its shape; every stored weight gets a
+    gradient, and the identity stores nothing."""
+    shapes = SHAPES[:2] + (SHAPES[1],) + SHAPES[2:]  # two equal layers share a segment
+    config = _hetero(shapes)
     model = _randomised(bd.Transformer(config, key=jax.random.key(0)), jax.random.key(1))
+    assert model.layers.bounds == ((0, 1), (1, 3), (3, 4), (4, 5), (5, 6), (6, 7))
+    assert [segment.block_shape for segment in model.layers.segments] == list(dict.fromkeys(shapes))
+    narrow = model.layers.segments[1]
+    assert narrow.mlp.gate_proj.weight.shape == (2, 16, config.dim)
+    assert narrow.self_attn.k_proj.weight.shape == (2, config.head_dim, config.dim)
+    mlp_only, attention_only, linear, identity = model.layers.segments[2:]
+    assert mlp_only.self_attn is None and mlp_only.input_layernorm is None
+    assert attention_only.mlp is None and attention_only.post_attention_layernorm is None
+    assert linear.self_attn is None and linear.mlp is None and linear.linear.weight.shape == (1, 32, 32)
+    assert jax.tree.leaves(eqx.filter(identity, eqx.is_array)) == []
     tokens = jnp.arange(16) % config.vocab_size
 
     def loss(model):
         return jnp.mean(jnp.square(model(tokens).logits))
 
     grads = eqx.filter_grad(loss)(model)
-    stacked, grad_layers = model.layers.layers, grads.layers.layers
-    pad = {
-        "gate": (stacked.mlp.gate_proj.weight, grad_layers.mlp.gate_proj.weight),
-        "down": (jnp.swapaxes(stacked.mlp.down_proj.weight, 1, 2), jnp.swapaxes(grad_layers.mlp.down_proj.weight, 1, 2)),
-        "k": (stacked.self_attn.k_proj.weight, grad_layers.self_attn.k_proj.weight),
-        "q": (stacked.self_attn.q_proj.weight, grad_layers.self_attn.q_proj.weight),
-        "linear": (stacked.linear.weight, grad_layers.linear.weight),
-    }
-    for layer, shape in enumerate(SHAPES):
-        own = {
-            "gate": shape.mlp_dim,
-            "down": shape.mlp_dim,
-            "k": shape.n_kv_heads * config.head_dim,
-            "q": config.n_heads * config.head_dim if shape.has_attention else 0,
-            "linear": config.dim if shape.linear else 0,
-        }
-        for name, (value, grad) in pad.items():
-            assert not np.any(np.asarray(value[layer, own[name]:])), (layer, name)
-            assert not np.any(np.asarray(grad[layer, own[name]:])), (layer, name)
-            if own[name]:
-                assert np.any(np.asarray(grad[layer, : own[name]])), (layer, name)
+    for layer in range(config.n_layers):
+        segment = next(i for i, (a, b) in enumerate(model.layers.bounds) if a <= layer < b)
+        offset = layer - model.layers.bounds[segment][0]
+        for grad in jax.tree.leaves(grads.layers.segments[segment]):
+            assert np.any(np.asarray(grad[offset])), layer
 
 
 def test_counts_follow_the_shapes():
@@ -172,7 +164,7 @@ def test_config_round_trip_and_errors(tmp_path):
 
 
 def test_distill_step_trains_a_heterogeneous_student():
-    """Fused and unfused steps run a heterogeneous student and keep its padding zero."""
+    """Fused and unfused steps run a heterogeneous student (one scan per segment) alike."""
     teacher_cfg = BASE.replace(n_layers=2)
     teacher = bd.Teacher(bd.Transformer(teacher_cfg, key=jax.random.key(0)))
     student_cfg = teacher_cfg.replace(layer_shapes=(bd.BlockShape(16, 1), bd.BlockShape(48, 0)))
@@ -188,7 +180,6 @@ def test_distill_step_trains_a_heterogeneous_student():
         for index in range(2):
             student, opt_state, metrics = step(student, opt_state, teacher, tokens, mask, jnp.asarray(index))
         results.append((student, metrics))
-        weight = student.layers.layers.mlp.gate_proj.weight
-        assert not np.any(np.asarray(weight[0, 16:])) and np.any(np.asarray(weight[0, :16]))
-        assert not np.any(np.asarray(student.layers.layers.self_attn.q_proj.weight[1]))
+        narrow, mlp_only = student.layers.segments
+        assert narrow.mlp.gate_proj.weight.shape == (1, 16, teacher_cfg.dim) and mlp_only.self_attn is None
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)

@@ -15,7 +15,7 @@ from ..distill.sparse import TopKLogits
 from ..nn.config import TransformerConfig
 from ..nn.model import Transformer
 from ..nn.teacher import Teacher
-from ..parallel.mesh import FSDP_AXIS
+from ..parallel.mesh import FSDP_AXIS, LAYERS_AXIS
 from ..parallel.sharding import _path_names, _spec_for, batch_sharding
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -48,7 +48,8 @@ def _abstract(tree: Any, mesh: Mesh | None, *, n_layers: int, shard_layers: bool
             return x
         if mesh is None:
             return x
-        spec = _spec_for(_path_names(path), x, n_layers, shard_layers, mesh.shape.get(FSDP_AXIS, 1))
+        spec = _spec_for(_path_names(path), x, n_layers, shard_layers, mesh.shape.get(FSDP_AXIS, 1),
+                         mesh.shape.get(LAYERS_AXIS, 1))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(leaf, tree)

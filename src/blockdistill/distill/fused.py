@@ -12,6 +12,7 @@ through the scan (its activations are the only per-layer residuals, and `remat` 
 to them).
 """
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -40,6 +41,8 @@ def fusion_blocker(objective: DistillationObjective, teacher: Transformer, stude
     """
     if not objective.uses_teacher:
         return "the objective does not read the teacher (teacher_weight=0): there is nothing to fuse"
+    if teacher.config.layer_shapes is not None:
+        return "the teacher's layers differ (layer_shapes): the fused scan reads one teacher layer at a time by index"
     spans = objective.check_shapes(
         student.config,
         teacher_dim=teacher.config.dim,
@@ -77,7 +80,8 @@ def fused_value_and_grad(
 ) -> tuple[tuple[Float[Array, ""], Metrics], Any]:
     """`((loss, metrics), grads)` of `objective` for `student`, equal to differentiating
     `objective(student, teacher_out, ...)` with respect to the arrays that `trainable`
-    (a bool pytree over `student`) marks; the other leaves of `grads` are zeros."""
+    (a bool pytree over `student`) marks; the other leaves of `grads` are zeros. A
+    heterogeneous student runs one scan per segment of its layers, one after the other."""
     blocker = fusion_blocker(objective, teacher, student)
     if blocker is not None:
         raise ValueError(f"the fused step cannot run this teacher and student: {blocker}")
@@ -94,85 +98,92 @@ def fused_value_and_grad(
     teacher_params, teacher_static = _stack_params(teacher)
 
     train, rest = eqx.partition(student, trainable)
-    layer_spec = trainable.layers.layers
-    # the blocks' own copies of the student's layers (their gradients are taken inside
-    # the scan, not by the outer autodiff): trainable leaves and the rest
-    block_train, block_rest = eqx.partition(eqx.filter(student.layers.layers, eqx.is_array), layer_spec)
-    student_static = eqx.filter(student.layers.layers, eqx.is_array, inverse=True)
+    bounds = student.layers.bounds
+    # the blocks' own copies of the student's layers, per segment (their gradients are
+    # taken inside the scan, not by the outer autodiff): trainable leaves and the rest
+    blocks = [
+        eqx.partition(eqx.filter(segment, eqx.is_array), spec)
+        for segment, spec in zip(student.layers.segments, trainable.layers.segments)
+    ]
+    statics = [eqx.filter(segment, eqx.is_array, inverse=True) for segment in student.layers.segments]
     compute_dtype = student.config.compute_dtype
 
-    student_masks = student.layers.masks()
-    teacher_masks = teacher.layers.masks()
-
-    def block_loss(train_params, rest_params, block_in, target, masks):
+    def block_loss(train_params, rest_params, block_in, target, *, static):
         params = gather_fsdp(eqx.combine(train_params, rest_params))
         if student.config.dtype != "float32":
             params = _cast_floating(params, compute_dtype)
-        layer = eqx.combine(params, student_static)
+        layer = eqx.combine(params, static)
         if layer_level:
             predicted = jax.vmap(
-                lambda x, seg: layer(x, inject=x, inject_at="layer", segment_ids=seg, masks=masks).layer_out
+                lambda x, seg: layer(x, inject=x, inject_at="layer", segment_ids=seg).layer_out
             )(block_in, segment_ids)
         else:
-            predicted = jax.vmap(lambda x, seg: layer.attend(x, segment_ids=seg, masks=masks))(block_in, segment_ids)
+            predicted = jax.vmap(lambda x, seg: layer.attend(x, segment_ids=seg))(block_in, segment_ids)
         return feature_loss(predicted, target, objective.feature_loss, mask)
 
-    def teacher_layer(hidden, layer_params, masks):
+    def teacher_layer(hidden, layer_params):
         layer = eqx.combine(gather_fsdp(layer_params), teacher_static)
-        out = jax.vmap(lambda x, seg: layer(x, segment_ids=seg, masks=masks))(hidden, segment_ids)
+        out = jax.vmap(lambda x, seg: layer(x, segment_ids=seg))(hidden, segment_ids)
         return out.layer_out, out
 
     def run(train: Any) -> tuple[Float[Array, ""], tuple]:
         model = in_compute_dtype(eqx.combine(train, rest))
-        own_params, own_static = _stack_params(model)
 
-        def own_layer(hidden, layer_params, masks):
-            layer = eqx.combine(gather_fsdp(layer_params), own_static)
-            return jax.vmap(lambda x, seg: layer(x, segment_ids=seg, masks=masks).layer_out)(hidden, segment_ids)
+        def segment_body(own_static, block_static):
+            def own_layer(hidden, layer_params):
+                layer = eqx.combine(gather_fsdp(layer_params), own_static)
+                return jax.vmap(lambda x, seg: layer(x, segment_ids=seg).layer_out)(hidden, segment_ids)
 
-        if model.config.remat != "none":
-            own_layer = jax.checkpoint(own_layer, policy=_REMAT_POLICIES[model.config.remat])
+            if model.config.remat != "none":
+                own_layer = jax.checkpoint(own_layer, policy=_REMAT_POLICIES[model.config.remat])
 
-        def body(carry, xs):
-            teacher_hidden, own_hidden = carry
-            index, own_layer_params, block_train_params, block_rest_params, own_masks = xs
-            span_in = teacher_hidden
-            for offset in range(group):  # the student layer's span of teacher layers
-                layer_params, layer_masks = jax.tree.map(
-                    lambda p: jax.lax.dynamic_index_in_dim(p, index * group + offset, keepdims=False),
-                    (teacher_params, teacher_masks),
-                )
-                teacher_hidden, out = teacher_layer(teacher_hidden, layer_params, layer_masks)
-                if offset == 0:
-                    first = out
-            if need_block:
-                if layer_level:
-                    block_in, target = span_in, teacher_hidden
-                else:  # one teacher layer per student layer
-                    block_in, target = first.attn_in, first.attn_out
-                layer_loss, layer_grads = when(
-                    block_active,
-                    jax.value_and_grad(block_loss),
-                    lambda train, *_: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, train)),
-                    block_train_params, block_rest_params, block_in, target, own_masks,
-                )
-            else:
-                layer_loss, layer_grads = jnp.zeros((), jnp.float32), None
-            if need_free:
-                own_hidden = when(
-                    free_active, own_layer, lambda hidden, *_: hidden, own_hidden, own_layer_params, own_masks
-                )
-            return (teacher_hidden, own_hidden), (layer_loss, layer_grads)
+            def body(carry, xs):
+                teacher_hidden, own_hidden = carry
+                index, own_layer_params, block_train_params, block_rest_params = xs
+                span_in = teacher_hidden
+                for offset in range(group):  # the student layer's span of teacher layers
+                    layer_params = jax.tree.map(
+                        lambda p: jax.lax.dynamic_index_in_dim(p, index * group + offset, keepdims=False),
+                        teacher_params,
+                    )
+                    teacher_hidden, out = teacher_layer(teacher_hidden, layer_params)
+                    if offset == 0:
+                        first = out
+                if need_block:
+                    if layer_level:
+                        block_in, target = span_in, teacher_hidden
+                    else:  # one teacher layer per student layer
+                        block_in, target = first.attn_in, first.attn_out
+                    layer_loss, layer_grads = when(
+                        block_active,
+                        jax.value_and_grad(functools.partial(block_loss, static=block_static)),
+                        lambda train, *_: (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, train)),
+                        block_train_params, block_rest_params, block_in, target,
+                    )
+                else:
+                    layer_loss, layer_grads = jnp.zeros((), jnp.float32), None
+                if need_free:
+                    own_hidden = when(free_active, own_layer, lambda hidden, *_: hidden, own_hidden, own_layer_params)
+                return (teacher_hidden, own_hidden), (layer_loss, layer_grads)
+
+            return body
 
         teacher_hidden = jax.vmap(teacher.embed)(tokens)
         own_hidden = jax.vmap(model.embed)(tokens) if need_free else None
-        frozen_blocks = jax.lax.stop_gradient((block_train, block_rest))
-        (teacher_hidden, own_hidden), (per_layer, layer_grads) = jax.lax.scan(
-            body,
-            (teacher_hidden, own_hidden),
-            (jnp.arange(n_layers), own_params if need_free else None, *frozen_blocks, student_masks),
-            unroll=not student.config.scan_layers,  # scan_layers=False: the loop unrolled
-        )
+        carry = (teacher_hidden, own_hidden)
+        per_layer, layer_grads = [], []
+        for segment, (start, stop), block, static in zip(model.layers.segments, bounds, blocks, statics):
+            own_params, own_static = eqx.partition(segment, eqx.is_array)
+            carry, (segment_losses, segment_grads) = jax.lax.scan(
+                segment_body(own_static, static),
+                carry,
+                (jnp.arange(start, stop), own_params if need_free else None, *jax.lax.stop_gradient(block)),
+                unroll=not student.config.scan_layers,  # scan_layers=False: the loop unrolled
+            )
+            per_layer.append(segment_losses)
+            layer_grads.append(segment_grads)
+        teacher_hidden, own_hidden = carry
+        per_layer = per_layer[0] if len(per_layer) == 1 else jnp.concatenate(per_layer)
         if need_free:  # KL is computed even at weight 0, as the unfused path logs it
             def heads(model, own_hidden, teacher_hidden):
                 if objective.logit_chunk is not None:
@@ -209,10 +220,14 @@ def fused_value_and_grad(
         selected = selected.at[indices].set(1.0 / indices.shape[0])
         # (a block pass skipped at this step returned zero gradients and losses)
         scale = jnp.asarray(objective.teacher_weight * w, jnp.float32) * selected
-        block_grads = jax.tree.map(lambda g: g * scale.reshape((n_layers,) + (1,) * (g.ndim - 1)), layer_grads)
-        grads = eqx.tree_at(
-            lambda g: g.layers.layers, grads, jax.tree.map(jnp.add, grads.layers.layers, block_grads)
-        )
+        summed = [
+            jax.tree.map(
+                lambda own, g, a=start, b=stop: own + g * scale[a:b].reshape((b - a,) + (1,) * (g.ndim - 1)),
+                own_grads, segment_grads,
+            )
+            for own_grads, segment_grads, (start, stop) in zip(grads.layers.segments, layer_grads, bounds)
+        ]
+        grads = eqx.tree_at(lambda g: g.layers, grads, grads.layers.with_segments(summed))
         feature = objective.selected_mean(per_layer)
     else:
         per_layer = jnp.zeros((n_layers,), jnp.float32)

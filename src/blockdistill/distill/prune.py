@@ -139,6 +139,12 @@ def _unwrap(teacher: Transformer | Teacher) -> Transformer:
     return teacher.model if isinstance(teacher, Teacher) else teacher
 
 
+def _check_uniform(model: Transformer) -> None:
+    """Pruning reads one stack of equal layers: a heterogeneous teacher is a `ValueError`."""
+    if model.config.layer_shapes is not None:
+        raise ValueError("the teacher's layers differ (its config has layer_shapes): pruning needs a uniform teacher")
+
+
 @eqx.filter_jit
 def _importance(
     model: Transformer, tokens: BatchTokens, mask: BatchMask, segment_ids: BatchSegments | None
@@ -195,6 +201,7 @@ def mlp_channel_importance(
     ```
     """
     model = _unwrap(teacher)
+    _check_uniform(model)
     if mask is None:
         mask = jnp.ones(tokens_batch.shape, dtype=bool)
     elif mask.shape != tokens_batch.shape:
@@ -356,6 +363,7 @@ def make_student(
     new_cfg = student_config_for(teacher.config, student_config)
     if student_config.init == "random":
         return _init_random(new_cfg, key)
+    _check_uniform(teacher)
     importance = None
     if new_cfg.mlp_dim < teacher.config.mlp_dim:
         if calibration_tokens is None:

@@ -165,7 +165,8 @@ def block_shapes_of(hf: dict[str, Any], source: Any) -> tuple[BlockShape, ...]:
 
 def shape_fields(shapes: tuple[BlockShape, ...]) -> dict[str, Any]:
     """`TransformerConfig` fields for layers of these shapes: a plain uniform config when
-    every layer has the same full shape, else `layer_shapes` stored at the widest."""
+    every layer has the same full shape, else `layer_shapes` (the config's widths the
+    widest layer's; each layer is stored at its own)."""
     if len(set(shapes)) == 1 and shapes[0].has_attention and shapes[0].has_mlp:
         return dict(mlp_dim=shapes[0].mlp_dim, n_kv_heads=shapes[0].n_kv_heads, layer_shapes=None)
     return dict(

@@ -20,6 +20,7 @@ from .._files import (
 )
 from ..data.tokenizers import TOKENIZER_KEY, Tokenizer, write_tokenizer
 from ..nn.config import TransformerConfig
+from ..nn.hetero import compact_layers, padded_skeleton
 from ..nn.model import Transformer
 from .hf import from_hf
 
@@ -161,8 +162,24 @@ def load_model(path: PathLike, **config_changes: Any) -> Transformer:
             raise ValueError(f"load_model cannot change {unknown}; allowed: {sorted(allowed)}")
         config = config.replace(**config_changes)
         like = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
-        return deserialise(path / MODEL_FILE, like)
+        try:
+            return deserialise(path / MODEL_FILE, like)
+        except ValueError:
+            if config.layer_shapes is None:
+                raise
+            try:  # a heterogeneous model saved before compact segments: every layer padded
+                return _load_padded(path / MODEL_FILE, like, config)
+            except ValueError:
+                pass
+            raise
     return from_hf(path, **config_changes)
+
+
+def _load_padded(file: pathlib.Path, like: Transformer, config: TransformerConfig) -> Transformer:
+    """A heterogeneous model saved in the padded form (every layer at the widest shape, as
+    blockdistill stored them before compact segments), read and stored compactly."""
+    padded = deserialise(file, eqx.tree_at(lambda m: m.layers.layers, like, padded_skeleton(config)))
+    return eqx.tree_at(lambda m: m.layers.layers, padded, compact_layers(padded.layers.layers, config))
 
 
 def shipped_teacher_path() -> pathlib.Path:

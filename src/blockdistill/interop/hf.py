@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 from .._files import write_folder_atomically
 from ..data.tokenizers import _TOKENIZER_FILES, tokenizer_files_of
 from ..nn.config import TransformerConfig
-from ..nn.hetero import describe_shapes, layer_weights, own_weights, place_weights
+from ..nn.hetero import describe_shapes, own_weights, place_stack, stack_weights
 from ..nn.model import Transformer
 from . import decilm
 from .decilm_code import CONFIGURATION_CODE, CONFIGURATION_FILE, MODELING_CODE, MODELING_FILE
@@ -72,9 +72,9 @@ def _expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     if config.layer_shapes is not None:
         shapes = {k: v for k, v in _expected_shapes(config.replace(layer_shapes=None)).items()
                   if not k.startswith("model.layers.")}
-        stacked = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0)).layers.layers
+        stack = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0)).layers
         for index in range(config.n_layers):
-            own = jax.eval_shape(lambda layers, i=index: layer_weights(layers, config, i), stacked)
+            own = jax.eval_shape(lambda layers, i=index: stack_weights(layers, i), stack)
             shapes.update({f"model.layers.{index}.{name}": tuple(x.shape) for name, x in own.items()})
         return shapes
     q_width = config.n_heads * config.head_dim
@@ -273,8 +273,8 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
     config = _config_from_hf(json.loads(config_file.read_text()), config_file, config_overrides)
     tensors = _read_tensors(folder, _expected_shapes(config))
     skeleton = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
-    if config.layer_shapes is not None:  # each layer's own tensors into its padded storage
-        skeleton = eqx.tree_at(lambda m: m.layers.layers, skeleton, _placed_layers(skeleton, tensors))
+    if config.layer_shapes is not None:  # each layer's own tensors into its segment's stack
+        skeleton = eqx.tree_at(lambda m: m.layers, skeleton, _placed_layers(skeleton, tensors))
     getters, values = [], []
     for name, getter, per_layer in _parameter_slots(config):
         if per_layer and config.layer_shapes is not None:
@@ -293,15 +293,13 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
 
 
 def _placed_layers(skeleton: Transformer, tensors: dict[str, np.ndarray]) -> Any:
-    """The stacked layers of a heterogeneous model (an abstract `skeleton`) holding the
-    checkpoint's per-layer tensors, each in the corner of its padded array; the padding,
-    and any array no layer has, is zero."""
+    """The layer stack of a heterogeneous model (an abstract `skeleton`) holding the
+    checkpoint's per-layer tensors, each layer at its own shape in its segment."""
     rows = []
     for index in range(skeleton.config.n_layers):
         prefix = f"model.layers.{index}."
         rows.append({k[len(prefix):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(prefix)})
-    layers = place_weights(skeleton.layers.layers, rows)
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, layers)
+    return place_stack(skeleton.layers, rows)
 
 
 def _special_token_ids(tokenizer_from: Path) -> dict[str, Any]:

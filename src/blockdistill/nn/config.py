@@ -170,10 +170,12 @@ class TransformerConfig:
       CPU, `"cudnn"` on a GPU in bfloat16/float16, `"xla"` otherwise.
     - `layer_shapes`: `None` (every layer has `mlp_dim` channels and `n_kv_heads` heads)
       or one [`blockdistill.BlockShape`][] per layer, for a heterogeneous student (what
-      [`blockdistill.assemble_student`][] builds). The layers stay stacked for one scan:
-      each is stored at the config's `mlp_dim` and `n_kv_heads` (which must be at least
-      every layer's own) and masked to its own shape, so the padded channels and heads
-      are zero, receive zero gradients and add nothing to the outputs.
+      [`blockdistill.assemble_student`][] builds). The config's `mlp_dim` and
+      `n_kv_heads` must be at least every layer's own. Every layer is stored and run at
+      its own shape: each run of consecutive layers of one shape (a segment, see
+      `segments`) is one stack of its own, run by its own scan, and the segments run one
+      after the other; a layer's missing parts (attention, MLP) have no parameters and
+      cost nothing.
 
     **Example:**
 
@@ -284,6 +286,27 @@ class TransformerConfig:
         if self.layer_shapes is not None:
             return self.layer_shapes
         return (BlockShape(self.mlp_dim, self.n_kv_heads),) * self.n_layers
+
+    @property
+    def segments(self) -> tuple[tuple[int, int, BlockShape], ...]:
+        """`(start, stop, shape)` of every run of consecutive layers of one shape: the
+        segments a heterogeneous model stores and runs one after the other (one segment,
+        `(0, n_layers, shape)`, for a uniform config).
+
+        **Example:**
+
+        ```python
+        hetero = cfg.replace(layer_shapes=(bd.BlockShape(64, 1),) * 2)
+        hetero.segments  # ((0, 2, BlockShape(mlp_dim=64, n_kv_heads=1, linear=False)),)
+        ```
+        """
+        runs: list[tuple[int, int, BlockShape]] = []
+        for index, shape in enumerate(self.block_shapes):
+            if runs and runs[-1][2] == shape:
+                runs[-1] = (runs[-1][0], index + 1, shape)
+            else:
+                runs.append((index, index + 1, shape))
+        return tuple(runs)
 
     @property
     def has_linear_layers(self) -> bool:

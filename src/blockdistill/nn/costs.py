@@ -12,7 +12,7 @@ from .config import BlockShape, TransformerConfig
 
 def block_parameters(config: TransformerConfig, shape: BlockShape) -> int:
     """Parameters of one layer of shape `shape` in a model of `config` (its own weights,
-    not its padded storage): attention with its input norm, the MLP with its norm, or the
+    as a heterogeneous model stores them): attention with its input norm, the MLP with its norm, or the
     linear map.
 
     **Example:**
@@ -36,9 +36,9 @@ def block_parameters(config: TransformerConfig, shape: BlockShape) -> int:
 
 
 def parameter_count(config: TransformerConfig) -> int:
-    """The model's own parameters: embeddings, every layer's own weights (a heterogeneous
-    model's padding excluded), the final norm and the output head. For a uniform config it
-    is the number of entries of the model's arrays.
+    """The model's own parameters: embeddings, every layer's own weights, the final norm
+    and the output head: the number of entries of the model's arrays (a heterogeneous
+    model stores every layer at its own shape).
 
     **Example:**
 

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float, Int, PRNGKeyArray
 
 from .._types import Array, Hidden, Segments
 from .attention import Attention, KVCache, RMSNorm, apply_linear, init_linear
-from .config import TransformerConfig
+from .config import BlockShape, TransformerConfig
 
 InjectAt = Literal["attention", "layer"]
 INJECT_LEVELS = ("attention", "layer")
@@ -23,12 +23,14 @@ def check_inject_at(inject_at: str) -> None:
 
 
 class BlockMasks(eqx.Module):
-    """Which parts of a padded decoder layer are the layer's own, for the layers of a
-    heterogeneous student (`TransformerConfig.layer_shapes`).
+    """Which parts of a padded decoder layer are the layer's own, for the padded form of a
+    heterogeneous student (`TransformerConfig.layer_shapes`; see
+    [`blockdistill.padded_layers`][]: a model itself stores every layer at its own shape
+    and needs no masks).
 
     Built from the static config by [`blockdistill.block_masks`][] (they are constants,
-    not parameters), stacked on a leading `layers` axis, and handed to each layer with its
-    parameters.
+    not parameters), stacked on a leading `layers` axis, and handed to each padded layer
+    with its parameters.
 
     - `mlp_channels`: the MLP hidden channels the layer has (its first `mlp_dim`).
     - `kv_slot`: for every query head, the stored KV head it reads (the layer's own KV
@@ -48,8 +50,9 @@ class BlockMasks(eqx.Module):
 
 
 def block_masks(config: TransformerConfig) -> BlockMasks | None:
-    """The stacked `BlockMasks` of a heterogeneous
-    config, `None` for a uniform one (no masking at all).
+    """The stacked `BlockMasks` that run the padded form of a heterogeneous config (every
+    layer stored at the widest shape, see [`blockdistill.padded_layers`][]) as each
+    layer's own shape; `None` for a uniform config (no masking at all).
 
     **Example:**
 
@@ -125,9 +128,18 @@ class DecoderLayer(eqx.Module):
 
     `segment_ids` marks the documents of a packed row (see [`blockdistill.Attention`][]).
 
-    `masks` (one layer's `BlockMasks`) runs the layer
-    as its own shape inside padded storage, for a heterogeneous student; `linear` is the
-    `dim x dim` map of a stack that has linear layers (`None` otherwise).
+    Built with `shape` (a [`blockdistill.BlockShape`][]), the layer has exactly that
+    shape's parts, at its own width: a layer without attention has no `input_layernorm`
+    and no `self_attn` (`None`), one without an MLP no `post_attention_layernorm` and no
+    `mlp`, and `linear` (the `dim x dim` map `x + x W^T`, initialised at zero) is there
+    only for a linear layer. This is how a heterogeneous model stores each of its layers.
+    Without `shape`, the layer has the config's full shape (and, when the config has linear
+    layers, a `linear` map too): the uniform layer, or the padded storage of a
+    heterogeneous config's widest layer, which `masks` (one layer's `BlockMasks`) runs as
+    a narrower layer's shape (see [`blockdistill.padded_layers`][]).
+
+    A layer without attention records the unit-scale RMS norm of its input as `attn_in`
+    and zero as `attn_out`.
 
     **Call:** `layer(layer_in, *, inject=None, inject_at="attention", segment_ids=None,
     masks=None) -> LayerStep`.
@@ -141,22 +153,50 @@ class DecoderLayer(eqx.Module):
     ```
     """
 
-    input_layernorm: RMSNorm
-    self_attn: Attention
-    post_attention_layernorm: RMSNorm
-    mlp: MLP
+    input_layernorm: RMSNorm | None
+    self_attn: Attention | None
+    post_attention_layernorm: RMSNorm | None
+    mlp: MLP | None
     linear: eqx.nn.Linear | None
+    norm_eps: float = eqx.field(static=True)
 
-    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray, shape: BlockShape | None = None):
         ka, km = jax.random.split(key)
-        self.input_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.self_attn = Attention(config, key=ka)
-        self.post_attention_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.mlp = MLP(config, key=km)
-        self.linear = None
-        if config.has_linear_layers:  # zero: the linear layers start as the identity
+        full = config.replace(layer_shapes=None)
+        has_attention = shape is None or shape.has_attention
+        has_mlp = shape is None or shape.has_mlp
+        has_linear = config.has_linear_layers if shape is None else shape.linear
+        self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = self.linear = None
+        if has_attention:
+            own = full if shape is None else full.replace(n_kv_heads=shape.n_kv_heads)
+            self.input_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
+            self.self_attn = Attention(own, key=ka)
+        if has_mlp:
+            own = full if shape is None else full.replace(mlp_dim=shape.mlp_dim)
+            self.post_attention_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
+            self.mlp = MLP(own, key=km)
+        if has_linear:  # zero: the linear layers start as the identity
             linear = eqx.nn.Linear(config.dim, config.dim, use_bias=False, key=km)
             self.linear = eqx.tree_at(lambda m: m.weight, linear, jnp.zeros((config.dim, config.dim)))
+        self.norm_eps = config.norm_eps
+
+    @property
+    def block_shape(self) -> BlockShape:
+        """The shape the layer is stored at (for a padded layer: the padded storage's)."""
+        return BlockShape(
+            mlp_dim=0 if self.mlp is None else self.mlp.down_proj.in_features,
+            n_kv_heads=0 if self.self_attn is None else self.self_attn.n_kv_heads,
+            linear=self.linear is not None and self.self_attn is None and self.mlp is None,
+        )
+
+    def _normed(self, layer_in: Hidden) -> Hidden:
+        """What the attention reads: the input norm of `layer_in` (its unit-scale RMS norm
+        for a layer without attention)."""
+        if self.input_layernorm is not None:
+            return self.input_layernorm(layer_in)
+        x32 = layer_in.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.norm_eps)
+        return normed.astype(layer_in.dtype)
 
     def attend(
         self, x: Hidden, *, inject: Hidden | None = None, segment_ids: Segments | None = None,
@@ -164,6 +204,8 @@ class DecoderLayer(eqx.Module):
     ) -> Hidden:
         """The layer's attention output on `x` (its normed input; q, k and v read `inject`
         when given): zero for a layer without attention."""
+        if self.self_attn is None:
+            return jnp.zeros_like(x)
         if masks is None:
             return self.self_attn(x, inject=inject, segment_ids=segment_ids)
         if not masks.any_attention:  # no layer of the stack has attention: nothing to compute
@@ -174,22 +216,27 @@ class DecoderLayer(eqx.Module):
     def _rest(self, layer_in: Hidden, attn_out: Hidden, masks: BlockMasks | None) -> Hidden:
         """The layer's output given its input and its attention output: the residual
         add, the MLP and (for a linear layer) the linear map."""
-        hidden = layer_in + attn_out
-        if masks is not None and not masks.any_mlp:  # no layer of the stack has an MLP
-            layer_out = hidden
+        hidden = layer_in + attn_out if self.self_attn is not None else layer_in
+        if self.mlp is None or self.post_attention_layernorm is None or (masks is not None and not masks.any_mlp):
+            layer_out = hidden  # no MLP (in no layer of a padded stack)
         else:
             channels = None if masks is None else masks.mlp_channels
             layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
-        if self.linear is not None and masks is not None:
+        if self.linear is not None:
             mapped = apply_linear(self.linear, layer_in)
-            layer_out = layer_out + jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
+            if masks is not None:
+                mapped = jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
+            layer_out = layer_out + mapped
         return layer_out
 
-    def prefill(self, layer_in: Hidden, *, masks: BlockMasks | None = None) -> tuple[Hidden, KVCache]:
+    def prefill(self, layer_in: Hidden, *, masks: BlockMasks | None = None) -> tuple[Hidden, KVCache | None]:
         """The layer on a prompt (one document from position 0): its output, as
         `layer(layer_in, masks=masks).layer_out`, and the prompt's keys and values
-        (`[seq, n_kv_heads, head_dim]`; zero for a layer without attention)."""
-        normed = self.input_layernorm(layer_in)
+        (`[seq, n_kv_heads, head_dim]`; zero for a padded layer without attention, `None`
+        for a layer that has none)."""
+        if self.self_attn is None:
+            return self._rest(layer_in, jnp.zeros_like(layer_in), masks), None
+        normed = self._normed(layer_in)
         if masks is not None and not masks.any_attention:
             attn_out = jnp.zeros_like(normed)
             kv = self._no_kv(layer_in.shape[0], normed.dtype)
@@ -202,16 +249,19 @@ class DecoderLayer(eqx.Module):
     def decode(
         self,
         layer_in: Float[Array, "1 dim"],
-        cache: KVCache,
+        cache: KVCache | None,
         position: Int[Array, ""],
         *,
         masks: BlockMasks | None = None,
-    ) -> tuple[Float[Array, "1 dim"], KVCache]:
+    ) -> tuple[Float[Array, "1 dim"], KVCache | None]:
         """The layer at one new `position`, attending to the earlier positions' keys and
         values in `cache` (this layer's, `[max_len, n_kv_heads, head_dim]`): its output
         and the new position's keys and values (length 1), for the caller to store (see
-        [`blockdistill.Attention`][]'s `decode`)."""
-        normed = self.input_layernorm(layer_in)
+        [`blockdistill.Attention`][]'s `decode`); a layer without attention has no cache
+        (`None`)."""
+        if self.self_attn is None or cache is None:
+            return self._rest(layer_in, jnp.zeros_like(layer_in), masks), None
+        normed = self._normed(layer_in)
         if masks is not None and not masks.any_attention:
             attn_out = jnp.zeros_like(normed)
             kv = self._no_kv(1, normed.dtype)
@@ -239,7 +289,7 @@ class DecoderLayer(eqx.Module):
         if inject is not None and inject_at == "layer":
             layer_in = inject.astype(layer_in.dtype)
             inject = None
-        normed = self.input_layernorm(layer_in)
+        normed = self._normed(layer_in)
         attn_in = normed if inject is None else inject.astype(layer_in.dtype)
         attn_out = self.attend(normed, inject=inject, segment_ids=segment_ids, masks=masks)
         layer_out = self._rest(layer_in, attn_out, masks)

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from .._types import Array, Float, Hidden, Int, LayerHidden, Logits, Segments, Tokens
-from .attention import KVCache, RMSNorm, apply_linear, init_linear
+from .attention import RMSNorm, apply_linear, init_linear
 from .config import TransformerConfig
 from .layer import InjectAt, check_inject_at
-from .stack import LayerStack, LayerStates
+from .stack import LayerStack, LayerStates, StackCache
 
 
 class ModelOutput(eqx.Module):
@@ -154,7 +154,7 @@ class Transformer(eqx.Module):
             self.check_inject(tokens.shape, inject)
         return _forward(self, tokens, inject, inject_at, segment_ids)
 
-    def prefill(self, tokens: Tokens, max_len: int) -> tuple[Hidden, KVCache]:
+    def prefill(self, tokens: Tokens, max_len: int) -> tuple[Hidden, StackCache]:
         """Run a prompt (one document from position 0) and start a KV cache for
         generation.
 
@@ -167,7 +167,9 @@ class Transformer(eqx.Module):
         **Returns:** `(hidden, cache)`: the residual stream after the last layer (as
         `ModelOutput.hidden`; `model.head(hidden)` gives the logits) and every layer's
         rotated keys and values of the prompt, `[layers, max_len, n_kv_heads, head_dim]`,
-        zero past the prompt. [`blockdistill.generate`][] builds on this and
+        zero past the prompt (for a heterogeneous model, a tuple of one such `KVCache`
+        per segment of its layers, at the segment's own KV heads, `None` for a segment
+        without attention). [`blockdistill.generate`][] builds on this and
         `decode_step`.
 
         **Example:**
@@ -187,8 +189,8 @@ class Transformer(eqx.Module):
         return _prefill(self, tokens, max_len)
 
     def decode_step(
-        self, token: Int[Array, ""], cache: KVCache, position: Int[Array, ""]
-    ) -> tuple[Float[Array, " vocab"], KVCache]:
+        self, token: Int[Array, ""], cache: StackCache, position: Int[Array, ""]
+    ) -> tuple[Float[Array, " vocab"], StackCache]:
         """One step of generation: the logits after `token`, placed at `position`, given
         the keys and values of every earlier position in `cache` (from `prefill` and the
         steps before); returns them and the cache with `position`'s keys and values
@@ -251,17 +253,17 @@ def _forward(
 
 
 @eqx.filter_jit
-def _prefill(model: Transformer, tokens: Tokens, max_len: int) -> tuple[Hidden, KVCache]:
+def _prefill(model: Transformer, tokens: Tokens, max_len: int) -> tuple[Hidden, StackCache]:
     model = in_compute_dtype(model)
     hidden, kv = model.layers.prefill(model.embed(tokens))
     pad = [(0, 0), (0, max_len - tokens.shape[0]), (0, 0), (0, 0)]
-    return hidden, KVCache(k=jnp.pad(kv.k, pad), v=jnp.pad(kv.v, pad))
+    return hidden, jax.tree.map(lambda x: jnp.pad(x, pad), kv)
 
 
 @eqx.filter_jit
 def _decode_step(
-    model: Transformer, token: Int[Array, ""], cache: KVCache, position: Int[Array, ""]
-) -> tuple[Float[Array, " vocab"], KVCache]:
+    model: Transformer, token: Int[Array, ""], cache: StackCache, position: Int[Array, ""]
+) -> tuple[Float[Array, " vocab"], StackCache]:
     model = in_compute_dtype(model)
     hidden = model.embed(token[None])
     hidden, cache = model.layers.decode(hidden, cache, position)

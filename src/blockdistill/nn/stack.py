@@ -1,4 +1,5 @@
-"""LayerStack: decoder layers stored stacked on a leading `layers` axis.
+"""LayerStack: decoder layers stored stacked on a leading `layers` axis (one stack per
+segment of equal layers, for a heterogeneous model).
 
 This is where `inject` enters the model: per-layer injected arrays travel as the scanned
 inputs (`xs`) of `jax.lax.scan` (or as slices in the unrolled loop, or as the mapped axis
@@ -14,15 +15,7 @@ from .._types import Float, Hidden, Int, LayerHidden, Segments
 from ..parallel.sharding import gather_fsdp
 from .attention import KVCache
 from .config import BlockShape, TransformerConfig
-from .layer import (
-    BlockMasks,
-    DecoderLayer,
-    InjectAt,
-    LayerStep,
-    block_masks,
-    check_inject_at,
-    mask_padding,
-)
+from .layer import DecoderLayer, InjectAt, LayerStep, check_inject_at
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -64,14 +57,23 @@ def _states(step: LayerStep) -> LayerStates:
     )
 
 
+#: a stack's KV cache: one `KVCache` of `[layers, ...]` for a uniform stack; one per
+#: segment for a heterogeneous one (`None` for a segment without attention)
+StackCache = KVCache | tuple[KVCache | None, ...]
+
+
 @eqx.filter_jit
-def _stacked_layers(config: TransformerConfig, keys: Key[Array, " layers"]) -> DecoderLayer:
-    """`n_layers` decoder layers built with `eqx.filter_vmap` over keys, compiled once per
-    config (initialising eagerly costs seconds of small ops); a heterogeneous config's
-    padded weights are zero."""
-    layers = eqx.filter_vmap(lambda key: DecoderLayer(config, key=key))(keys)
-    masks = block_masks(config)
-    return layers if masks is None else mask_padding(layers, masks)
+def _stacked_layers(config: TransformerConfig, keys: Key[Array, " layers"], shape: BlockShape | None) -> DecoderLayer:
+    """Decoder layers (one per key) built with `eqx.filter_vmap` over keys, compiled once per
+    config (initialising eagerly costs seconds of small ops); each of `shape` when given."""
+    return eqx.filter_vmap(lambda key: DecoderLayer(config, key=key, shape=shape))(keys)
+
+
+def _concat(trees: list) -> object:
+    """Per-segment outputs stacked on `layers`, joined into one stack over all layers."""
+    if len(trees) == 1:
+        return trees[0]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *trees)
 
 
 class LayerStack(eqx.Module):
@@ -83,9 +85,13 @@ class LayerStack(eqx.Module):
     slices of the same parameters (same outputs, longer compiles, sometimes faster
     steps). `remat` wraps each layer in `jax.checkpoint`.
 
-    A heterogeneous config (`layer_shapes`) keeps one stack: every layer is stored at the
-    widest shape and runs as its own through constant [`block_masks`][blockdistill.block_masks]
-    that travel with its parameters in the scan.
+    A heterogeneous config (`layer_shapes`) is stored compactly: `layers` is a tuple with
+    one stacked [`blockdistill.DecoderLayer`][] per segment (a run of consecutive layers
+    of one shape, `config.segments`), each built at that shape, so no layer stores or
+    computes more than its own parameters. The segments run one after the other, each in
+    its own scan (or loop, or `vmap` for `blockwise_outputs`), and their per-layer outputs
+    are joined: everything the stack returns is stacked over all `n_layers` layers, as for
+    a uniform stack, and `inject` is `[n_layers, ...]` too.
 
     **Call:** `stack(x, *, inject=None, inject_at="attention", segment_ids=None)
     -> (x_out, LayerStates)`. `inject[l]` is given to layer `l` (see
@@ -100,35 +106,59 @@ class LayerStack(eqx.Module):
     ```
     """
 
-    layers: DecoderLayer
+    layers: DecoderLayer | tuple[DecoderLayer, ...]
     n_layers: int = eqx.field(static=True)
     scan_layers: bool = eqx.field(static=True)
     remat: str = eqx.field(static=True)
     layer_config: TransformerConfig | None = eqx.field(static=True, default=None)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
-        self.layers = _stacked_layers(config, jax.random.split(key, config.n_layers))
+        keys = jax.random.split(key, config.n_layers)
+        if config.layer_shapes is None:
+            self.layers = _stacked_layers(config, keys, None)
+        else:
+            self.layers = tuple(
+                _stacked_layers(config, keys[start:stop], shape) for start, stop, shape in config.segments
+            )
         self.n_layers = config.n_layers
         self.scan_layers = config.scan_layers
         self.remat = config.remat
-        # kept only when the layers differ: the masks are built from it
+        # kept only when the layers differ: the segments are read from it
         self.layer_config = config if config.layer_shapes is not None else None
 
     @property
     def layer_shapes(self) -> tuple[BlockShape, ...] | None:
         return None if self.layer_config is None else self.layer_config.layer_shapes
 
-    def masks(self) -> BlockMasks | None:
-        """The stacked `BlockMasks` of a heterogeneous
-        stack (constants of its config), `None` for a uniform one."""
-        return None if self.layer_config is None else block_masks(self.layer_config)
+    @property
+    def segments(self) -> tuple[DecoderLayer, ...]:
+        """The stacked layers of every segment (`(layers,)` for a uniform stack)."""
+        return self.layers if isinstance(self.layers, tuple) else (self.layers,)
 
-    def _layer_fn(self, inject_at: InjectAt):
-        static = eqx.filter(self.layers, eqx.is_array, inverse=True)
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """`(start, stop)` of every segment's layers."""
+        if self.layer_config is None:
+            return ((0, self.n_layers),)
+        return tuple((start, stop) for start, stop, _ in self.layer_config.segments)
 
-        def run(layer_params, layer_in, inject, segment_ids, masks):
+    def with_segments(self, segments: tuple | list) -> "LayerStack":
+        """The stack with its segments' stacked layers replaced (same structure)."""
+        layers = tuple(segments) if isinstance(self.layers, tuple) else segments[0]
+        return eqx.tree_at(lambda s: s.layers, self, layers)
+
+    def _split(self, per_layer):
+        """Arrays stacked over all layers (or `None`), one slice per segment."""
+        if per_layer is None or not isinstance(self.layers, tuple):
+            return [per_layer] * len(self.segments)
+        return [jax.tree.map(lambda p, a=a, b=b: p[a:b], per_layer) for a, b in self.bounds]
+
+    def _layer_fn(self, segment: DecoderLayer, inject_at: InjectAt):
+        static = eqx.filter(segment, eqx.is_array, inverse=True)
+
+        def run(layer_params, layer_in, inject, segment_ids):
             layer = eqx.combine(gather_fsdp(layer_params), static)
-            return layer(layer_in, inject=inject, inject_at=inject_at, segment_ids=segment_ids, masks=masks)
+            return layer(layer_in, inject=inject, inject_at=inject_at, segment_ids=segment_ids)
 
         if self.remat != "none":
             run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.remat])
@@ -148,53 +178,67 @@ class LayerStack(eqx.Module):
                 f"inject has {inject.shape[0]} layers but the stack has {self.n_layers}: "
                 f"expected shape {(self.n_layers, *x.shape)}, got {tuple(inject.shape)}"
             )
-        params = eqx.filter(self.layers, eqx.is_array)
-        masks = self.masks()
-        run = self._layer_fn(inject_at)
+        outputs = []
+        for segment, (start, stop), segment_inject in zip(self.segments, self.bounds, self._split(inject)):
+            x, steps = self._run_segment(segment, stop - start, x, segment_inject, inject_at, segment_ids)
+            outputs.append(steps)
+        return x, _states(_concat(outputs))
+
+    def _run_segment(self, segment, length, x, inject, inject_at, segment_ids):
+        params = eqx.filter(segment, eqx.is_array)
+        run = self._layer_fn(segment, inject_at)
         if self.scan_layers:
 
             def body(carry, xs):
-                layer_params, layer_inject, layer_masks = xs
-                step = run(layer_params, carry, layer_inject, segment_ids, layer_masks)
+                layer_params, layer_inject = xs
+                step = run(layer_params, carry, layer_inject, segment_ids)
                 return step.layer_out, step
 
-            x_out, steps = jax.lax.scan(body, x, (params, inject, masks))
-            return x_out, _states(steps)
+            return jax.lax.scan(body, x, (params, inject), length=length)
         steps = []
-        for index in range(self.n_layers):
-            layer_params, layer_masks = jax.tree.map(lambda p: p[index], (params, masks))
+        for index in range(length):
+            layer_params = jax.tree.map(lambda p: p[index], params)
             layer_inject = None if inject is None else inject[index]
-            step = run(layer_params, x, layer_inject, segment_ids, layer_masks)
+            step = run(layer_params, x, layer_inject, segment_ids)
             steps.append(step)
             x = step.layer_out
-        stacked = jax.tree.map(lambda *rows: jnp.stack(rows), *steps)
-        return x, _states(stacked)
+        return x, jax.tree.map(lambda *rows: jnp.stack(rows), *steps)
 
-    def _over_layers(self, step, x, per_layer):
-        """Run `step(layer, x, layer_xs, masks) -> (x, layer_ys)` over the layers, in a
-        scan (or the unrolled loop), with `per_layer` (arrays stacked on `layers`) as
-        scanned inputs; returns the last `x` and the per-layer outputs stacked."""
-        params = eqx.filter(self.layers, eqx.is_array)
-        static = eqx.filter(self.layers, eqx.is_array, inverse=True)
-
-        def body(carry, xs):
-            layer_params, layer_xs, layer_masks = xs
-            layer = eqx.combine(gather_fsdp(layer_params), static)
-            return step(layer, carry, layer_xs, layer_masks)
-
-        masks = self.masks()
-        if self.scan_layers:
-            return jax.lax.scan(body, x, (params, per_layer, masks))
+    def _over_layers(self, step, x, per_segment: list):
+        """Run `step(layer, x, layer_xs) -> (x, layer_ys)` over the layers of every segment
+        in turn, in a scan (or the unrolled loop), with `per_segment[i]` (arrays stacked on
+        the segment's layers, or `None`) as the scanned inputs of segment `i`; returns the
+        last `x` and every segment's per-layer outputs."""
         outputs = []
-        for index in range(self.n_layers):
-            x, layer_ys = body(x, jax.tree.map(lambda p: p[index], (params, per_layer, masks)))
-            outputs.append(layer_ys)
-        return x, jax.tree.map(lambda *rows: jnp.stack(rows), *outputs)
+        for segment, (start, stop), segment_xs in zip(self.segments, self.bounds, per_segment):
+            params = eqx.filter(segment, eqx.is_array)
+            static = eqx.filter(segment, eqx.is_array, inverse=True)
 
-    def prefill(self, x: Hidden) -> tuple[Hidden, KVCache]:
+            def body(carry, xs, static=static):
+                layer_params, layer_xs = xs
+                layer = eqx.combine(gather_fsdp(layer_params), static)
+                return step(layer, carry, layer_xs)
+
+            if self.scan_layers:
+                x, ys = jax.lax.scan(body, x, (params, segment_xs), length=stop - start)
+            else:
+                rows = []
+                for index in range(stop - start):
+                    x, layer_ys = body(x, jax.tree.map(lambda p: p[index], (params, segment_xs)))
+                    rows.append(layer_ys)
+                ys = jax.tree.map(lambda *r: jnp.stack(r), *rows)
+            outputs.append(ys)
+        return x, outputs
+
+    def _cache(self, per_segment: list) -> StackCache:
+        return tuple(per_segment) if isinstance(self.layers, tuple) else per_segment[0]
+
+    def prefill(self, x: Hidden) -> tuple[Hidden, StackCache]:
         """The stack on a prompt (one document from position 0): the output, as
         `stack(x)[0]`, and every layer's keys and values of the prompt (a `KVCache`
         of `[layers, seq, n_kv_heads, head_dim]`), which come back as the scan's outputs.
+        A heterogeneous stack's cache is a tuple with one `KVCache` per segment, at the
+        segment's own KV heads (`None` for a segment without attention).
 
         **Example:**
 
@@ -205,30 +249,37 @@ class LayerStack(eqx.Module):
         ```
         """
 
-        def step(layer, layer_in, _, masks):
-            return layer.prefill(layer_in, masks=masks)
+        def step(layer, layer_in, _):
+            return layer.prefill(layer_in)
 
-        return self._over_layers(step, x, None)
+        x_out, caches = self._over_layers(step, x, [None] * len(self.segments))
+        return x_out, self._cache(caches)
 
     def decode(
-        self, x: Float[Array, "1 dim"], cache: KVCache, position: Int[Array, ""]
-    ) -> tuple[Float[Array, "1 dim"], KVCache]:
+        self, x: Float[Array, "1 dim"], cache: StackCache, position: Int[Array, ""]
+    ) -> tuple[Float[Array, "1 dim"], StackCache]:
         """The stack at one new `position`: each layer attends to its own keys and values
         of the earlier positions in `cache` (`[layers, max_len, n_kv_heads, head_dim]`,
-        which travels through the scan as scanned inputs, one layer's slice per step).
-        Returns the output and `cache` with every layer's keys and values of `position`
-        written in (the layers' new rows come back as the scan's outputs).
+        or one per segment as `prefill` gives them, which travels through the scan as
+        scanned inputs, one layer's slice per step). Returns the output and `cache` with
+        every layer's keys and values of `position` written in (the layers' new rows come
+        back as the scan's outputs).
         """
 
-        def step(layer, layer_in, layer_cache, masks):
-            return layer.decode(layer_in, layer_cache, position, masks=masks)
+        def step(layer, layer_in, layer_cache):
+            return layer.decode(layer_in, layer_cache, position)
 
-        x_out, new = self._over_layers(step, x, cache)
+        caches = list(cache) if isinstance(self.layers, tuple) else [cache]
+        x_out, new_rows = self._over_layers(step, x, caches)
         at = (0, position, 0, 0)
-        return x_out, KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), at),
-        )
+        written = [
+            None if old is None else KVCache(
+                k=jax.lax.dynamic_update_slice(old.k, new.k.astype(old.k.dtype), at),
+                v=jax.lax.dynamic_update_slice(old.v, new.v.astype(old.v.dtype), at),
+            )
+            for old, new in zip(caches, new_rows)
+        ]
+        return x_out, self._cache(written)
 
     def blockwise_outputs(
         self,
@@ -242,10 +293,11 @@ class LayerStack(eqx.Module):
         Injected blocks do not depend on each other: at `"attention"` level the output of
         layer `l`'s attention depends only on `inject[l]`, and at `"layer"` level layer
         `l`'s output depends only on `inject[l]`. So instead of a scan this runs one
-        `jax.vmap` over the stacked layers (the layer-parallel mode), returning `attn_out`
-        (`"attention"`) or `layer_out` (`"layer"`) for every layer. The values equal those
-        of `stack(x, inject=inject, inject_at=inject_at)`; the batched matmuls are often
-        faster than a sequential scan, and the `layers` axis can be sharded.
+        `jax.vmap` over the stacked layers (the layer-parallel mode; one per segment of a
+        heterogeneous stack), returning `attn_out` (`"attention"`) or `layer_out`
+        (`"layer"`) for every layer. The values equal those of `stack(x, inject=inject,
+        inject_at=inject_at)`; the batched matmuls are often faster than a sequential
+        scan, and the `layers` axis can be sharded.
 
         **Example:**
 
@@ -261,16 +313,19 @@ class LayerStack(eqx.Module):
                 f"inject has {inject.shape[0]} layers but the stack has {self.n_layers}: "
                 f"expected shape {(self.n_layers, *inject.shape[1:])}, got {tuple(inject.shape)}"
             )
-        params = eqx.filter(self.layers, eqx.is_array)
-        static = eqx.filter(self.layers, eqx.is_array, inverse=True)
+        outputs = []
+        for segment, segment_inject in zip(self.segments, self._split(inject)):
+            params = eqx.filter(segment, eqx.is_array)
+            static = eqx.filter(segment, eqx.is_array, inverse=True)
 
-        def block(layer_params, layer_inject, masks):
-            layer = eqx.combine(layer_params, static)
-            if inject_at == "attention":
-                return layer.attend(layer_inject, segment_ids=segment_ids, masks=masks)
-            step = layer(layer_inject, inject=layer_inject, inject_at="layer", segment_ids=segment_ids, masks=masks)
-            return step.layer_out
+            def block(layer_params, layer_inject, static=static):
+                layer = eqx.combine(layer_params, static)
+                if inject_at == "attention":
+                    return layer.attend(layer_inject, segment_ids=segment_ids)
+                step = layer(layer_inject, inject=layer_inject, inject_at="layer", segment_ids=segment_ids)
+                return step.layer_out
 
-        if self.remat != "none":
-            block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
-        return jax.vmap(block)(params, inject, self.masks())
+            if self.remat != "none":
+                block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
+            outputs.append(jax.vmap(block)(params, segment_inject))
+        return _concat(outputs)

@@ -19,7 +19,9 @@ The rules:
 - the stacked decoder-layer parameters of a student (every array under
   `Transformer.layers.layers` whose leading axis has the stack's depth) are split over
   `layers` on that axis, and so is every optimizer-state leaf that mirrors one of them
-  (Adam's `mu` and `nu`: found by the same path and shape);
+  (Adam's `mu` and `nu`: found by the same path and shape); a heterogeneous student's
+  segments (`Transformer.layers.layers[i]`) are split so where `layers` divides the
+  segment's depth, and kept whole on `layers` otherwise;
 - per-layer teacher states fed to the student's blocks are split over `data` and
   `layers` (`[batch, layers, seq, dim]`): the replicated teacher computes them for its
   `data` slice on every `layers` device, and each device keeps (equal depths) or reads
@@ -49,11 +51,20 @@ def _in_layer_stack(names: tuple[str, ...]) -> bool:
     return any(names[i : i + 2] == ("layers", "layers") for i in range(len(names) - 1))
 
 
-def _spec_for(names: tuple[str, ...], leaf: Any, n_layers: int, shard_layers: bool, fsdp: int = 1) -> PartitionSpec:
+def _in_segment(names: tuple[str, ...]) -> bool:
+    """True for a path through one segment of a heterogeneous stack, `layers.layers[i]`."""
+    return any(names[i : i + 2] == ("layers", "layers") and names[i + 2].startswith("[")
+               for i in range(len(names) - 2))
+
+
+def _spec_for(
+    names: tuple[str, ...], leaf: Any, n_layers: int, shard_layers: bool, fsdp: int = 1, layers: int = 1
+) -> PartitionSpec:
     ndim = len(getattr(leaf, "shape", ()))
-    in_stack = _in_layer_stack(names) and ndim >= 1 and leaf.shape[0] == n_layers
+    segment = _in_segment(names) and ndim >= 1
+    in_stack = segment or (_in_layer_stack(names) and ndim >= 1 and leaf.shape[0] == n_layers)
     spec: list[str | None] = [None] * ndim
-    if in_stack and shard_layers:
+    if in_stack and shard_layers and (not segment or leaf.shape[0] % layers == 0):
         spec[0] = LAYERS_AXIS
     if fsdp > 1:
         # the largest dimension fsdp divides (never the stacked layers axis) is split over it
@@ -86,11 +97,12 @@ def tree_shardings(tree: Any, mesh: Mesh, *, n_layers: int, shard_layers: bool =
     """
 
     fsdp = mesh.shape.get(FSDP_AXIS, 1)
+    layers = mesh.shape.get(LAYERS_AXIS, 1)
 
     def sharding(path, leaf):
         if not eqx.is_array(leaf):
             return None
-        return NamedSharding(mesh, _spec_for(_path_names(path), leaf, n_layers, shard_layers, fsdp))
+        return NamedSharding(mesh, _spec_for(_path_names(path), leaf, n_layers, shard_layers, fsdp, layers))
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
 

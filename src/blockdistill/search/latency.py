@@ -29,11 +29,13 @@ from ..data.store import cache_root
 from ..nn.config import BlockShape, TransformerConfig
 from ..nn.model import Transformer
 
-LATENCY_VERSION = 1
+#: 2: each block timed at its own shape (compact layers; 1 timed them padded to the teacher's widths)
+LATENCY_VERSION = 2
 
 
 def _one_layer(config: TransformerConfig, shape: BlockShape) -> Transformer:
-    """A model of one layer of `shape` (its own storage: a one-layer model is never padded)."""
+    """A model of one layer of `shape`, stored and run at that shape (the identity has no
+    parameters)."""
     return Transformer(config.replace(n_layers=1, layer_shapes=(shape,)), key=jax.random.key(0))
 
 

@@ -28,8 +28,7 @@ from .._types import Array, BatchMask, BatchSegments, BatchTokens, Float
 from ..distill.losses import FeatureLoss, feature_loss, kl_divergence, next_token_cross_entropy
 from ..distill.prune import _prune, mlp_channel_importance
 from ..nn.config import BlockShape, TransformerConfig
-from ..nn.hetero import layer_weights, place_weights
-from ..nn.layer import block_masks, mask_padding
+from ..nn.hetero import compact_layers, place_stack, stack_weights
 from ..nn.model import Transformer
 from ..nn.stack import LayerStack
 from ..nn.teacher import Teacher
@@ -47,7 +46,8 @@ class BlockLibrary(eqx.Module):
 
     `stacks[i]` is a [`blockdistill.LayerStack`][] of `teacher.n_layers` layers of shape
     `trained_shapes[i]` (the candidates of `shapes` that have weights; the identity has
-    none); layer `l` of a stack is that candidate for teacher layer `l`. Build it with
+    none), stored at that shape; layer `l` of a stack is that candidate for teacher layer
+    `l`. Build it with
     [`init_library`][blockdistill.init_library].
 
     **Example:**
@@ -105,10 +105,9 @@ def init_library(
     for shape in (s for s in shapes if _is_trained(s)):
         own = _candidate_config(config, shape)
         skeleton = eqx.filter_eval_shape(LayerStack, own, key=jax.random.key(0))
-        if shape.has_attention or shape.has_mlp:
+        if shape.has_attention or shape.has_mlp:  # pruned at its width, the parts it lacks dropped
             layers = _prune(model, importance, all_layers, own.replace(layer_shapes=None)).layers.layers
-            masks = block_masks(own)
-            layers = layers if masks is None else mask_padding(layers, masks)
+            layers = compact_layers(layers, own)
         else:  # the linear map, from zero (attention and MLP absent)
             layers = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skeleton.layers)
         stack = eqx.tree_at(lambda s: s.layers, skeleton, layers)
@@ -441,7 +440,9 @@ def assemble_student(
     weights, and the teacher's embeddings, final norm and head. Removed layers (the
     identity) are left out, so the student has one layer per kept teacher layer. When every
     kept layer has the same full shape the student is a plain uniform
-    [`blockdistill.Transformer`][]; otherwise its config has `layer_shapes`.
+    [`blockdistill.Transformer`][]; otherwise its config has `layer_shapes` and it holds
+    every layer at its own shape (compact segments, see
+    [`blockdistill.LayerStack`][]).
 
     **Example:**
 
@@ -467,17 +468,9 @@ def assemble_student(
         n_kv_heads=max(1, max(s.n_kv_heads for s in shapes)),
         layer_shapes=None if regular else shapes,
     )
-    skeleton = Transformer(student_config, key=jax.random.key(0))
-    rows = []
-    for layer, candidate in kept:
-        stack = library.stack_of(candidate)
-        own = stack.layer_config if stack.layer_config is not None else _candidate_config(config, library.shapes[candidate])
-        rows.append(layer_weights(stack.layers, own, layer))
-    layers = place_weights(skeleton.layers.layers, rows)
-    masks = block_masks(student_config)
-    if masks is not None:  # parts no kept layer has are still the skeleton's: zero them
-        layers = mask_padding(layers, masks)
-    student = eqx.tree_at(lambda m: m.layers.layers, skeleton, layers)
+    skeleton = eqx.filter_eval_shape(Transformer, student_config, key=jax.random.key(0))
+    rows = [stack_weights(library.stack_of(candidate), layer) for layer, candidate in kept]
+    student = eqx.tree_at(lambda m: m.layers, skeleton, place_stack(skeleton.layers, rows))
     return eqx.tree_at(
         lambda m: (m.embed_tokens, m.norm, m.lm_head),
         student,

@@ -142,8 +142,8 @@ def _is_trained(shape: BlockShape) -> bool:
 
 
 def _candidate_config(config: TransformerConfig, shape: BlockShape) -> TransformerConfig:
-    """The config of one candidate's stack: stored at its own width (at least 1), masked
-    only where it lacks a part."""
+    """The config of one candidate's stack: its own width (at least 1), with `layer_shapes`
+    where it lacks a part (which its compact layers then do not have)."""
     regular = shape.has_attention and shape.has_mlp and not shape.linear
     return config.replace(
         mlp_dim=max(1, shape.mlp_dim),
