@@ -20,9 +20,9 @@ from blockdistill.interop.decilm import FFN_ROUNDING, ffn_mult_for, ffn_mult_to_
 from blockdistill.interop.decilm_code import CONFIGURATION_CODE
 from blockdistill.interop.folders import read_model_config
 
-BASE = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, mlp_dim=128, max_seq_len=64)
+BASE = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=7, n_heads=4, n_kv_heads=2, mlp_dim=128, max_seq_len=64)
 #: every block kind the format carries: full, fewer KV heads and a narrower MLP,
-#: attention removed, the MLP removed, the identity, a narrower MLP alone
+#: attention removed, the MLP removed, the identity, a narrower MLP, a linear layer
 MIXED_SHAPES = (
     bd.BlockShape(128, 2),
     bd.BlockShape(64, 1),
@@ -30,6 +30,7 @@ MIXED_SHAPES = (
     bd.BlockShape(0, 2),
     bd.BlockShape(0, 0),
     bd.BlockShape(96, 2),
+    bd.BlockShape(0, 0, linear=True),
 )
 TOKENS = np.random.default_rng(0).integers(0, BASE.vocab_size, 20).astype(np.int32)
 
@@ -111,11 +112,14 @@ def test_the_exported_config(mixed):
     assert "intermediate_size" not in config and "num_key_value_heads" not in config
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     blocks = config["block_configs"]
-    assert [b["attention"]["n_heads_in_group"] for b in blocks] == [2, 4, None, 2, None, 2]
-    assert [b["attention"]["no_op"] for b in blocks] == [False, False, True, False, True, False]
-    assert [b["ffn"]["no_op"] for b in blocks] == [False, False, False, True, True, False]
+    assert [b["attention"]["n_heads_in_group"] for b in blocks] == [2, 4, None, 2, None, 2, None]
+    assert [b["attention"]["no_op"] for b in blocks] == [False, False, True, False, True, False, False]
+    # the linear layer is a linear attention (x + W rmsnorm(x)) with no FFN
+    assert [b["attention"]["replace_with_linear"] for b in blocks] == [False] * 6 + [True]
+    assert [b["ffn"]["replace_with_linear"] for b in blocks] == [False] * 7
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, False, False, True, True, False, True]
     # widths that are not multiples of 256 go as the exact intermediate_size
-    assert [b["ffn"].get("intermediate_size") for b in blocks] == [128, 64, 128, None, None, 96]
+    assert [b["ffn"].get("intermediate_size") for b in blocks] == [128, 64, 128, None, None, 96, None]
     assert not any("ffn_mult" in b["ffn"] for b in blocks)
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "configuration_blockdistill_decilm.py", "model.safetensors", "modeling_blockdistill_decilm.py",
@@ -135,6 +139,10 @@ def test_stored_parameters_are_the_models_own(mixed):
     assert "model.layers.2.input_layernorm.weight" not in stored
     assert stored["model.layers.1.self_attn.k_proj.weight"].shape == (16, 64)  # 1 KV head of 16
     assert stored["model.layers.5.mlp.down_proj.weight"].shape == (64, 96)
+    assert sorted(name for name in stored if name.startswith("model.layers.6.")) == [
+        "model.layers.6.input_layernorm.weight", "model.layers.6.self_attn.linear_attn.weight",
+    ]
+    assert stored["model.layers.6.self_attn.linear_attn.weight"].shape == (64, 64)
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -222,10 +230,6 @@ def test_ffn_mult_is_written_when_exact(tmp_path):
 
 
 def test_what_the_format_cannot_hold_is_refused(tmp_path):
-    shapes = (bd.BlockShape(128, 2), bd.BlockShape(0, 0, linear=True))
-    linear = random_model(BASE.replace(n_layers=2, layer_shapes=shapes))
-    with pytest.raises(ValueError, match=r"layer 1 is a linear map x \+ W x.*normed input"):
-        bd.to_hf(linear, tmp_path / "linear")
     biased = random_model(BASE.replace(n_layers=1, qkv_bias=True))
     with pytest.raises(ValueError, match="qkv_bias"):
         bd.to_decilm(biased, tmp_path / "biased")
@@ -269,11 +273,42 @@ def test_puzzle_style_configs_are_read(tmp_path, mixed):
         assert again.config == model.config, name
 
 
+def test_a_linear_layer_written_in_the_ffn_section_is_read(tmp_path, mixed):
+    """Puzzle may write a linear layer as a linear FFN beside an attention no_op (the same
+    function, x + W rmsnorm(x), under the FFN's names): it reads as the same model, and
+    the exported modeling code runs it too."""
+    model, folder = mixed
+    target = tmp_path / "ffn-linear"
+    target.mkdir()
+    (target / "config.json").write_bytes((folder / "config.json").read_bytes())
+    for name in ("configuration_blockdistill_decilm.py", "modeling_blockdistill_decilm.py"):
+        (target / name).write_bytes((folder / name).read_bytes())
+
+    def to_ffn(config):
+        config["block_configs"][6] = {
+            "attention": {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None},
+            "ffn": {"no_op": False, "replace_with_linear": True},
+        }
+
+    rewrite_blocks(target, to_ffn)
+    stored = safetensors.numpy.load_file(folder / "model.safetensors")
+    renamed = {"model.layers.6.input_layernorm.weight": "model.layers.6.post_attention_layernorm.weight",
+               "model.layers.6.self_attn.linear_attn.weight": "model.layers.6.mlp.linear_mlp.weight"}
+    safetensors.numpy.save_file({renamed.get(k, k): v for k, v in stored.items()}, target / "model.safetensors",
+                                metadata={"format": "pt"})
+    again = bd.from_hf(target)
+    assert again.config == model.config
+    assert_same_logits(again, model)
+    with torch.no_grad():
+        logits = load_remote(target)(torch.as_tensor(TOKENS, dtype=torch.long)[None]).logits[0].numpy()
+    assert_close(forward(model, jnp.asarray(TOKENS)).logits, logits, what="logits")
+
+
 @pytest.mark.parametrize(
     "layer, section, change, pattern",
     [
-        (0, "attention", {"replace_with_linear": True}, r"block_configs\[0\].attention sets \['replace_with_linear'\]"),
-        (1, "ffn", {"replace_with_linear": True}, r"block_configs\[1\].ffn sets \['replace_with_linear'\]"),
+        (0, "attention", {"replace_with_linear": True}, r"block_configs\[0\] has a linear attention .* beside a real"),
+        (1, "ffn", {"replace_with_linear": True}, r"block_configs\[1\] has a linear ffn .* beside a real"),
         (1, "ffn", {"moe": {"num_local_experts": 8}}, "moe"),
         (0, "attention", {"window_length": 128}, "window_length"),
         (0, "attention", {"n_heads_in_group": 3}, "does not divide"),

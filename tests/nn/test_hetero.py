@@ -42,8 +42,9 @@ def _randomised(model, key):
 
 def _reference_layer(config, weights, shape, x):
     """Layer `x -> out` of `shape` computed from its own weights with real-sized modules."""
-    if shape.linear:
-        return x + x @ weights["linear.weight"].T
+    if shape.linear:  # x + W rmsnorm(x), as DeciLM's replace_with_linear attention
+        norm = eqx.tree_at(lambda n: n.weight, bd.RMSNorm(config.dim), weights["input_layernorm.weight"])
+        return x + norm(x) @ weights["self_attn.linear_attn.weight"].T
     out = x
     if shape.has_attention:
         own = config.replace(n_kv_heads=shape.n_kv_heads, layer_shapes=None)

@@ -150,7 +150,7 @@ def test_swap_scores_are_the_kl_of_one_swapped_block(setup):
     assert np.all(np.asarray(scores["top1"][own]) == 0.0)  # the teacher's own block changes nothing
 
 
-def test_assembled_student_runs_the_chosen_blocks(setup):
+def test_assembled_student_runs_the_chosen_blocks(setup, tmp_path):
     teacher, tokens, mask, library = setup
     chosen = [_index(library, s) for s in (bd.BlockShape(24, 0), bd.BlockShape(0, 0), bd.BlockShape(0, 0, linear=True))]
     student = bd.assemble_student(teacher, library, chosen)
@@ -174,9 +174,11 @@ def test_assembled_student_runs_the_chosen_blocks(setup):
         bd.assemble_student(teacher, library, [_index(library, bd.BlockShape(0, 0))] * 3)
     with pytest.raises(ValueError, match=r"indices\[1\]=99"):
         bd.assemble_student(teacher, library, [0, 99, 0])
-    # it has a linear layer, which the DeciLM format cannot hold (its linear map reads a normed input)
-    with pytest.raises(ValueError, match="linear"):
-        bd.to_hf(student, "unused")
+    # its linear layer (x + W rmsnorm(x)) is the DeciLM format's linear attention: it exports and reads back
+    folder = bd.to_hf(student, tmp_path / "student")
+    again = bd.from_hf(folder)
+    assert again.config == student.config
+    np.testing.assert_array_equal(again(tokens[0]).logits, student(tokens[0]).logits)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.3])

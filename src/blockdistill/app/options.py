@@ -133,7 +133,8 @@ HELP: dict[str, str] = {
     'kv_heads': "the candidates' KV head counts (comma-separated); default: the teacher's n, n/2 and 1",
     'drop_attention': 'also offer every MLP width without attention',
     'drop_mlp': 'also offer every attention choice without an MLP',
-    'linear': 'also offer the whole layer as a linear map (from the identity)',
+    'linear': 'also offer the whole layer as a linear map of its normed input, x + W rmsnorm(x) (from the '
+              'identity; exported as DeciLM replace_with_linear, which vLLM does not load)',
     'identity': 'also offer removing the layer',
     'candidates_per_step': "train the candidates in groups of this many, one compiled program per group on the same teacher states: the same numbers, with one group's activations in memory instead of every candidate's; default: all in one program",
     'model': 'the model folder to evaluate (blockdistill or Hugging Face), or `shipped`',

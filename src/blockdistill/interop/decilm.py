@@ -14,9 +14,16 @@ and a `block_configs` list with one entry per layer, `{"attention": {...}, "ffn"
   or the exact `intermediate_size` (vLLM's loader reads it when there is no `ffn_mult`;
   NVIDIA ModelOpt's Puzzletron writes it).
 - `replace_with_linear: true` (either section) is a `hidden_size x hidden_size` map of the
-  section's *normed* input (`x + W rmsnorm(x)`, weights `self_attn.linear_attn.weight` /
-  `mlp.linear_mlp.weight`), which blockdistill's linear layer (`x + W x`, no norm) is not;
-  it is refused both ways.
+  section's *normed* input (`x + W rmsnorm(x)`, weights `self_attn.linear_attn.weight` with
+  `input_layernorm.weight`, or `mlp.linear_mlp.weight` with
+  `post_attention_layernorm.weight`). blockdistill's linear layer is that map as the whole
+  layer: it is written as a linear attention with an FFN `no_op`, and read from either
+  section when the other is a `no_op` (the two compute the same function). A linear
+  section beside a real one (e.g. a linear attention and an MLP) has no blockdistill
+  equivalent and is refused, naming the layer. vLLM's Nemotron-NAS loader builds an
+  attention for every block that is not a `no_op` and does not implement
+  `replace_with_linear`, so a student with linear layers loads in `transformers` (and
+  NVIDIA's own modeling code) but not in vLLM.
 
 Per-layer tensors keep the Llama names (`model.layers.{i}.self_attn.k_proj.weight`, ...),
 each at the layer's own shape; a part a layer lacks has no tensors at all.
@@ -29,7 +36,7 @@ Learned from vLLM's `vllm/model_executor/models/nemotron_nas.py` (the loader, it
 from typing import Any
 
 from ..nn.config import BlockShape, TransformerConfig
-from ..nn.hetero import describe_shapes, shape_name
+from ..nn.hetero import shape_name
 
 ARCHITECTURE = "DeciLMForCausalLM"
 MODEL_TYPE = "nemotron-nas"
@@ -37,9 +44,9 @@ MODEL_TYPE = "nemotron-nas"
 FFN_ROUNDING = 256
 #: settings of a block that blockdistill has no equivalent for (refused when set)
 _UNSUPPORTED = {
-    "attention": ("replace_with_linear", "sparsify", "window_length", "num_sink_tokens", "llama4", "mamba",
+    "attention": ("sparsify", "window_length", "num_sink_tokens", "llama4", "mamba",
                   "unshifted_sink", "use_prefill_window_in_sink_attention"),
-    "ffn": ("replace_with_linear", "sparsify", "moe"),
+    "ffn": ("sparsify", "moe"),
 }
 
 
@@ -82,20 +89,16 @@ def block_configs_of(config: TransformerConfig, *, ffn_mult_only: bool = False) 
 
     An MLP width that is a multiple of 256 is written as `ffn_mult` (what every DeciLM
     loader reads); any other as the exact `intermediate_size`, or, with `ffn_mult_only`,
-    refused. A linear layer is refused (see the module). Raises a `ValueError` naming the
-    layer."""
+    refused. A linear layer is a linear attention (`replace_with_linear`) with an FFN
+    `no_op`. Raises a `ValueError` naming the layer."""
     if config.qkv_bias:
         raise ValueError("the model has q/k/v biases (qkv_bias=True), which the DeciLM format does not hold")
     blocks = []
     for index, shape in enumerate(config.block_shapes):
-        if shape.linear:
-            raise ValueError(
-                f"this model's layers differ ({describe_shapes(config)}) and layer {index} is a linear map "
-                "x + W x: the DeciLM format's replace_with_linear maps the normed input (x + W rmsnorm(x)), "
-                "so it cannot hold this layer; keep the model in blockdistill's format (save_model)"
-            )
         attention: dict[str, Any] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
-        if shape.has_attention:
+        if shape.linear:
+            attention.update(no_op=False, replace_with_linear=True)
+        elif shape.has_attention:
             attention.update(no_op=False, n_heads_in_group=config.n_heads // shape.n_kv_heads)
         ffn: dict[str, Any] = {"no_op": True, "replace_with_linear": False}
         if shape.has_mlp:
@@ -138,6 +141,16 @@ def block_shapes_of(hf: dict[str, Any], source: Any) -> tuple[BlockShape, ...]:
             used = [key for key in _UNSUPPORTED[name] if _section_value(section, key) is not None]
             if used:
                 raise ValueError(f"{where}.{name} sets {used}, which blockdistill does not support")
+        linear_attention = not attention.get("no_op", False) and bool(attention.get("replace_with_linear"))
+        linear_ffn = not ffn.get("no_op", False) and bool(ffn.get("replace_with_linear"))
+        if linear_attention or linear_ffn:
+            if linear_attention and not ffn.get("no_op", False) or linear_ffn and not attention.get("no_op", False):
+                raise ValueError(
+                    f"{where} has a linear {'attention' if linear_attention else 'ffn'} (replace_with_linear) beside "
+                    "a real section; blockdistill's linear layer is the whole layer (the other section a no_op)"
+                )
+            shapes.append(BlockShape(mlp_dim=0, n_kv_heads=0, linear=True))
+            continue
         n_kv_heads = 0
         if not attention.get("no_op", False):
             if attention.get("num_key_value_heads") is not None:
@@ -161,6 +174,20 @@ def block_shapes_of(hf: dict[str, Any], source: Any) -> tuple[BlockShape, ...]:
                 raise ValueError(f"{where}.ffn has neither no_op, ffn_mult nor intermediate_size")
         shapes.append(BlockShape(mlp_dim=mlp_dim, n_kv_heads=n_kv_heads))
     return tuple(shapes)
+
+
+def linear_ffn_aliases(hf: dict[str, Any]) -> dict[str, str]:
+    """Tensor names of a DeciLM checkpoint whose linear layers are written in the FFN
+    section (`ffn.replace_with_linear` beside an attention `no_op`): blockdistill's name
+    (the attention section's, as `to_hf` writes them) -> the checkpoint's."""
+    aliases = {}
+    for index, block in enumerate(hf.get("block_configs") or []):
+        attention, ffn = block.get("attention") or {}, block.get("ffn") or {}
+        if attention.get("no_op", False) and not ffn.get("no_op", False) and ffn.get("replace_with_linear"):
+            prefix = f"model.layers.{index}."
+            aliases[prefix + "input_layernorm.weight"] = prefix + "post_attention_layernorm.weight"
+            aliases[prefix + "self_attn.linear_attn.weight"] = prefix + "mlp.linear_mlp.weight"
+    return aliases
 
 
 def shape_fields(shapes: tuple[BlockShape, ...]) -> dict[str, Any]:

@@ -117,7 +117,9 @@ MODELING_CODE = '''\
 it exports. Every layer is pre-norm Llama with its own shape: attention with
 `num_attention_heads // n_heads_in_group` KV heads (query head h reads KV head
 h // n_heads_in_group) or none (`no_op`), then a SwiGLU MLP of its own width or none; a
-layer with neither is the identity."""
+layer with neither is the identity. Either section may instead be `replace_with_linear`: a
+`hidden_size x hidden_size` map of the section's normed input (`linear_attn` /
+`linear_mlp`)."""
 
 import math
 
@@ -132,7 +134,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_blockdistill_decilm import DeciLMConfig, intermediate_size
 
 #: what the exporter writes; anything else in a block's section is refused
-_UNSUPPORTED = ("replace_with_linear", "sparsify", "window_length", "num_sink_tokens", "llama4", "mamba", "moe")
+_UNSUPPORTED = ("sparsify", "window_length", "num_sink_tokens", "llama4", "mamba", "moe")
 
 
 def with_cache(output_class, cache, **fields):
@@ -217,6 +219,28 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LinearAttention(nn.Module):
+    """A `replace_with_linear` attention: one map of the normed input (no cache)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear_attn = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, *unused):
+        return self.linear_attn(x)
+
+
+class LinearMLP(nn.Module):
+    """A `replace_with_linear` FFN: one map of the normed input."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear_mlp = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.linear_mlp(x)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config, index):
         super().__init__()
@@ -228,12 +252,20 @@ class DecoderLayer(nn.Module):
         if block.ffn.to_dict().get("hidden_act", "silu") not in (None, "silu"):
             raise ValueError(f"layer {index}: only the silu MLP is implemented")
         self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = None
+        self.has_cache = False  # whether the layer keeps keys and values
         if not block.attention.no_op:
             self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.self_attn = Attention(config, config.num_attention_heads // block.attention.n_heads_in_group)
+            if block.attention.replace_with_linear:
+                self.self_attn = LinearAttention(config.hidden_size)
+            else:
+                self.self_attn = Attention(config, config.num_attention_heads // block.attention.n_heads_in_group)
+                self.has_cache = True
         if not block.ffn.no_op:
             self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.mlp = MLP(config.hidden_size, intermediate_size(block.ffn, config.hidden_size))
+            if block.ffn.replace_with_linear:
+                self.mlp = LinearMLP(config.hidden_size)
+            else:
+                self.mlp = MLP(config.hidden_size, intermediate_size(block.ffn, config.hidden_size))
 
     def forward(self, x, cos, sin, mask, cache, cache_index):
         if self.self_attn is not None:
@@ -260,7 +292,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # the KV cache holds the attention layers only, numbered in order
-        attention_layers = [i for i, layer in enumerate(self.layers) if layer.self_attn is not None]
+        attention_layers = [i for i, layer in enumerate(self.layers) if layer.has_cache]
         self.cache_index = {layer: slot for slot, layer in enumerate(attention_layers)}
         self.post_init()
 

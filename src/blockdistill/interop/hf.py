@@ -157,14 +157,20 @@ def _shape_error(name: str, expected: tuple[int, ...] | None, actual: Any) -> st
 
 
 def _read_tensors(
-    folder: Path, expected: dict[str, tuple[int, ...]]
+    folder: Path, expected: dict[str, tuple[int, ...]], aliases: dict[str, str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint as float32, after checking names and shapes."""
+    """Every tensor of the checkpoint as float32, after checking names and shapes;
+    `aliases` maps an expected name to the name the checkpoint stores it under."""
     located: dict[str, tuple[Path, dict[str, Any]]] = {}
+    stored: dict[str, str] = {}  # expected name -> the checkpoint's, where they differ
     for file in _weight_files(folder):
         for name, entry in _read_header(file).items():
             if not name.endswith(_IGNORED_SUFFIXES):
                 located[name] = (file, entry)
+    for ours, theirs in (aliases or {}).items():
+        if theirs in located and ours not in located:
+            located[ours] = located.pop(theirs)
+            stored[ours] = theirs
     problems = []
     for name, shape in expected.items():
         if name not in located:
@@ -196,7 +202,7 @@ def _read_tensors(
                 if entry["dtype"] == "BF16":
                     tensor = _read_bfloat16(file, entry)
                 elif entry["dtype"] in ("F16", "F32", "F64"):
-                    tensor = handle.get_tensor(name)
+                    tensor = handle.get_tensor(stored.get(name, name))
                 else:
                     raise ValueError(
                         f"tensor {name!r} in {file} has dtype {entry['dtype']}; "
@@ -270,8 +276,10 @@ def from_hf(path: PathLike, **config_overrides: Any) -> Transformer:
     config_file = folder / _CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no {_CONFIG_FILE}: not a Hugging Face checkpoint")
-    config = _config_from_hf(json.loads(config_file.read_text()), config_file, config_overrides)
-    tensors = _read_tensors(folder, _expected_shapes(config))
+    hf_config = json.loads(config_file.read_text())
+    config = _config_from_hf(hf_config, config_file, config_overrides)
+    aliases = decilm.linear_ffn_aliases(hf_config) if config.layer_shapes is not None else None
+    tensors = _read_tensors(folder, _expected_shapes(config), aliases)
     skeleton = eqx.filter_eval_shape(Transformer, config, key=jax.random.key(0))
     if config.layer_shapes is not None:  # each layer's own tensors into its segment's stack
         skeleton = eqx.tree_at(lambda m: m.layers, skeleton, _placed_layers(skeleton, tensors))
@@ -357,8 +365,8 @@ def to_hf(
     A heterogeneous student (`config.layer_shapes`, from [`blockdistill.assemble_student`][])
     is written in NVIDIA Puzzle's DeciLM / Nemotron-NAS format (see
     [`blockdistill.to_decilm`][]), with the modeling code that `transformers` loads with
-    `trust_remote_code=True`; a layer that is a linear map is a `ValueError` (the format's
-    linear replacement maps the normed input).
+    `trust_remote_code=True` (a linear layer is a `replace_with_linear` attention, which
+    vLLM's loader does not implement).
     """
     config = model.config
     if architecture is None:
@@ -448,8 +456,9 @@ def to_decilm(
 
     **Arguments:**
 
-    - `model`: a [`blockdistill.Transformer`][] without linear layers (the format's
-      linear replacement maps the normed input, which is a different layer).
+    - `model`: a [`blockdistill.Transformer`][]; a linear layer is written as a
+      `replace_with_linear` attention with an FFN `no_op` (see
+      [`decilm`][blockdistill.interop.decilm]).
     - `path`: the output folder (replaced atomically).
     - `tokenizer_from`: as for [`blockdistill.to_hf`][].
     - `ffn_mult_only`: write every MLP width as `ffn_mult` and refuse one that is not a

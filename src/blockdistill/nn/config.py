@@ -96,8 +96,10 @@ class BlockShape:
     - `n_kv_heads`: the layer's own number of key/value heads; `0` means the layer has no
       attention. Query heads are always the config's `n_heads` (when the layer has
       attention), grouped evenly over its KV heads.
-    - `linear`: the whole layer is the linear map `x + x W^T` (`W` of `dim x dim`,
-      initialised at zero: the identity); needs `mlp_dim=0` and `n_kv_heads=0`.
+    - `linear`: the whole layer is the linear map of its normed input,
+      `x + rmsnorm(x) W^T` (`W` of `dim x dim`, initialised at zero: the identity; the
+      norm has its own learned scale, `input_layernorm`), as the DeciLM / Puzzle format's
+      `replace_with_linear` attention is; needs `mlp_dim=0` and `n_kv_heads=0`.
 
     A layer with `mlp_dim=0`, `n_kv_heads=0` and `linear=False` is the identity.
 

@@ -13,7 +13,7 @@ from .config import BlockShape, TransformerConfig
 def block_parameters(config: TransformerConfig, shape: BlockShape) -> int:
     """Parameters of one layer of shape `shape` in a model of `config` (its own weights,
     as a heterogeneous model stores them): attention with its input norm, the MLP with its norm, or the
-    linear map.
+    linear map with its input norm.
 
     **Example:**
 
@@ -30,8 +30,8 @@ def block_parameters(config: TransformerConfig, shape: BlockShape) -> int:
             total += q_width + 2 * kv_width
     if shape.has_mlp:
         total += dim + 3 * dim * shape.mlp_dim
-    if shape.linear:
-        total += dim * dim
+    if shape.linear:  # its input norm and the map
+        total += dim + dim * dim
     return total
 
 

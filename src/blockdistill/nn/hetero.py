@@ -18,8 +18,9 @@ from .stack import LayerStack
 
 def own_weights(model: Transformer, layer: int) -> dict[str, Array]:
     """Layer `layer`'s own weights, by their Hugging Face names
-    (`"self_attn.q_proj.weight"`, `"mlp.gate_proj.weight"`, ...; a linear layer's map is
-    `"linear.weight"`); parts the layer does not have are absent. These are the layer's
+    (`"self_attn.q_proj.weight"`, `"mlp.gate_proj.weight"`, ...; a linear layer has
+    `"input_layernorm.weight"` and its map `"self_attn.linear_attn.weight"`, as the DeciLM
+    format names a `replace_with_linear` attention); parts the layer does not have are absent. These are the layer's
     arrays as stored (a heterogeneous model stores every layer at its own shape).
 
     **Example:**
@@ -66,7 +67,8 @@ def layer_weights(stacked: DecoderLayer, shape: BlockShape, layer: int) -> dict[
         out["mlp.up_proj.weight"] = mlp.up_proj.weight[layer, :width]
         out["mlp.down_proj.weight"] = mlp.down_proj.weight[layer, :, :width]
     if shape.linear:
-        out["linear.weight"] = stacked.linear.weight[layer]
+        out["input_layernorm.weight"] = stacked.input_layernorm.weight[layer]
+        out["self_attn.linear_attn.weight"] = stacked.linear.weight[layer]
     return out
 
 
@@ -107,7 +109,7 @@ _PATHS = {
     "mlp.gate_proj.weight": lambda l: l.mlp.gate_proj.weight,
     "mlp.up_proj.weight": lambda l: l.mlp.up_proj.weight,
     "mlp.down_proj.weight": lambda l: l.mlp.down_proj.weight,
-    "linear.weight": lambda l: l.linear.weight,
+    "self_attn.linear_attn.weight": lambda l: l.linear.weight,
 }
 
 
@@ -167,7 +169,7 @@ def padded_layers(model: Transformer) -> tuple[DecoderLayer, BlockMasks | None]:
     rows = [own_weights(model, layer) for layer in range(config.n_layers)]
     dim = config.dim
     for row, shape in zip(rows, config.layer_shapes):
-        if not shape.has_attention:
+        if not shape.has_attention and not shape.linear:
             row["input_layernorm.weight"] = jnp.ones(dim)
         if not shape.has_mlp:
             row["post_attention_layernorm.weight"] = jnp.ones(dim)

@@ -36,7 +36,7 @@ class BlockMasks(eqx.Module):
     - `kv_slot`: for every query head, the stored KV head it reads (the layer's own KV
       heads are the first `n_kv_heads` stored ones; query heads are grouped evenly).
     - `attention`: whether the layer has attention (its output is zero otherwise).
-    - `linear`: whether the layer is the linear map `x + x W^T`.
+    - `linear`: whether the layer is the linear map `x + rmsnorm(x) W^T`.
     - `any_attention`, `any_mlp` (static): whether any layer of the stack has attention /
       an MLP; when none has, the part is not computed at all.
     """
@@ -129,17 +129,19 @@ class DecoderLayer(eqx.Module):
     `segment_ids` marks the documents of a packed row (see [`blockdistill.Attention`][]).
 
     Built with `shape` (a [`blockdistill.BlockShape`][]), the layer has exactly that
-    shape's parts, at its own width: a layer without attention has no `input_layernorm`
-    and no `self_attn` (`None`), one without an MLP no `post_attention_layernorm` and no
-    `mlp`, and `linear` (the `dim x dim` map `x + x W^T`, initialised at zero) is there
-    only for a linear layer. This is how a heterogeneous model stores each of its layers.
+    shape's parts, at its own width: a layer without attention has no `self_attn`
+    (`None`) and, unless it is a linear layer, no `input_layernorm`; one without an MLP no
+    `post_attention_layernorm` and no `mlp`; and `linear` is there only for a linear
+    layer: the `dim x dim` map of the normed input, `x + input_layernorm(x) W^T`
+    (initialised at zero, so the layer starts as the identity), which is the DeciLM /
+    Puzzle format's `replace_with_linear` attention. This is how a heterogeneous model stores each of its layers.
     Without `shape`, the layer has the config's full shape (and, when the config has linear
     layers, a `linear` map too): the uniform layer, or the padded storage of a
     heterogeneous config's widest layer, which `masks` (one layer's `BlockMasks`) runs as
     a narrower layer's shape (see [`blockdistill.padded_layers`][]).
 
-    A layer without attention records the unit-scale RMS norm of its input as `attn_in`
-    and zero as `attn_out`.
+    A layer without attention records the normed input (its `input_layernorm`, for a
+    linear layer; the unit-scale RMS norm otherwise) as `attn_in` and zero as `attn_out`.
 
     **Call:** `layer(layer_in, *, inject=None, inject_at="attention", segment_ids=None,
     masks=None) -> LayerStep`.
@@ -167,9 +169,10 @@ class DecoderLayer(eqx.Module):
         has_mlp = shape is None or shape.has_mlp
         has_linear = config.has_linear_layers if shape is None else shape.linear
         self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = self.linear = None
+        if has_attention or has_linear:  # the linear map reads the normed input too
+            self.input_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
         if has_attention:
             own = full if shape is None else full.replace(n_kv_heads=shape.n_kv_heads)
-            self.input_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
             self.self_attn = Attention(own, key=ka)
         if has_mlp:
             own = full if shape is None else full.replace(mlp_dim=shape.mlp_dim)
@@ -190,8 +193,8 @@ class DecoderLayer(eqx.Module):
         )
 
     def _normed(self, layer_in: Hidden) -> Hidden:
-        """What the attention reads: the input norm of `layer_in` (its unit-scale RMS norm
-        for a layer without attention)."""
+        """What the attention (or a linear layer's map) reads: the input norm of
+        `layer_in` (its unit-scale RMS norm for a layer without either)."""
         if self.input_layernorm is not None:
             return self.input_layernorm(layer_in)
         x32 = layer_in.astype(jnp.float32)
@@ -215,7 +218,7 @@ class DecoderLayer(eqx.Module):
 
     def _rest(self, layer_in: Hidden, attn_out: Hidden, masks: BlockMasks | None) -> Hidden:
         """The layer's output given its input and its attention output: the residual
-        add, the MLP and (for a linear layer) the linear map."""
+        add, the MLP and (for a linear layer) the linear map of the normed input."""
         hidden = layer_in + attn_out if self.self_attn is not None else layer_in
         if self.mlp is None or self.post_attention_layernorm is None or (masks is not None and not masks.any_mlp):
             layer_out = hidden  # no MLP (in no layer of a padded stack)
@@ -223,7 +226,7 @@ class DecoderLayer(eqx.Module):
             channels = None if masks is None else masks.mlp_channels
             layer_out = hidden + self.mlp(self.post_attention_layernorm(hidden), channels=channels)
         if self.linear is not None:
-            mapped = apply_linear(self.linear, layer_in)
+            mapped = apply_linear(self.linear, self._normed(layer_in))
             if masks is not None:
                 mapped = jnp.where(masks.linear, mapped, jnp.zeros_like(mapped))
             layer_out = layer_out + mapped

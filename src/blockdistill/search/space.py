@@ -29,7 +29,8 @@ class SearchSpace:
       its `n_kv_heads`); `None`: the teacher's `n`, `n / 2` and `1`.
     - `drop_attention` / `drop_mlp`: also offer each MLP choice without attention, and each
       attention choice without an MLP.
-    - `linear`: also offer the whole layer as a linear map `x + x W^T` (from `W = 0`).
+    - `linear`: also offer the whole layer as a linear map of its normed input,
+      `x + rmsnorm(x) W^T` (from `W = 0`; DeciLM's `replace_with_linear` attention).
     - `identity`: also offer removing the layer.
 
     **Example:**
