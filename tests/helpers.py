@@ -1,7 +1,10 @@
 """Helpers shared by test modules (not tests)."""
 
+import contextlib
+import importlib.util
 import json
 import pathlib
+import sys
 
 import tokenizers
 
@@ -27,3 +30,19 @@ def make_tokenizer_dir(folder):
         json.dumps({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
     )
     return folder
+
+
+@contextlib.contextmanager
+def loaded_script(name: str, path: pathlib.Path, *also: str):
+    """The script at `path` imported as module `name` (registered in `sys.modules`, where
+    dataclasses look their module up), for a module-scoped fixture; `name` and the private
+    modules the script registers itself (`also`) are removed afterwards."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    try:
+        yield module
+    finally:
+        for key in (name, *also):
+            sys.modules.pop(key, None)

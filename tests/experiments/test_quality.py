@@ -4,26 +4,20 @@ The study's numbers come from the full budget and live in docs/quality.md; here 
 that the script runs recipes through the real main job, resumes, and reports correctly.
 """
 
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, loaded_script
 
 ROOT = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_study", ROOT / "experiments" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with loaded_script("quality_study", ROOT / "experiments" / "quality.py") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,15 @@
 """The signals-study script (experiments/signals.py): the quality study's machinery with
 its own recipes, files and budget reference; its numbers live in docs/signals.md."""
 
-import importlib.util
-import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, loaded_script
 
 
 @pytest.fixture(scope="module")
 def signals():
-    spec = importlib.util.spec_from_file_location("signals_study", REPO_ROOT / "experiments" / "signals.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    del sys.modules["_signals_study_quality"]
+    with loaded_script("signals_study", REPO_ROOT / "experiments" / "signals.py", "_signals_study_quality") as module:
+        yield module
 
 
 def test_every_recipe_is_a_valid_run_of_the_half_depth_student(signals, tmp_path):

@@ -1,27 +1,21 @@
 """experiments/teacher.py: the convergence test and shipping of a pretrained teacher."""
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import jax
 import pytest
+from helpers import REPO_ROOT, loaded_script
 
 import blockdistill as bd
-from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("teacher_tool", ROOT / "experiments" / "teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with loaded_script("teacher_tool", ROOT / "experiments" / "teacher.py") as module:
+        yield module
 
 
 def fake_run(folder: pathlib.Path, evals: dict[int, float], steps: int) -> pathlib.Path:
