@@ -58,6 +58,31 @@ def test_each_recipe_counts_its_passes():
     assert labels == BATCH * 3 * s_free == bd.pretrain_flops(STUDENT, seq_len=SEQ, batch=BATCH)
 
 
+def test_a_heterogeneous_student_counts_each_layer_at_its_own_shape():
+    """Each layer at its own shape: a narrower MLP, fewer KV heads, no attention, no MLP, a
+    linear map (its dim x dim matmul), the identity (nothing)."""
+    shapes = (bd.BlockShape(64, 2), bd.BlockShape(16, 1), bd.BlockShape(32, 0), bd.BlockShape(0, 2),
+              bd.BlockShape(0, 0, linear=True), bd.BlockShape(0, 0))
+    hetero = TEACHER.replace(n_layers=len(shapes), layer_shapes=shapes)
+    own = [TEACHER.replace(mlp_dim=max(1, s.mlp_dim), n_kv_heads=max(1, s.n_kv_heads)) for s in shapes]
+    attention = [forward(c, ("qkv", "o", "core")) if s.has_attention else 0 for c, s in zip(own, shapes)]
+    mlp = [forward(c, ("mlp",)) if s.has_mlp else 0 for c, s in zip(own, shapes)]
+    linear = 2 * SEQ * TEACHER.dim * TEACHER.dim
+    layers = sum(attention) + sum(mlp) + linear
+    assert bd.flops_per_token(hetero, SEQ) * SEQ == layers + head(hetero)
+    assert bd.pretrain_flops(hetero, seq_len=SEQ, batch=BATCH) == BATCH * 3 * (layers + head(hetero))
+    kd = bd.step_flops(bd.DistillationObjective(blockwise_weight=0.0), TEACHER, hetero, seq_len=SEQ, batch=BATCH)
+    assert kd == BATCH * (TEACHER.n_layers * forward(TEACHER) + head(TEACHER) + 3 * (layers + head(hetero)))
+    # layer level: every block forward and backward; attention level: the attention parts only
+    t_layers = TEACHER.n_layers * forward(TEACHER)
+    block = bd.step_flops(bd.DistillationObjective(inject_at="layer"), TEACHER, hetero, seq_len=SEQ, batch=BATCH)
+    assert block == BATCH * (t_layers + 3 * layers)
+    qkv = [forward(c, ("qkv",)) if s.has_attention else 0 for c, s in zip(own, shapes)]
+    attn = bd.step_flops(bd.DistillationObjective(), TEACHER, hetero, seq_len=SEQ, batch=BATCH)
+    teacher_attention = (TEACHER.n_layers - 1) * forward(TEACHER) + forward(TEACHER, ("qkv", "o", "core"))
+    assert attn == BATCH * (teacher_attention + sum(attention) + sum(qkv) + 2 * (sum(attention) - sum(qkv)))
+
+
 def test_a_schedule_counts_the_passes_active_at_the_step():
     objective = bd.DistillationObjective(blockwise_weight=optax.linear_schedule(1.0, 0.0, 4), inject_at="layer")
     count = [bd.step_flops(objective, TEACHER, STUDENT, seq_len=SEQ, batch=BATCH, step=s) for s in (0, 2, 4)]

@@ -11,7 +11,7 @@ gradient.
 
 
 from ..nn.config import TransformerConfig
-from ..nn.costs import _head_flops, layer_flops
+from ..nn.costs import _head_flops, _layer_parts
 from .objective import DistillationObjective
 
 
@@ -38,6 +38,8 @@ def step_flops(
       backward (at attention level only the attention, whose q/k/v projections read a
       constant input: weight gradient only).
 
+    Every layer counts at its own shape (a heterogeneous model's layers at theirs).
+
     **Example:**
 
     ```python
@@ -47,27 +49,28 @@ def step_flops(
     """
     _, _, free_active, block_active = objective.passes(step)
     free, block = bool(free_active), bool(block_active)
-    t, s = layer_flops(teacher, seq_len), layer_flops(student, seq_len)
-    t_layer, s_layer = sum(t.values()), sum(s.values())
+    t, s = _layer_parts(teacher, seq_len), _layer_parts(student, seq_len)
+    attention = lambda p: p["qkv"] + p["o"] + p["core"]  # noqa: E731
+    t_all, s_all = sum(sum(p.values()) for p in t), sum(sum(p.values()) for p in s)
     teacher_fwd = student_fwd = student_bwd = 0.0
     if cached and objective.passes(0)[1]:
         raise ValueError("cached=True needs an objective without a blockwise term (the cache holds no states)")
     if free:
         if objective.uses_teacher and not cached:
-            teacher_fwd = teacher.n_layers * t_layer + _head_flops(teacher, seq_len)
-        forward = student.n_layers * s_layer + _head_flops(student, seq_len)
+            teacher_fwd = t_all + _head_flops(teacher, seq_len)
+        forward = s_all + _head_flops(student, seq_len)
         student_fwd += forward
         student_bwd += 2.0 * forward
     if block:
         if not free:
-            if objective.inject_at == "attention":
-                teacher_fwd = (teacher.n_layers - 1) * t_layer + t["qkv"] + t["o"] + t["core"]
+            if objective.inject_at == "attention":  # every layer but the last one's MLP
+                teacher_fwd = t_all - sum(t[-1].values()) + attention(t[-1])
             else:
-                teacher_fwd = teacher.n_layers * t_layer
+                teacher_fwd = t_all
         if objective.inject_at == "attention":
-            student_fwd += student.n_layers * (s["qkv"] + s["o"] + s["core"])
-            student_bwd += student.n_layers * (s["qkv"] + 2.0 * (s["o"] + s["core"]))
+            student_fwd += sum(attention(p) for p in s)
+            student_bwd += sum(p["qkv"] + 2.0 * (p["o"] + p["core"]) for p in s)
         else:
-            student_fwd += student.n_layers * s_layer
-            student_bwd += 2.0 * student.n_layers * s_layer
+            student_fwd += s_all
+            student_bwd += 2.0 * s_all
     return batch * (teacher_fwd + student_fwd + student_bwd)

@@ -126,13 +126,34 @@ def layer_flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
     }
 
 
+def _layer_parts(config: TransformerConfig, seq_len: int) -> list[dict[str, float]]:
+    """[`layer_flops`][blockdistill.layer_flops] of every layer at its own shape (a part a
+    layer lacks is zero; a linear layer's map is `linear`)."""
+    uniform = config.replace(layer_shapes=None)
+    if config.layer_shapes is None:
+        return [{**layer_flops(uniform, seq_len), "linear": 0.0}] * config.n_layers
+    parts = []
+    for shape in config.layer_shapes:
+        own = {"qkv": 0.0, "o": 0.0, "core": 0.0, "mlp": 0.0, "linear": 0.0}
+        if shape.has_attention:
+            attention = layer_flops(uniform.replace(n_kv_heads=shape.n_kv_heads), seq_len)
+            own.update(qkv=attention["qkv"], o=attention["o"], core=attention["core"])
+        if shape.has_mlp:
+            own["mlp"] = layer_flops(uniform.replace(mlp_dim=shape.mlp_dim), seq_len)["mlp"]
+        if shape.linear:
+            own["linear"] = 2.0 * seq_len * config.dim * config.dim
+        parts.append(own)
+    return parts
+
+
 def _head_flops(config: TransformerConfig, seq_len: int) -> float:
     return 2.0 * seq_len * config.dim * config.vocab_size
 
 
 def pretrain_flops(config: TransformerConfig, *, seq_len: int, batch: int) -> float:
     """Training FLOPs of one cross-entropy step of `config` on `batch` rows of `seq_len`:
-    forward and backward (twice the forward) of every layer and the head.
+    forward and backward (twice the forward) of every layer (each at its own shape) and
+    the head.
 
     **Example:**
 
@@ -140,5 +161,5 @@ def pretrain_flops(config: TransformerConfig, *, seq_len: int, batch: int) -> fl
     flops = bd.pretrain_flops(cfg, seq_len=16, batch=8)
     ```
     """
-    forward = config.n_layers * sum(layer_flops(config, seq_len).values()) + _head_flops(config, seq_len)
+    forward = sum(sum(p.values()) for p in _layer_parts(config, seq_len)) + _head_flops(config, seq_len)
     return 3.0 * batch * forward

@@ -87,7 +87,8 @@ def init_library(
     """Every candidate of `space` for every layer of `teacher`, initialised from the
     teacher's own layer the way [`blockdistill.make_student`][] prunes: the MLP channels
     with the largest mean activation on `calibration_tokens` survive, adjacent KV heads are
-    averaged, a dropped part is zero; the linear map starts at zero (the identity).
+    averaged, a dropped part is zero; the linear map starts at zero (the identity) on the
+    teacher layer's input norm.
     Deterministic: no candidate is random.
 
     **Example:**
@@ -108,8 +109,13 @@ def init_library(
         if shape.has_attention or shape.has_mlp:  # pruned at its width, the parts it lacks dropped
             layers = _prune(model, importance, all_layers, own.replace(layer_shapes=None)).layers.layers
             layers = compact_layers(layers, own)
-        else:  # the linear map, from zero (attention and MLP absent)
-            layers = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skeleton.layers)
+        else:  # the linear map from zero, reading the teacher layer's own input norm
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skeleton)
+            norms = model.layers.layers.input_layernorm.weight
+            layers = zeros.with_segments([
+                eqx.tree_at(lambda l: l.input_layernorm.weight, segment, norms[start:stop])
+                for segment, (start, stop) in zip(zeros.segments, zeros.bounds)
+            ]).layers
         stack = eqx.tree_at(lambda s: s.layers, skeleton, layers)
         stacks.append(stack)
     return BlockLibrary(stacks=tuple(stacks), shapes=shapes, config=config)
