@@ -75,6 +75,17 @@ def test_initial_candidates_are_the_pruned_teacher(setup):
     assert np.all(full < half_mlp) and np.all(half_mlp < drop_mlp)
 
 
+def test_the_library_shares_no_buffer_with_its_teacher(setup):
+    """The library step donates the library's buffers: none of them may be the teacher's
+    (a linear candidate's input norm starts as the teacher's, as a copy)."""
+    teacher, _, _, library = setup
+    pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))}  # noqa: E731
+    assert not pointers(library) & pointers(teacher)
+    linear = library.stack_of(_index(library, bd.BlockShape(0, 0, linear=True)))
+    np.testing.assert_array_equal(linear.segments[0].input_layernorm.weight,
+                                  teacher.model.layers.layers.input_layernorm.weight)
+
+
 def test_library_training_keeps_blocks_independent(setup):
     """Training the whole library moves each candidate exactly as training it alone would
     (its gradient is its own loss's), lowers the pruned candidates' losses, and leaves the

@@ -113,7 +113,8 @@ def init_library(
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), skeleton)
             norms = model.layers.layers.input_layernorm.weight
             layers = zeros.with_segments([
-                eqx.tree_at(lambda l: l.input_layernorm.weight, segment, norms[start:stop])
+                # a copy: the library's buffers are donated, never the teacher's
+                eqx.tree_at(lambda l: l.input_layernorm.weight, segment, jnp.copy(norms[start:stop]))
                 for segment, (start, stop) in zip(zeros.segments, zeros.bounds)
             ]).layers
         stack = eqx.tree_at(lambda s: s.layers, skeleton, layers)
