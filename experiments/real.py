@@ -36,6 +36,7 @@ on its own (`free_per_layer`), so one can see whether error compounds with depth
 
     python experiments/real.py                    # step seconds, learning-rate check, seed 0 of every cell
     python experiments/real.py --seeds 1,2 --only 'mqa-prune/kd/*,mqa-prune/layer-cosine/*'
+    python experiments/real.py --searched runs/search-smollm2/student   # and the block-searched student
     python experiments/real.py --report-only --page /tmp/real.md --images /tmp/real_images
     python experiments/real.py --quick --out /tmp/q --results /tmp/q/r.json --page /tmp/q/real.md --images /tmp/q/img
 """
@@ -635,6 +636,18 @@ def chosen_learning_rates(results: dict[str, dict[str, Any]], quick: bool) -> di
     return chosen
 
 
+def add_searched(folder: pathlib.Path) -> None:
+    """Add the block-searched student (the `student/` of a `blockdistill search` of this
+    teacher) to the study: one cell, finished with KD (`searched/prune/kd`; `prune` is
+    only the name's init field: the run starts from the folder's weights)."""
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--searched {folder}: not a model folder (no config.json)")
+    STUDENTS["searched"] = {"student": str(folder.resolve())}
+    STUDENT_LABELS["searched"] = "block-searched (--searched)"
+    GRID["searched"] = ("kd",)
+    quality.GRID[("searched", "prune")] = GRID["searched"]
+
+
 def main_runs(seeds: tuple[int, ...], lrs: dict[str, float], steps_for, quick: bool = False) -> list[Run]:
     return [Run(student, "prune", recipe, seed, steps_for(student, "prune", recipe), lrs[FAMILY[recipe]], "seconds")
             for seed in seeds for student, recipe in order(QUICK_GRID if quick else GRID)]
@@ -654,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", default=None, help=f"page to write the report into (default {PAGE.relative_to(ROOT)})")
     parser.add_argument("--images", default=None, help=f"folder for the plots (default {IMAGES.relative_to(ROOT)})")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the results")
+    parser.add_argument("--searched", type=pathlib.Path, default=None,
+                        help="the block-searched student's folder (the student/ of a `blockdistill search` of the "
+                             "teacher): adds the cell searched/prune/kd")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each recorded run's last checkpoint (default: delete it once the run is recorded)")
     args = parser.parse_args(argv)
@@ -663,6 +679,12 @@ def main(argv: list[str] | None = None) -> int:
     page = pathlib.Path(args.page) if args.page else PAGE
     images = pathlib.Path(args.images) if args.images else IMAGES
     results = quality.load_results(results_path)
+    if args.searched is not None:
+        add_searched(args.searched)
+    elif any(name.startswith("searched-") for name in results):  # its records are reported all the same
+        STUDENT_LABELS.setdefault("searched", "block-searched")
+        GRID.setdefault("searched", ("kd",))
+        quality.GRID[("searched", "prune")] = GRID["searched"]
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
         import blockdistill

@@ -254,6 +254,21 @@ def test_search_command_resumes_and_writes_a_student(tmp_path, cli_teacher, corp
         assert (out / name).stat().st_size > 0
     scores = json.loads((out / "scores.json").read_text())
     assert np.asarray(scores["kl"]).shape == (len(choice["candidates"]), 3)
+    # exported, the student is a DeciLM folder of exactly its own parameters, which
+    # transformers loads (trust_remote_code) and runs to our logits
+    import safetensors.numpy
+    import torch
+    import transformers
+
+    assert main(["export-hf", str(out / "student"), str(tmp_path / "hf")]) == 0
+    stored = safetensors.numpy.load_file(tmp_path / "hf" / "model.safetensors")
+    assert sum(v.size for v in stored.values()) == bd.parameter_count(student.config)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ids = np.arange(12) % student.config.vocab_size
+    with torch.no_grad():
+        theirs = hf_model(torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].numpy()
+    ours = np.asarray(student(jnp.asarray(ids, jnp.int32)).logits)
+    assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
 
     # killed after step 2: the same command resumes from that checkpoint to the same library
     resumed = tmp_path / "resumed"
