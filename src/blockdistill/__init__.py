@@ -134,6 +134,7 @@ from .distill.prune import (
 )
 from .distill.sparse import (
     cached_kl_divergence as cached_kl_divergence,
+    tail_mass_at as tail_mass_at,
     top_k_logits as top_k_logits,
     TopKLogits as TopKLogits,
 )
@@ -227,6 +228,7 @@ __all__ = [
     "bytes_per_token",
     "cached_kl_divergence",
     "model_digest",
+    "tail_mass_at",
     "top_k_logits",
     "check_mesh",
     "host_arrays",

@@ -136,6 +136,11 @@ def test_cli_caches_the_teacher_and_distills_from_the_cache(tiny, tmp_path, corp
     assert "102 bytes per token" in out and "teacher held-out loss" in out
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["teacher"]["sha256"] == bd.model_digest(teacher) and meta["teacher_eval"]["rows"] == 8
+    # the held-out tail mass at other k (those within the vocabulary, and this cache's own)
+    tails = meta["teacher_eval"]["tail_mass_at"]
+    assert sorted(map(int, tails)) == [16, 64, 256] and tails["256"] == pytest.approx(0.0, abs=1e-6)
+    assert f"k=16: {tails['16']:.2e}" in out
+    assert ("warning: the top 16 leave" in out) == (meta["mean_tail_mass"] > 0.01)
 
     assert main(_distill_args(tmp_path / "dense", teacher, corpus)) == 0
     capsys.readouterr()

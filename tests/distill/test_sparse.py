@@ -98,6 +98,27 @@ def test_renormalized_kl_is_the_kl_of_the_top_k_conditionals():
     np.testing.assert_allclose(bd.cached_kl_divergence(student, cached, mask, tail=False), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_tail_mass_at_is_the_mass_outside_the_top_k(temperature):
+    logits, _ = logits_pair(seed=5)
+    mask = mask_of(logits.shape)
+    ks = (1, 8, 16, VOCAB)
+    got = np.asarray(bd.tail_mass_at(logits, mask, ks, temperature))
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ranked = -np.sort(-p, axis=-1)
+    m = np.asarray(mask)
+    want = [(1.0 - ranked[..., :k].sum(-1))[m].mean() for k in ks]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[-1] == pytest.approx(0.0, abs=1e-6) and np.all(np.diff(got) <= 0)
+    # the top-k cache's own tail bucket holds the same mass
+    sparse = bd.top_k_logits(logits, 8, temperature)
+    np.testing.assert_allclose(np.asarray(jnp.exp(sparse.log_tail))[m].mean(), got[1], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"ks=\(0,\)"):
+        bd.tail_mass_at(logits, mask, (0,))
+
+
 def test_bad_sparse_inputs_name_the_value():
     student, teacher = logits_pair()
     with pytest.raises(ValueError, match=r"top_k=0 is invalid"):

@@ -20,6 +20,7 @@ from ..parallel.mesh import check_mesh, make_mesh
 from .distill import cache_identity, cached_objectives
 from .options import ConfigError
 from .run import (
+    TAIL_KS,
     _batch_size_check,
     _eval_rows,
     _open_dataset,
@@ -33,6 +34,7 @@ from .run import (
     run_inputs,
     run_tokenizer,
     start_processes,
+    tail_masses,
 )
 from .runconfig import (
     CacheConfig,
@@ -46,6 +48,9 @@ from .runconfig import (
 )
 from .teacher_cache import TeacherCache, build_teacher_cache
 from .trainer import RunFolder
+
+#: `cache-teacher` warns when its top k leave more than this much probability out on average
+TAIL_WARNING = 0.01
 
 # ----------------------------------------------------------------------------- pretrain
 
@@ -135,10 +140,13 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
                                 "rerun the same command to resume")
     rows, val_sha256 = _eval_rows(cfg, dataset), dataset.val.digest()
     if cache.teacher_eval_loss(rows, val_sha256) is None:
-        loss = evaluate(model, _val_batches(cfg, dataset), mesh)  # every process: it is one computation
+        batches = _val_batches(cfg, dataset)
+        loss = evaluate(model, batches, mesh)  # every process: it is one computation
+        tails = tail_masses(model, batches, tuple(sorted({*TAIL_KS, cfg.top_k})), cfg.temperature, mesh)
         if jax.process_index() == 0:
-            write_json(out / "meta.json", {**cache.meta, "teacher_eval": {"rows": rows, "val_sha256": val_sha256,
-                                                                          "loss": loss}})
+            write_json(out / "meta.json", {**cache.meta, "teacher_eval": {
+                "rows": rows, "val_sha256": val_sha256, "loss": loss,
+                "tail_mass_at": {str(k): v for k, v in tails.items()}}})
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -156,8 +164,19 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
         f"teacher held-out loss {cache.teacher_eval_loss(rows, val_sha256):.4f} on {rows} rows; distill with "
         f"--teacher-cache {out}",
     ]
+    tails = {int(k): v for k, v in cache.meta.get("teacher_eval", {}).get("tail_mass_at", {}).items()}
+    if tails:
+        lines.insert(2, "held-out tail mass outside the top k: " + ", ".join(
+            f"k={k}: {v:.2e}" for k, v in sorted(tails.items())))
+    if cache.mean_tail_mass > TAIL_WARNING:
+        larger = [k for k, v in sorted(tails.items()) if k > cfg.top_k and v <= TAIL_WARNING]
+        hint = f"--top-k {larger[0]} leaves {tails[larger[0]]:.1%} out held-out" if larger else "a larger --top-k keeps more"
+        lines.insert(2, (
+            f"warning: the top {cfg.top_k} leave {cache.mean_tail_mass:.1%} of the teacher's probability out on "
+            f"average (a large vocabulary spreads it): the cached KL sees that mass as one bucket "
+            f"(docs/teacher_cache.md); {hint} (6 bytes per token per id)"))
     summary = {"rows": cache.num_cached, "bytes_per_token": per_token, "mean_tail_mass": cache.mean_tail_mass,
-               "lines": lines}
+               "tail_mass_at": tails, "lines": lines}
     _report(summary)
     return summary
 

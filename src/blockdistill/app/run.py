@@ -4,6 +4,7 @@ writers, and `fit`, which runs a model's steps through the one
 [`Trainer`][blockdistill.app.trainer.Trainer] with its hooks."""
 
 import dataclasses
+import functools
 import pathlib
 import sys
 import time
@@ -27,7 +28,7 @@ from ..data.tokenizers import (
 )
 from ..distill.losses import next_token_cross_entropy, next_token_pairs
 from ..distill.onpolicy import OnPolicy
-from ..distill.sparse import TopKLogits
+from ..distill.sparse import TopKLogits, tail_mass_at
 from ..distill.step import DistillStep
 from ..interop.folders import model_digest
 from ..nn.model import Transformer
@@ -102,6 +103,32 @@ def evaluate(model: Transformer, batches: list[Split], mesh: Mesh | None = None)
         count.append(c)
     total, count = jax.device_get((total, count))
     return float(np.sum(total) / max(np.sum(count), 1.0))
+
+
+#: the top-k sizes whose tail mass `cache-teacher` reports on the held-out rows
+TAIL_KS = (16, 64, 256, 1024, 4096)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "temperature"))
+def _tail_sums(model: Transformer, tokens, mask, segment_ids, temperature, ks: tuple[int, ...]):
+    logits = jax.vmap(lambda t, seg: model(t, segment_ids=seg).logits)(tokens, segment_ids)
+    count = jnp.sum(mask.astype(jnp.float32))
+    return tail_mass_at(logits, mask, ks, temperature) * count, count
+
+
+def tail_masses(model: Transformer, batches: list[Split], ks: tuple[int, ...], temperature: float = 1.0,
+                mesh: Mesh | None = None) -> dict[int, float]:
+    """The model's mean probability mass outside its top `k` over fixed batches, for each
+    `k` of `ks` at most its vocabulary (see [`blockdistill.tail_mass_at`][])."""
+    ks = tuple(k for k in ks if k <= model.config.vocab_size)
+    totals, counts = [], []
+    for batch in batches:
+        total, count = _tail_sums(model, *_place_batch(mesh, batch), temperature=float(temperature), ks=ks)
+        totals.append(total)
+        counts.append(count)
+    totals, counts = jax.device_get((totals, counts))
+    mean = np.sum(totals, axis=0) / max(float(np.sum(counts)), 1.0)
+    return {k: float(v) for k, v in zip(ks, mean)}
 
 
 def _val_batches(cfg: DataOptions, dataset: TokenDataset) -> list[Split]:

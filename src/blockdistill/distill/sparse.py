@@ -86,6 +86,32 @@ def top_k_logits(
     return TopKLogits(ids=ids.astype(jnp.int32), logprobs=values, log_tail=jax.nn.logsumexp(rest, axis=-1))
 
 
+def tail_mass_at(
+    logits: Float[Array, "batch seq vocab"], mask: BatchMask, ks: tuple[int, ...], temperature: float = 1.0
+) -> Float[Array, " ks"]:
+    """The mean, over the positions of `mask`, of the probability mass of
+    `softmax(logits / temperature)` outside its top `k`, for each `k` of `ks` (each at most
+    the vocabulary): what a top-`k` teacher cache would leave in its tail bucket.
+
+    **Example:**
+
+    ```python
+    teacher_logits = jax.vmap(teacher)(batch_tokens).logits
+    bd.tail_mass_at(teacher_logits, batch_mask, (16, 64))   # e.g. [0.05, 0.01]
+    ```
+    """
+    vocab = logits.shape[-1]
+    if not ks or any(not 0 < k <= vocab for k in ks):
+        raise ValueError(f"ks={ks!r} is invalid: each k must be in [1, {vocab}] (the vocabulary)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: must be positive")
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    top = jnp.cumsum(jnp.exp(jax.lax.top_k(logprobs, max(ks))[0]), axis=-1)  # mass of the top 1, 2, ...
+    tails = jnp.clip(1.0 - top[..., jnp.asarray(ks) - 1], 0.0, 1.0)  # [batch, seq, ks]
+    weights = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(tails * weights, axis=(0, 1)) / jnp.maximum(jnp.sum(weights, axis=(0, 1)), 1.0)
+
+
 def cached_kl_divergence(
     student_logits: Float[Array, "batch seq vocab"],
     teacher: TopKLogits,
