@@ -97,7 +97,8 @@ def tail_mass_at(
 
     ```python
     teacher_logits = jax.vmap(teacher)(batch_tokens).logits
-    bd.tail_mass_at(teacher_logits, batch_mask, (16, 64))   # e.g. [0.05, 0.01]
+    mask = jnp.ones(batch_tokens.shape, bool)
+    bd.tail_mass_at(teacher_logits, mask, (16, 64))   # mass outside the top 16 and 64
     ```
     """
     vocab = logits.shape[-1]
