@@ -173,7 +173,7 @@ def cache_teacher(cfg: CacheConfig) -> dict[str, Any]:
         hint = f"--top-k {larger[0]} leaves {tails[larger[0]]:.1%} out held-out" if larger else "a larger --top-k keeps more"
         lines.insert(2, (
             f"warning: the top {cfg.top_k} leave {cache.mean_tail_mass:.1%} of the teacher's probability out on "
-            f"average (a large vocabulary spreads it): the cached KL sees that mass as one bucket "
+            f"average: the cached KL sees that mass as one bucket "
             f"(docs/teacher_cache.md); {hint} (6 bytes per token per id)"))
     summary = {"rows": cache.num_cached, "bytes_per_token": per_token, "mean_tail_mass": cache.mean_tail_mass,
                "tail_mass_at": tails, "lines": lines}
