@@ -75,16 +75,7 @@ def block_flops_per_token(config: TransformerConfig, shape: BlockShape, seq_len:
     bd.block_flops_per_token(cfg, bd.BlockShape(mlp_dim=64, n_kv_heads=1), seq_len=16)
     ```
     """
-    uniform = config.replace(layer_shapes=None)
-    flops = 0.0
-    if shape.has_attention:
-        parts = layer_flops(uniform.replace(n_kv_heads=shape.n_kv_heads), seq_len)
-        flops += parts["qkv"] + parts["o"] + parts["core"]
-    if shape.has_mlp:
-        flops += layer_flops(uniform.replace(mlp_dim=shape.mlp_dim), seq_len)["mlp"]
-    if shape.linear:
-        flops += 2.0 * seq_len * config.dim * config.dim
-    return flops / seq_len
+    return sum(_block_parts(config, shape, seq_len).values()) / seq_len
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
@@ -126,24 +117,24 @@ def layer_flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
     }
 
 
-def _layer_parts(config: TransformerConfig, seq_len: int) -> list[dict[str, float]]:
-    """[`layer_flops`][blockdistill.layer_flops] of every layer at its own shape (a part a
+def _block_parts(config: TransformerConfig, shape: BlockShape, seq_len: int) -> dict[str, float]:
+    """[`layer_flops`][blockdistill.layer_flops] of one layer of shape `shape` (a part the
     layer lacks is zero; a linear layer's map is `linear`)."""
     uniform = config.replace(layer_shapes=None)
-    if config.layer_shapes is None:
-        return [{**layer_flops(uniform, seq_len), "linear": 0.0}] * config.n_layers
-    parts = []
-    for shape in config.layer_shapes:
-        own = {"qkv": 0.0, "o": 0.0, "core": 0.0, "mlp": 0.0, "linear": 0.0}
-        if shape.has_attention:
-            attention = layer_flops(uniform.replace(n_kv_heads=shape.n_kv_heads), seq_len)
-            own.update(qkv=attention["qkv"], o=attention["o"], core=attention["core"])
-        if shape.has_mlp:
-            own["mlp"] = layer_flops(uniform.replace(mlp_dim=shape.mlp_dim), seq_len)["mlp"]
-        if shape.linear:
-            own["linear"] = 2.0 * seq_len * config.dim * config.dim
-        parts.append(own)
+    parts = {"qkv": 0.0, "o": 0.0, "core": 0.0, "mlp": 0.0, "linear": 0.0}
+    if shape.has_attention:
+        attention = layer_flops(uniform.replace(n_kv_heads=shape.n_kv_heads), seq_len)
+        parts.update(qkv=attention["qkv"], o=attention["o"], core=attention["core"])
+    if shape.has_mlp:
+        parts["mlp"] = layer_flops(uniform.replace(mlp_dim=shape.mlp_dim), seq_len)["mlp"]
+    if shape.linear:
+        parts["linear"] = 2.0 * seq_len * config.dim * config.dim
     return parts
+
+
+def _layer_parts(config: TransformerConfig, seq_len: int) -> list[dict[str, float]]:
+    """`_block_parts` of every layer, each at its own shape."""
+    return [_block_parts(config, shape, seq_len) for shape in config.block_shapes]
 
 
 def _head_flops(config: TransformerConfig, seq_len: int) -> float:
