@@ -630,17 +630,24 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
             link = os.path.relpath(path.resolve(), page.resolve().parent)  # as the page sees it
             body += [f"![{path.stem}]({link})", ""]
     body.append(END)
-    section = "\n".join(body)
+    return write_section(page, "\n".join(body), BEGIN, END, "Quality study")
+
+
+def write_section(page: pathlib.Path, section: str, begin: str, end: str, title: str) -> str:
+    """Put `section` (which starts with `begin` and ends with `end`) into `page`: in place
+    of the text between those markers, else after the page's text; a missing page is made
+    with the heading `title`. Returns `section`."""
     if page.exists():
         text = page.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
             text = head + section + tail
         else:
             text = text.rstrip() + "\n\n" + section + "\n"
     else:
-        text = "# Quality study\n\n" + section + "\n"
+        text = f"# {title}\n\n" + section + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text)
     return section
 

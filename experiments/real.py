@@ -845,13 +845,18 @@ def plot_curves(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.
             ax.plot(cost, loss, marker=".", label=f"{recipe} ({len(group)})", color=colours[recipe])
             teacher = group[0]["teacher_loss"]
         ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
-        ax.set_title(STUDENT_LABELS[student])
-        ax.set_xlabel("training seconds (measured step times)")
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_axis(ax, student, "training seconds (measured step times)", "held-out loss (nats/token)", 7)
     return save_figure(fig, images / "real_curves.png")
+
+
+def style_axis(ax, student: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    """One student's panel: its title, the axis labels, a log y axis, a grid and the legend."""
+    ax.set_title(STUDENT_LABELS[student])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
@@ -894,12 +899,7 @@ def plot_layers(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.
             if all(g.get("feature_per_layer") for g in group):
                 injected = np.mean([g["feature_per_layer"]["last"] for g in group], axis=0)
                 ax.plot(injected, color=colours[recipe], label=f"{recipe}, injected (training)")
-        ax.set_title(STUDENT_LABELS[student])
-        ax.set_xlabel("student layer")
-        ax.set_ylabel("1 - cos(student, teacher) of the layer output")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        style_axis(ax, student, "student layer", "1 - cos(student, teacher) of the layer output", 6)
     return save_figure(fig, images / "real_layers.png")
 
 
@@ -987,20 +987,7 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
                 link = os.path.relpath(layers.resolve(), page.resolve().parent)
                 body += [f"![real_layers]({link})", ""]
     body.append(END)
-    section = "\n".join(body)
-    if page.exists():
-        text = page.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            text = head + section + tail
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-    else:
-        text = "# Real-teacher study\n\n" + section + "\n"
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(text)
-    return section
+    return quality.write_section(page, "\n".join(body), BEGIN, END, "Real-teacher study")
 
 
 if __name__ == "__main__":
