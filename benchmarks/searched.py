@@ -21,9 +21,9 @@ For each student: its parameters (its arrays, and the bytes `to_hf` writes), ana
 forward FLOPs per token (`bd.flops_per_token`) and step FLOPs (`bd.step_flops`), the
 compiled step's temporaries and arguments (`memory_analysis`), and the wall time of two
 steps, timed round-robin in one process (every kind compiled first, then `--rounds` rounds
-of one step of each, every other round reversed): `kd` (`bd.DistillStep` with
-`blockwise_weight=0`: the teacher's forward, the student's forward and backward, the KL,
-AdamW) and `student` (labels alone: the student's own forward and backward, no teacher).
+of one step of each, every other round reversed: `round_robin` of benchmarks/run.py):
+`kd` (`bd.DistillStep` with `blockwise_weight=0`: the teacher's forward, the student's
+forward and backward, the KL, AdamW) and `student` (labels alone: the student's own forward and backward, no teacher).
 Ratios are medians over rounds of the paired ratio against `uniform`; the claim under test is
 that the searched student's step costs what its own FLOPs say: `time ratio / FLOP ratio`
 within 1.15 of 1.
@@ -42,7 +42,6 @@ import pathlib
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -107,17 +106,6 @@ def same_parameters(teacher_config, searched_config):
     without_mlp = bd.parameter_count(base.replace(mlp_dim=1)) - per_channel
     width = max(1, round((target - without_mlp) / per_channel))
     return base.replace(mlp_dim=width)
-
-
-def timed_round_robin(runners: dict[str, Any], rounds: int) -> dict[str, list[float]]:
-    names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def objective(kind: str):
@@ -197,7 +185,10 @@ def measure(args) -> dict[str, Any]:
                 runners[f"{name}/{kind}"] = run
             students[name] = record
     log(f"timing {len(runners)} steps round-robin, {args.rounds} rounds")
-    times = timed_round_robin(runners, args.rounds)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from run import round_robin  # the suite's timing protocol (benchmarks/run.py)
+
+    times, _ = round_robin(runners, args.rounds)
     for name in STUDENTS:
         students[name]["step_s"] = {kind: statistics.median(times[f"{name}/{kind}"]) for kind in KINDS}
         students[name]["step_s_samples"] = {kind: times[f"{name}/{kind}"] for kind in KINDS}
