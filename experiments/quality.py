@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds_path = results_path.with_name(results_path.stem + "_step_seconds.json")
         cells_todo = [(r.student, r.init, r.recipe) for r in todo if r.name not in results]
         seconds = measured_step_seconds(cells_todo, args.quick, extra, seconds_path, teacher) if cells_todo else {}
-        if args.budget != "steps":
+        if args.budget != "steps" and cells_todo:  # (every run recorded: nothing to size)
             steps_for = equal_cost_steps(args.budget, steps, args.quick, extra, seconds)
             todo = [dataclasses.replace(r, steps=steps_for(r.student, r.init, r.recipe)) for r in todo]
         for i, run in enumerate(todo):

@@ -104,7 +104,21 @@ LR_CHECK = {"kd": ("mlp", "kd"), "blockwise": ("mlp", "layer-cosine")}
 #: recipe (whose last and longest-acting stage is KD + CE) take KD's
 FAMILY = {"kd": "kd", "kd+ce": "kd", "ce": "kd", "staged-0.5+ce": "kd", "staged-0.5": "kd",
           "layer-cosine": "blockwise", "layer-cosine+ce": "blockwise", "layer-nmse": "blockwise",
-          "layer-l2": "blockwise"}
+          "layer-l2": "blockwise", "kd-jsd": "kd", "kd-rkl": "kd", "onpolicy-0.25": "kd"}
+
+#: the signals study's questions (docs/signals.md) on this teacher, for the half-depth
+#: student: other divergences and on-policy rows (GKD), every objective field pinned
+_KD_SIGNALS = {**quality.RECIPES["kd"], "divergence": "kl", "jsd_beta": 0.5, "onpolicy_fraction": 0.0}
+quality.RECIPES.update({
+    "kd-jsd": {**_KD_SIGNALS, "divergence": "jsd"},
+    "kd-rkl": {**_KD_SIGNALS, "divergence": "reverse_kl"},
+    "onpolicy-0.25": {**_KD_SIGNALS, "onpolicy_fraction": 0.25},
+})
+quality.RECIPE_LABELS.update({
+    "kd-jsd": "KD, JSD (beta 0.5)",
+    "kd-rkl": "KD, reverse KL",
+    "onpolicy-0.25": "on-policy 25% of rows, forward KL",
+})
 
 STUDENTS: dict[str, dict[str, Any]] = {
     "mlp": {"mlp_ratio": 0.5},
@@ -121,7 +135,7 @@ STUDENT_LABELS = {
 GRID: dict[str, tuple[str, ...]] = {
     "mlp": ("kd", "layer-cosine", "kd+ce", "staged-0.5+ce"),
     "mqa": ("kd", "layer-cosine", "kd+ce", "staged-0.5+ce"),
-    "layers": ("kd", "ce", "layer-cosine", "kd+ce", "staged-0.5+ce"),
+    "layers": ("kd", "ce", "layer-cosine", "kd+ce", "staged-0.5+ce", "kd-jsd", "onpolicy-0.25", "kd-rkl"),
 }
 #: `--quick` runs one cell of each kind of program (KD, blockwise, staged, labels only)
 QUICK_GRID: dict[str, tuple[str, ...]] = {"mlp": ("kd", "staged-0.5+ce"), "mqa": ("layer-cosine",), "layers": ("ce",)}
@@ -147,6 +161,11 @@ HUMANEVAL_SEQ = 640
 EVAL_ROWS_PER_BATCH = 4
 #: held-out rows of the training corpus on which the free-running divergence is measured
 FREE_ROWS = 8
+#: the evaluation on the student's own text (`bd.score_samples`): the first SAMPLE_PROMPT
+#: tokens of the FREE_ROWS rows, continued by SAMPLE_NEW tokens the student samples at
+#: temperature 1 with the key SAMPLE_SEED (the same prompts and key for every run)
+SAMPLE_PROMPT, SAMPLE_NEW, SAMPLE_SEED = 64, 64, 1234
+SAMPLE_FIELDS = ("reverse_kl", "forward_kl", "teacher_nll", "student_nll")
 
 
 def _budget(steps: int, quick: bool) -> dict[str, Any]:
@@ -494,6 +513,19 @@ def free_divergence(student, teacher_model, rows) -> dict[str, list[float]]:
             for kind in ("cosine", "nmse")}
 
 
+def sample_scores(model, teacher_model, rows, quick: bool) -> dict[str, float]:
+    """`bd.score_samples` of `model` on continuations of the first tokens of `rows`."""
+    import jax
+    import jax.numpy as jnp
+
+    import blockdistill as bd
+
+    prompt, new = (16, 16) if quick else (SAMPLE_PROMPT, SAMPLE_NEW)
+    out = bd.score_samples(model, teacher_model, jnp.asarray(rows[0][:, :prompt]), new,
+                           key=jax.random.key(SAMPLE_SEED))
+    return {name: float(getattr(out, name)) for name in SAMPLE_FIELDS}
+
+
 def feature_profile(metrics: pathlib.Path, last: int = 10) -> dict[str, Any] | None:
     """The training's per-layer feature loss (`feature_per_layer`, teacher inputs injected)
     averaged over the first and the last `last` steps that computed it; None when no step did."""
@@ -583,14 +615,25 @@ class Scorer:
         teacher = self.references.get("teacher:" + self.teacher_id, lambda: corpus_losses(self.teacher(), self.corpora))
         dataset = token_dataset(cfg.data, self.tokenizer, cfg.seq_len, cfg.val_fraction)
         rows = self.free_rows(cfg)
-        init = self._initial(load_teacher_and_student(cfg, dataset)[1], rows)
+        initial = load_teacher_and_student(cfg, dataset)[1]
+        init = self._initial(initial, rows)
         student = bd.load_model(student_folder)
         final = corpus_losses(student, self.corpora)
         free = free_divergence(student, self.teacher(), rows)
         corpora = {name: {"student": final[name], "initial": init[name], "teacher": teacher[name]}
                    for name in final}
+        # on the student's own samples (kept apart from the references above: their spec is theirs)
+        tag = f"samples-{SAMPLE_PROMPT}x{SAMPLE_NEW}-{SAMPLE_SEED}:"
+        samples = {"student": sample_scores(student, self.teacher(), rows, self.quick),
+                   "initial": self.references.get(tag + model_digest(initial),
+                                                  lambda: sample_scores(initial, self.teacher(), rows, self.quick)),
+                   "teacher": self.references.get(tag + "teacher:" + self.teacher_id,
+                                                  lambda: sample_scores(self.teacher(), self.teacher(), rows,
+                                                                        self.quick)),
+                   "spec": {"rows": len(rows[0]), "prompt": 16 if self.quick else SAMPLE_PROMPT,
+                            "new": 16 if self.quick else SAMPLE_NEW, "seed": SAMPLE_SEED, "temperature": 1.0}}
         return {"corpora": corpora, "corpora_spec": self.corpora.spec, "free_per_layer": free,
-                "free_per_layer_initial": init["free_per_layer"]}
+                "free_per_layer_initial": init["free_per_layer"], "samples": samples}
 
 
 # ----------------------------------------------------------------------------- the study
@@ -732,7 +775,10 @@ def main(argv: list[str] | None = None) -> int:
             lrs = chosen_learning_rates(results, args.quick)
             print(f"learning rates: {lrs}", file=sys.stderr, flush=True)
             steps_for = quality.equal_cost_steps("seconds", REF_STEPS, args.quick, extra, seconds)
-            runs = [r for r in main_runs(seeds, lrs, steps_for, args.quick) if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
+            # sized after choosing: only the chosen runs' cells had their step seconds measured
+            runs = [dataclasses.replace(r, steps=steps_for(r.student, r.init, r.recipe))
+                    for r in main_runs(seeds, lrs, lambda *_: 1, args.quick)
+                    if any(fnmatch.fnmatch(r.name, p) for p in patterns)]
             for i, run in enumerate(runs):
                 if run.name in results:
                     if results[run.name]["learning_rate"] != run.learning_rate:
@@ -799,6 +845,30 @@ def corpora_table(records: list[dict[str, Any]]) -> str:
         lines.append(f"| {STUDENT_LABELS[student]} | {quality.RECIPE_LABELS[recipe]} | {len(group)} | "
                      + " | ".join(cols) + " |")
     return "\n".join(lines)
+
+
+def samples_table(records: list[dict[str, Any]]) -> str:
+    """Per (student, recipe), averaged over seeds, the scores on the student's own samples
+    (`bd.score_samples`); the teacher's own samples and each initial student first."""
+    lines = ["| student | recipe | seeds | reverse KL (student to teacher) | forward KL | teacher NLL of the "
+             "student's tokens | student NLL of its tokens |", "|---|---|---:|---:|---:|---:|---:|"]
+    shown_initial = set()
+
+    def cells(values: list[dict[str, float]]) -> str:
+        return " | ".join(_fmt_spread([v[name] for v in values]) for name in SAMPLE_FIELDS)
+
+    for (student, _, recipe), group in quality._groups(records).items():
+        if "samples" not in group[0]:
+            continue
+        if student not in shown_initial:
+            shown_initial.add(student)
+            if len(shown_initial) == 1:
+                lines.append(f"| teacher | its own samples | - | {cells([group[0]['samples']['teacher']])} |")
+            lines.append(f"| {STUDENT_LABELS[student]} | initial (pruned) | - | "
+                         f"{cells([group[0]['samples']['initial']])} |")
+        lines.append(f"| {STUDENT_LABELS[student]} | {quality.RECIPE_LABELS[recipe]} | {len(group)} | "
+                     f"{cells([g['samples']['student'] for g in group])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def goal_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -977,6 +1047,14 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
                      f"canonical solutions given their prompts, loss over the solutions' {spec['humaneval']['solution_tokens']:,} "
                      "tokens only. Gap closed: (initial - final) / (initial - teacher) on that corpus."), "",
                      corpora_table(main), ""]
+            samples = samples_table(main)
+            if samples:
+                body += ["### On the student's own text", "",
+                         (f"The first {SAMPLE_PROMPT} tokens of the {FREE_ROWS} held-out rows, each continued by "
+                          f"{SAMPLE_NEW} tokens the student samples at temperature 1 (the same prompts and key for "
+                          "every run), scored with `bd.score_samples`: nats per sampled token, lower is better in "
+                          "every column but the last. What on-policy distillation aims at, and a corpus loss does "
+                          "not see."), "", samples, ""]
             body += ["### Per-layer feature loss: does error compound with depth?", "",
                      ("Injected: the training's per-layer cosine loss (each student layer given the teacher's input), "
                      "mean of the last ten steps that computed it. Free-running: 1 - cos between the student's and "

@@ -93,7 +93,148 @@ def budget(steps: int, quick: bool) -> dict:
 
 
 quality.budget = budget
+
+# ----------------------------------------------------------------------------- on the student's own samples
+
+#: the evaluation on the student's own text (`bd.score_samples`): the first SAMPLE_PROMPT
+#: tokens of SAMPLE_ROWS held-out rows (spread over the split), continued by SAMPLE_NEW
+#: tokens sampled at temperature 1 with one fixed key, the same for every run (paired)
+SAMPLE_ROWS, SAMPLE_PROMPT, SAMPLE_NEW, SAMPLE_SEED = 16, 128, 128, 1234
+SAMPLES_BEGIN = "<!-- signals-samples:begin (written by experiments/signals.py; do not edit) -->"
+SAMPLES_END = "<!-- signals-samples:end -->"
+SAMPLE_FIELDS = ("reverse_kl", "forward_kl", "teacher_nll", "student_nll")
+
+
+def sample_spec(quick: bool) -> dict:
+    if quick:
+        return {"rows": 2, "prompt": 16, "new": 16, "seed": SAMPLE_SEED}
+    return {"rows": SAMPLE_ROWS, "prompt": SAMPLE_PROMPT, "new": SAMPLE_NEW, "seed": SAMPLE_SEED}
+
+
+def sample_scores(student_folder: pathlib.Path, cfg, quick: bool) -> dict:
+    """`bd.score_samples` of a finished run's student, of its initial (pruned) self and of
+    the teacher (whose reverse KL to itself is 0: its row gives the teacher's own NLL of
+    its own samples, the floor a student's `teacher_nll` approaches)."""
+    import jax
+
+    import blockdistill as bd
+    from blockdistill.app.distill import load_teacher_and_student
+
+    spec = sample_spec(quick)
+    tokenizer = bd.load_tokenizer(cfg.teacher)
+    dataset = bd.token_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.val_fraction)
+    rows = dataset.val.spread(spec["rows"])[0][: spec["rows"], : spec["prompt"]]
+    teacher_model, initial = load_teacher_and_student(cfg, dataset)[:2]
+    teacher = teacher_model.model if hasattr(teacher_model, "model") else teacher_model
+    key = jax.random.key(spec["seed"])
+
+    def scores(model) -> dict:
+        out = bd.score_samples(model, teacher, jax.numpy.asarray(rows), spec["new"], key=key)
+        return {name: float(getattr(out, name)) for name in SAMPLE_FIELDS}
+
+    return {"student": scores(bd.load_model(student_folder)), "initial": scores(initial),
+            "teacher": scores(teacher), "spec": spec}
+
+
+_execute = quality.execute
+
+
+def execute(run, root, quick, extra, stage_seconds, teacher):
+    """The quality study's run, then its student scored on its own samples."""
+    record = _execute(run, root, quick, extra, stage_seconds, teacher)
+    cfg = quality.config_for(run, root / run.name, quick, extra)
+    record["samples"] = sample_scores(root / run.name / "student", cfg, quick)
+    return record
+
+
+quality.execute = execute
+
+
+def backfill(results_path: pathlib.Path, out: pathlib.Path, quick: bool) -> int:
+    """Score on their own samples the recorded runs made before that score existed, from
+    the students their run folders kept; returns how many were scored."""
+    import json
+
+    from blockdistill._files import write_json
+
+    if not results_path.exists():
+        return 0
+    results = json.loads(results_path.read_text())
+    done = 0
+    for name, record in results.items():
+        folder = out / record["teacher_sha256"][:12] / name
+        if "samples" in record or not (folder / "student" / "config.json").is_file():
+            continue
+        run = quality.Run(record["student"], record["init"], record["recipe"], record["seed"], record["steps"],
+                          record["learning_rate"], record["budget"])
+        extra = {k: record["config"][k] for k in ("teacher", "data") if record["config"].get(k) is not None}
+        record["samples"] = sample_scores(folder / "student", quality.config_for(run, folder, quick, extra), quick)
+        write_json(results_path, results)
+        print(f"scored {name} on its own samples", file=sys.stderr, flush=True)
+        done += 1
+    return done
+
+
+def samples_table(records: list[dict]) -> str:
+    """Per recipe (mean over its seeds, with the spread when there are more), the scores on
+    the student's own samples, the initial student's and the teacher's first."""
+    scored = [r for r in records if "samples" in r]
+    if not scored:
+        return ""
+    spec = scored[0]["samples"]["spec"]
+    head = ("| recipe | seeds | reverse KL (student to teacher) | forward KL | teacher NLL of the student's tokens "
+            "| student NLL of its tokens |\n|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+
+    def row(label, values):
+        cells = []
+        for name in SAMPLE_FIELDS:
+            xs = [v[name] for v in values]
+            mean = sum(xs) / len(xs)
+            cells.append(f"{mean:.4f}" + (f" ± {(max(xs) - min(xs)) / 2:.4f}" if len(xs) > 1 else ""))
+        return f"| {label} | {len(values)} | " + " | ".join(cells) + " |"
+
+    lines.append(row("the teacher (its own samples)", [scored[0]["samples"]["teacher"]]))
+    lines.append(row("initial student (pruned)", [scored[0]["samples"]["initial"]]))
+    by_recipe: dict[str, list[dict]] = {}
+    for record in scored:
+        if record.get("budget") == "seconds":
+            by_recipe.setdefault(record["recipe"], []).append(record["samples"]["student"])
+    for name in RECIPES:
+        if name in by_recipe:
+            lines.append(row(RECIPE_LABELS[name], by_recipe[name]))
+    intro = (f"On the student's own text: the first {spec['prompt']} tokens of {spec['rows']} held-out rows, each "
+             f"continued by {spec['new']} tokens the student samples at temperature 1 (one fixed key, the same "
+             "prompts and key for every run), scored with `bd.score_samples` (nats per sampled token; lower is "
+             "better in every column but the last; ± is half the range over seeds).")
+    return "\n".join([SAMPLES_BEGIN, "", intro, "", *lines, "", SAMPLES_END])
+
+
+_report = quality.report
+
+
+def report(records, page, images, results=quality.RESULTS):
+    section = _report(records, page, images, results)
+    table = samples_table(records)
+    if table:
+        quality.write_section(page, table, SAMPLES_BEGIN, SAMPLES_END, "Signals study")
+    return section + ("\n\n" + table if table else "")
+
+
+quality.report = report
 quality.__doc__ = __doc__
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--report-only" not in args and "-h" not in args and "--help" not in args:
+        def value(flag, default):
+            return args[args.index(flag) + 1] if flag in args else default
+
+        results = pathlib.Path(value("--results", quality.RESULTS))
+        backfill(results, pathlib.Path(value("--out", quality.OUT)), "--quick" in args)
+    return quality.main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(quality.main())
+    sys.exit(main())

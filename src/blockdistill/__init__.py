@@ -112,6 +112,8 @@ from .distill.generate import (
 )
 from .distill.onpolicy import (
     OnPolicy as OnPolicy,
+    SampleScores as SampleScores,
+    score_samples as score_samples,
 )
 from .distill.layer_map import (
     default_layer_map as default_layer_map,
@@ -279,6 +281,8 @@ __all__ = [
     "DecoderLayer",
     "DistillStep",
     "OnPolicy",
+    "SampleScores",
+    "score_samples",
     "DistillationObjective",
     "LayerStack",
     "LayerStates",

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -463,6 +464,18 @@ def test_eval_and_export_commands(tmp_path, teacher, corpus, capsys):
     student = bd.load_model(out / "student")
     tokens = jax.numpy.arange(16)
     np.testing.assert_allclose(exported(tokens).logits, student(tokens).logits, atol=1e-5)
+    # --teacher: the student scored on its own samples; the teacher against itself has no divergence
+    samples = ["--teacher", str(teacher), "--data", str(corpus), "--seq-len", "32", "--sample-rows", "2",
+               "--sample-tokens", "8", "--eval-batches", "1"]
+    code, stdout, _ = run_main(["eval", str(out / "student"), *samples], capsys)
+    assert code == 0 and "on its own samples (2 rows, 16-token prompts, 8 tokens at temperature 1)" in stdout
+    code, stdout, _ = run_main(["eval", str(teacher), *samples], capsys)
+    line = stdout.splitlines()[-1]
+    assert code == 0 and "reverse KL to the teacher 0.0000, forward KL 0.0000" in line
+    nll, own = (float(x) for x in re.findall(r"teacher NLL (\S+) nats/token \(of its own samples: (\S+)\)", line)[0])
+    assert nll == own > 0
+    code, _, err = run_main(["eval", str(teacher), *samples[:-4], "--sample-rows", "0"], capsys)
+    assert code != 0 and "sample_rows" in err
 
 
 def test_every_option_is_documented():

@@ -1,6 +1,7 @@
 """On-policy distillation: the rows the student writes, the step on them, and the command
 that mixes them into its batches (resumably, its sampling timed apart from the update)."""
 
+import dataclasses
 import json
 
 import jax
@@ -57,6 +58,51 @@ def test_bad_settings_name_the_value():
         bd.OnPolicy(fraction=0.5, prompt_len=16).check(16, 4)
     with pytest.raises(ValueError, match="is no row"):
         bd.OnPolicy(fraction=0.1, prompt_len=4).check(16, 4)
+
+
+def _reference_scores(student, teacher, rows, prompt_len):
+    """The sample scores in float64 numpy, from full forward passes."""
+    rkl = fkl = t_nll = s_nll = 0.0
+    for row in np.asarray(rows):
+        ls = np.asarray(student(jnp.asarray(row)).logits, np.float64)[prompt_len - 1 : -1]
+        lt = np.asarray(teacher(jnp.asarray(row)).logits, np.float64)[prompt_len - 1 : -1]
+        ls = ls - np.log(np.exp(ls - ls.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ls.max(-1, keepdims=True)
+        lt = lt - np.log(np.exp(lt - lt.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lt.max(-1, keepdims=True)
+        ps, pt = np.exp(ls), np.exp(lt)
+        rkl += (ps * (ls - lt)).sum()
+        fkl += (pt * (lt - ls)).sum()
+        picked = row[prompt_len:]
+        t_nll -= lt[np.arange(len(picked)), picked].sum()
+        s_nll -= ls[np.arange(len(picked)), picked].sum()
+    n = rows.shape[0] * (rows.shape[1] - prompt_len)
+    return rkl / n, fkl / n, t_nll / n, s_nll / n
+
+
+def test_sample_scores_are_the_divergences_on_the_students_own_continuations():
+    student = bd.Transformer(CONFIG, key=jax.random.key(0))
+    teacher = bd.Transformer(CONFIG, key=jax.random.key(1))
+    tokens = _batch(rows=3)[0]
+    key = jax.random.key(4)
+    scores = bd.score_samples(student, teacher, tokens[:, :6], 10, key=key)
+    written = bd.generate(student, tokens[:, :6], 10, key=key, temperature=1.0).tokens
+    rows = jnp.concatenate([tokens[:, :6], written], axis=1)
+    expected = _reference_scores(student, teacher, rows, 6)
+    got = (scores.reverse_kl, scores.forward_kl, scores.teacher_nll, scores.student_nll)
+    np.testing.assert_allclose([float(v) for v in got], expected, rtol=2e-5, atol=1e-6)
+    assert int(scores.tokens) == 30
+    # a student scored against itself: no divergence, and the two likelihoods agree
+    own = bd.score_samples(student, student, tokens[:, :6], 10, key=key)
+    assert abs(float(own.reverse_kl)) < 1e-6 and abs(float(own.forward_kl)) < 1e-6
+    np.testing.assert_allclose(float(own.teacher_nll), float(own.student_nll), rtol=1e-6)
+
+
+def test_sample_scores_refuse_another_vocabulary_by_name():
+    student = bd.Transformer(CONFIG, key=jax.random.key(0))
+    other = bd.Transformer(dataclasses.replace(CONFIG, vocab_size=32), key=jax.random.key(1))
+    with pytest.raises(ValueError, match="vocab_size=64 differs from the teacher's vocab_size=32"):
+        bd.score_samples(student, other, _batch()[0][:, :4], 4, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="max_new_tokens=40"):
+        bd.score_samples(student, student, _batch()[0][:, :4], 40, key=jax.random.key(0))
 
 
 def _args(out, teacher, corpus, **extra):

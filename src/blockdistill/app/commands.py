@@ -272,7 +272,38 @@ def evaluate_command(cfg: EvalConfig) -> dict[str, Any]:
     if isinstance(tokenizer, ByteTokenizer):
         line += f" = {loss / math.log(2):.4f} bits/byte"
     print(line)
-    return {"eval_loss": loss}
+    result: dict[str, Any] = {"eval_loss": loss}
+    if cfg.teacher is not None:
+        result["samples"] = _sample_scores(cfg, model, dataset)
+    return result
+
+
+def _sample_scores(cfg: EvalConfig, model: Transformer, dataset) -> dict[str, Any]:
+    """`eval --teacher`: the model scored against the teacher on its own samples, and the
+    teacher's NLL of its own samples from the same prompts."""
+    import jax
+    import jax.numpy as jnp
+
+    from ..distill.onpolicy import score_samples
+    from ..interop.folders import load_model
+
+    teacher = load_model(cfg.teacher, dtype=cfg.dtype)
+    rows = dataset.val.spread(cfg.sample_rows)[0]
+    if len(rows) < cfg.sample_rows:
+        raise ConfigError(f"sample_rows={cfg.sample_rows}: the held-out split has only {len(rows)} rows of "
+                          f"{cfg.seq_len} tokens")
+    prompts = jnp.asarray(rows[: cfg.sample_rows, : cfg.seq_len // 2])
+    key = jax.random.key(cfg.sample_seed)
+    ours = score_samples(model, teacher, prompts, cfg.sample_tokens, key=key)
+    floor = score_samples(teacher, teacher, prompts, cfg.sample_tokens, key=key)
+    scores = {name: float(getattr(ours, name)) for name in ("reverse_kl", "forward_kl", "teacher_nll", "student_nll")}
+    scores["teacher_own_nll"] = float(floor.teacher_nll)
+    scores["tokens"] = int(ours.tokens)
+    print(f"on its own samples ({cfg.sample_rows} rows, {prompts.shape[1]}-token prompts, {cfg.sample_tokens} "
+          f"tokens at temperature 1): reverse KL to the teacher {scores['reverse_kl']:.4f}, forward KL "
+          f"{scores['forward_kl']:.4f}, teacher NLL {scores['teacher_nll']:.4f} nats/token (of its own samples: "
+          f"{scores['teacher_own_nll']:.4f})")
+    return scores
 
 
 # ----------------------------------------------------------------------------- generate

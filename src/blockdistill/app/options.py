@@ -35,6 +35,7 @@ _SECTIONS: dict[str, tuple[str, str]] = {
     "teacher_cache": ("teacher", "cache"),
     **{name: ("cache", name) for name in ("top_k", "cache_dtype", "seeds")},
     **{name: ("generate", name) for name in ("prompt", "max_new_tokens", "top_p")},
+    **{name: ("eval", name) for name in ("sample_rows", "sample_tokens", "sample_seed")},
     **{name: ("search", name) for name in (
         "budget", "score", "mlp_ratios", "kv_heads", "drop_attention", "drop_mlp", "linear", "identity",
         "candidates_per_step")},
@@ -142,6 +143,9 @@ HELP: dict[str, str] = {
     'prompt': 'a text to continue; repeat the flag for several (they are generated together, as one batch)',
     'max_new_tokens': 'tokens to generate after each prompt (fewer when the model ends the text with its end-of-sequence token)',
     'top_p': 'sample only from the smallest set of most likely tokens whose probability reaches P (nucleus sampling)',
+    'sample_rows': 'with `teacher`: held-out rows whose first half the model continues with its own samples, scored against the teacher',
+    'sample_tokens': "with `teacher`: tokens the model samples (temperature 1) after each row's first half",
+    'sample_seed': 'with `teacher`: the key of those samples (the same seed, the same continuations)',
 }
 
 

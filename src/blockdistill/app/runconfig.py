@@ -327,10 +327,14 @@ class EvalConfig(DataOptions):
     tokenizer: str | None = None
     eval_batches: int = 16
     dtype: str = "float32"
+    teacher: str | None = None
+    sample_rows: int = 8
+    sample_tokens: int = 64
+    sample_seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "eval_batches")
+        _positive(self, "eval_batches", "sample_rows", "sample_tokens")
 
 
 @dataclasses.dataclass(frozen=True)

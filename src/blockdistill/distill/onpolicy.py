@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from .._types import BatchMask, BatchSegments, BatchTokens, Bool, Array
+from .._types import Array, BatchMask, BatchSegments, BatchTokens, Bool, Float, Int
 from ..nn.model import Transformer
 from .generate import generate
+from .losses import divergence_per_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,3 +126,99 @@ def _mix(student, tokens, mask, segment_ids, key, rows: int, prompt_len: int, te
     sampled_segments = jnp.where(jnp.arange(seq_len) < prompt_len, segment_ids[:rows], jnp.maximum(last, 1))
     return (jnp.concatenate([sampled_tokens, tokens[rows:]]), jnp.concatenate([sampled_mask, mask[rows:]]),
             jnp.concatenate([sampled_segments.astype(segment_ids.dtype), segment_ids[rows:]]))
+
+
+class SampleScores(eqx.Module):
+    """What [`blockdistill.score_samples`][] returns: per-token means over the student's
+    own continuations (every sampled token of every row), in nats, float32 scalars.
+
+    - `reverse_kl`: `KL(student || teacher)` of the next-token distributions at each
+      position that predicts a sampled token: the quantity on-policy distillation with
+      `divergence="reverse_kl"` minimises, and the per-token gap that compounds when the
+      student writes on its own.
+    - `forward_kl`: `KL(teacher || student)` at the same positions (what KD minimises, but
+      on the student's text instead of the corpus's).
+    - `teacher_nll`: the teacher's negative log-likelihood of the sampled tokens: how
+      likely the teacher finds what the student wrote (lower is better).
+    - `student_nll`: the student's own negative log-likelihood of them (a sample estimate
+      of its entropy at the sampling temperature 1).
+    - `tokens`: how many sampled tokens the means are over.
+    """
+
+    reverse_kl: Float[Array, ""]
+    forward_kl: Float[Array, ""]
+    teacher_nll: Float[Array, ""]
+    student_nll: Float[Array, ""]
+    tokens: Int[Array, ""]
+
+
+def score_samples(
+    student: Transformer,
+    teacher: Transformer,
+    prompts: BatchTokens,
+    max_new_tokens: int,
+    *,
+    key: PRNGKeyArray,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> SampleScores:
+    """The teacher's judgement of the student's own continuations: the evaluation that
+    matches on-policy distillation.
+
+    A held-out loss on corpus text measures the student where off-policy KD trains it.
+    Once it writes, its own tokens take it elsewhere (exposure bias); this scores it
+    there. The student continues each prompt by `max_new_tokens` sampled tokens
+    ([`blockdistill.generate`][] with `key`, `temperature`, `top_k`, `top_p`); then the
+    teacher and the student each run once over prompt and continuation, and at every
+    position that predicts a sampled token the two next-token distributions are compared
+    (full vocabulary, float32). Rows run one at a time, so memory holds one row's logits.
+
+    **Arguments:**
+
+    - `student`, `teacher`: [`blockdistill.Transformer`][]s with the same vocabulary.
+    - `prompts`: `[batch, seq]` token ids (e.g. the first tokens of held-out rows).
+    - `max_new_tokens`: tokens the student writes after each prompt.
+    - `key`: the sampling key (the same key, the same continuations).
+    - `temperature`, `top_k`, `top_p`: how the student samples (default: temperature 1,
+      the distribution it would be distilled on).
+
+    **Returns:** a [`blockdistill.SampleScores`][].
+
+    **Example:**
+
+    ```python
+    scores = bd.score_samples(student, teacher, tokens[:4, :32], 32, key=jax.random.key(0))
+    float(scores.reverse_kl), float(scores.teacher_nll), int(scores.tokens)  # ..., ..., 128
+    ```
+    """
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"score_samples: the student's vocab_size={student.config.vocab_size} differs from the "
+                         f"teacher's vocab_size={teacher.config.vocab_size}")
+    needed = prompts.shape[1] + max_new_tokens
+    if needed > teacher.config.max_seq_len:
+        raise ValueError(f"score_samples: max_new_tokens={max_new_tokens} after prompts of {prompts.shape[1]} tokens "
+                         f"exceeds the teacher's max_seq_len={teacher.config.max_seq_len}")
+    written = generate(student, prompts, max_new_tokens, key=key, temperature=temperature, top_k=top_k,
+                       top_p=top_p).tokens
+    sums = _sample_sums(student, teacher, jnp.concatenate([prompts, written], axis=1).astype(jnp.int32),
+                        prompts.shape[1])
+    count = written.size
+    return SampleScores(*(s / count for s in sums), jnp.asarray(count, jnp.int32))
+
+
+@eqx.filter_jit
+def _sample_sums(student, teacher, rows, prompt_len: int):
+    def row(tokens):
+        predicts = slice(prompt_len - 1, tokens.shape[0] - 1)
+        log_s = jax.nn.log_softmax(student(tokens).logits.astype(jnp.float32)[predicts], axis=-1)
+        log_t = jax.nn.log_softmax(teacher(tokens).logits.astype(jnp.float32)[predicts], axis=-1)
+        sampled = tokens[prompt_len:, None]
+        return jnp.stack([
+            divergence_per_token(log_s, log_t, "reverse_kl").sum(),
+            divergence_per_token(log_s, log_t, "kl").sum(),
+            -jnp.take_along_axis(log_t, sampled, axis=-1).sum(),
+            -jnp.take_along_axis(log_s, sampled, axis=-1).sum(),
+        ])
+
+    return tuple(jnp.sum(jax.lax.map(row, rows), axis=0))
