@@ -850,8 +850,9 @@ def corpora_table(records: list[dict[str, Any]]) -> str:
 def samples_table(records: list[dict[str, Any]]) -> str:
     """Per (student, recipe), averaged over seeds, the scores on the student's own samples
     (`bd.score_samples`); the teacher's own samples and each initial student first."""
-    lines = ["| student | recipe | seeds | reverse KL (student to teacher) | forward KL | teacher NLL of the "
-             "student's tokens | student NLL of its tokens |", "|---|---|---:|---:|---:|---:|---:|"]
+    head = ("| student | recipe | seeds | reverse KL (student to teacher) | forward KL | teacher NLL of the "
+            "student's tokens | student NLL of its tokens |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
     shown_initial = set()
 
     def cells(values: list[dict[str, float]]) -> str:
