@@ -23,7 +23,11 @@ torch, jax, torch, ...), each compiling / warming up first and then timing its s
 ratios are of the medians over every timed step of every child. `real_mfu` is the step's
 analytic model FLOPs (`bd.step_flops`) / its median time / the best fp32 matmul rate the
 same child measured. The compiled temporaries of the KD step are reported with and without
-`logit_chunk`. No assertion is made: this is a measurement script.
+`logit_chunk`. With `--breakdown` both sides also time the KD step's parts apart (the
+teacher's forward; the student's forward and backward of the KL given the teacher's
+logits; of that, the final norm, output head and KL alone given the hidden states; the
+clipped AdamW update), each as its own program, to say where a step's time goes. No
+assertion is made: this is a measurement script.
 """
 
 import argparse
@@ -85,8 +89,8 @@ def jax_child(args) -> dict[str, Any]:
 
     import blockdistill as bd
 
-    teacher = bd.Teacher(bd.load_model(args.teacher))
-    student = bd.load_model(args.student)
+    teacher = bd.Teacher(bd.load_model(args.teacher, scan_layers=not args.unrolled))
+    student = bd.load_model(args.student, scan_layers=not args.unrolled)
     tokens = jnp.asarray(_batch(teacher.config.vocab_size, args.batch, args.seq_len), jnp.int32)
     mask = jnp.ones(tokens.shape, bool)
     runners, losses, memory = {}, {}, {}
@@ -111,6 +115,7 @@ def jax_child(args) -> dict[str, Any]:
             start = time.perf_counter()
             runners[kind]()
             times[kind].append(time.perf_counter() - start)
+    parts = _jax_parts(teacher, student, tokens, mask, args.steps) if args.breakdown else None
     chunked = bd.DistillStep(_objective("kd", logit_chunk=args.logit_chunk), bd.make_optimizer(1e-3))
     opt_state = bd.make_optimizer(1e-3).init(eqx.filter(student, eqx.is_array))
     chunked_memory = chunked.lower(student, opt_state, teacher, tokens, mask, 0).compile().memory_analysis()
@@ -121,8 +126,82 @@ def jax_child(args) -> dict[str, Any]:
         "temp_bytes": {kind: int(m.temp_size_in_bytes) for kind, m in memory.items()}
         | {f"kd_logit_chunk_{args.logit_chunk}": int(chunked_memory.temp_size_in_bytes)},
         "argument_bytes": {kind: int(m.argument_size_in_bytes) for kind, m in memory.items()},
-        "devices": str(jax.devices()[0]), "jax": jax.__version__,
+        "devices": str(jax.devices()[0]), "jax": jax.__version__, "parts": parts,
     }
+
+
+#: the parts of the KD step timed apart with --breakdown (each side the same work)
+PARTS = ("teacher_forward", "student_forward_backward", "head_kl_backward", "optimizer_update")
+PART_LABELS = {
+    "teacher_forward": "teacher forward (logits)",
+    "student_forward_backward": "student forward + backward of the KL (teacher logits given)",
+    "head_kl_backward": "of which: final norm + output head + KL, forward and backward (hidden given)",
+    "optimizer_update": "clip + AdamW update of the student",
+}
+
+
+def _timed(runners: dict[str, Any], steps: int) -> dict[str, list[float]]:
+    """Each runner once to compile and warm up, then `steps` rounds of one call each
+    (every other round reversed)."""
+    for run in runners.values():
+        run()
+    order = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for r in range(steps):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _jax_parts(teacher, student, tokens, mask, steps: int) -> dict[str, list[float]]:
+    """The KD step's parts, each its own jitted program, timed side by side."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import blockdistill as bd
+
+    model = teacher.model
+    teacher_logits = eqx.filter_jit(lambda m, t: jax.vmap(lambda x: m(x).logits)(t))
+    logits = teacher_logits(model, tokens)
+
+    @eqx.filter_jit
+    def student_grads(s, t, target):
+        return eqx.filter_value_and_grad(lambda s: bd.logit_divergence(jax.vmap(lambda x: s(x).logits)(t), target, mask))(s)
+
+    head_module = student.embed_tokens if student.lm_head is None else student.lm_head
+    hidden = jax.vmap(lambda x: student(x).hidden)(tokens)
+    split = jax.tree.map(lambda _: False, student)
+    split = eqx.tree_at(lambda m: (m.norm, m.embed_tokens if m.lm_head is None else m.lm_head), split,
+                        replace=(jax.tree.map(eqx.is_array, student.norm), jax.tree.map(eqx.is_array, head_module)))
+    head_params, rest = eqx.partition(student, split)
+
+    @eqx.filter_jit
+    def head_grads(params, h, target):
+        def loss(params, h):
+            return bd.logit_divergence(jax.vmap(eqx.combine(params, rest).head)(h), target, mask)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, h)
+
+    optimizer = bd.make_optimizer(1e-3)
+    params = eqx.filter(student, eqx.is_array)
+    opt_state = optimizer.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    @eqx.filter_jit
+    def update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state
+
+    runners = {
+        "teacher_forward": lambda: jax.block_until_ready(teacher_logits(model, tokens)),
+        "student_forward_backward": lambda: jax.block_until_ready(student_grads(student, tokens, logits)),
+        "head_kl_backward": lambda: jax.block_until_ready(head_grads(head_params, hidden, logits)),
+        "optimizer_update": lambda: jax.block_until_ready(update(grads, opt_state, params)),
+    }
+    return _timed(runners, steps)
 
 
 class TorchKDPeer:
@@ -161,6 +240,46 @@ class TorchKDPeer:
         self.last_loss = float(loss.detach())
 
 
+def _torch_parts(peer: "TorchKDPeer", steps: int) -> dict[str, list[float]]:
+    """The KD step's parts as the PyTorch peer runs them, timed side by side."""
+    torch = peer.torch
+    with torch.no_grad():
+        teacher_logits = peer.teacher(input_ids=peer.input_ids, use_cache=False).logits
+        hidden = peer.student.model(input_ids=peer.input_ids, use_cache=False).last_hidden_state
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+
+    def kl(logits):
+        log_q = torch.log_softmax(logits.float(), dim=-1)
+        return torch.sum(log_p.exp() * (log_p - log_q), dim=-1).mean()
+
+    def teacher_forward():
+        with torch.no_grad():
+            peer.teacher(input_ids=peer.input_ids, use_cache=False)
+
+    def student_forward_backward():
+        peer.optimizer.zero_grad(set_to_none=True)
+        kl(peer.student(input_ids=peer.input_ids, use_cache=False).logits).backward()
+
+    def head_kl_backward():
+        peer.optimizer.zero_grad(set_to_none=True)
+        h = hidden.detach().requires_grad_(True)
+        kl(peer.student.lm_head(peer.student.model.norm(h))).backward()
+
+    def optimizer_update():
+        for p in peer.params:
+            p.grad = torch.ones_like(p) if p.grad is None else p.grad
+        torch.nn.utils.clip_grad_norm_(peer.params, 1.0)
+        peer.optimizer.step()
+
+    student_forward_backward()  # gradients exist for the update
+    runners = {"teacher_forward": teacher_forward, "student_forward_backward": student_forward_backward,
+               "head_kl_backward": head_kl_backward}
+    times = _timed(runners, steps)
+    student_forward_backward()
+    times.update(_timed({"optimizer_update": optimizer_update}, steps))
+    return times
+
+
 def torch_child(args) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     from run import TorchBlockwisePeer  # noqa: E402  (the blockwise peer of the suite)
@@ -181,7 +300,8 @@ def torch_child(args) -> dict[str, Any]:
             start = time.perf_counter()
             runners[kind]()
             times[kind].append(time.perf_counter() - start)
-    return {"times": times, "first_loss": losses, "threads": threads, "torch": torch.__version__}
+    parts = _torch_parts(runners["kd"], args.steps) if args.breakdown else None
+    return {"times": times, "first_loss": losses, "threads": threads, "torch": torch.__version__, "parts": parts}
 
 
 def _vocab(folder: str) -> int:
@@ -194,6 +314,7 @@ def _child(side: str, args, student: str) -> dict[str, Any]:
                "--steps", str(args.steps), "--logit-chunk", str(args.logit_chunk)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    command += [flag for flag, on in (("--breakdown", args.breakdown), ("--unrolled", args.unrolled)) if on]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the {side} child failed:\n{done.stderr[-3000:]}")
@@ -229,7 +350,7 @@ def measure(args) -> dict[str, Any]:
     first = runs["jax"][0]
     peak = max(run["matmul_gflops"] for run in runs["jax"])
     results: dict[str, Any] = {
-        "real_teacher": args.teacher, "real_batch": [args.batch, args.seq_len],
+        "real_teacher": args.teacher, "real_batch": [args.batch, args.seq_len], "real_scan_layers": not args.unrolled,
         "real_step_s": median, "real_step_s_per_child": {kind: [statistics.median(run["times"][kind])
                                                                 for run in runs["jax"]] for kind in KINDS},
         "real_model_gflop": {kind: flops / 1e9 for kind, flops in first["flops"].items()},
@@ -251,6 +372,9 @@ def measure(args) -> dict[str, Any]:
             "real_torch_threads": runs["torch"][0]["threads"],
         })
         results["real_first_loss"]["torch"] = runs["torch"][0]["first_loss"]
+    if args.breakdown:
+        results["real_parts_s"] = {side: {part: statistics.median([t for run in runs[side] for t in run["parts"][part]])
+                                          for part in PARTS} for side in runs if runs[side]}
     return results
 
 
@@ -267,6 +391,13 @@ def table(results: dict[str, Any]) -> str:
                 "real_kd_vs_student_step", "real_matmul_gflops"):
         if key in results:
             lines.append(f"- `{key}` = {results[key]:.3f}")
+    parts = results.get("real_parts_s")
+    if parts:
+        lines += ["", "| part of the KD step | median s (jax) | median s (torch) | torch / jax |", "|---|---:|---:|---:|"]
+        for part in PARTS:
+            ours, theirs = parts["jax"][part], parts.get("torch", {}).get(part)
+            ratio = "" if theirs is None else f"{theirs / ours:.2f}"
+            lines.append(f"| {PART_LABELS[part]} | {ours:.3f} | {'' if theirs is None else f'{theirs:.3f}'} | {ratio} |")
     chunk = [k for k in results["real_temp_bytes"] if k.startswith("kd_logit_chunk")]
     for key in chunk:
         lines.append(f"- KD step temporaries: {results['real_temp_bytes']['kd'] / 2**20:.0f} MiB, "
@@ -285,6 +416,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--logit-chunk", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--unrolled", action="store_true",
+                        help="the JAX side runs its layers as an unrolled loop (scan_layers=False) instead of one scan")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the KD step's parts apart on both sides (teacher forward, student "
+                             "forward + backward, the output head and KL, the optimizer update)")
     parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--student", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
