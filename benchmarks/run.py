@@ -48,7 +48,8 @@ per-round ratio, and tokens/s and MFU use each variant's best round (see
    shapes (e.g. SmolLM2-135M, 49k vocabulary) against a PyTorch peer timed in processes
    of its own: `real_vs_torch`, `real_mfu`, `real_kd_vs_student_step` and the KD step's
    temporaries with and without `logit_chunk` (`benchmarks/real.py`; run alone, it runs
-   only this section).
+   only this section). `--breakdown` also times the KD step's parts apart on both sides
+   (where the time goes), `--unrolled` runs the JAX layers unrolled.
 
 No assertion is made on any number: this is a measurement script, not a test.
 """
