@@ -22,6 +22,7 @@ from jaxtyping import PRNGKeyArray
 
 from .._types import Array, BatchMask, BatchSegments, BatchTokens, Bool, Float, Int
 from ..nn.model import Transformer
+from ..nn.teacher import Teacher
 from .generate import generate
 from .losses import divergence_per_token
 
@@ -143,6 +144,13 @@ class SampleScores(eqx.Module):
     - `student_nll`: the student's own negative log-likelihood of them (a sample estimate
       of its entropy at the sampling temperature 1).
     - `tokens`: how many sampled tokens the means are over.
+
+    **Example:**
+
+    ```python
+    scores = bd.score_samples(student, teacher, batch_tokens[:2, :8], 8, key=jax.random.key(0))
+    int(scores.tokens), float(scores.reverse_kl) >= 0  # 16, True
+    ```
     """
 
     reverse_kl: Float[Array, ""]
@@ -154,7 +162,7 @@ class SampleScores(eqx.Module):
 
 def score_samples(
     student: Transformer,
-    teacher: Transformer,
+    teacher: Transformer | Teacher,
     prompts: BatchTokens,
     max_new_tokens: int,
     *,
@@ -176,7 +184,8 @@ def score_samples(
 
     **Arguments:**
 
-    - `student`, `teacher`: [`blockdistill.Transformer`][]s with the same vocabulary.
+    - `student`, `teacher`: [`blockdistill.Transformer`][]s with the same vocabulary (the
+      teacher may also be a [`blockdistill.Teacher`][]).
     - `prompts`: `[batch, seq]` token ids (e.g. the first tokens of held-out rows).
     - `max_new_tokens`: tokens the student writes after each prompt.
     - `key`: the sampling key (the same key, the same continuations).
@@ -188,10 +197,12 @@ def score_samples(
     **Example:**
 
     ```python
-    scores = bd.score_samples(student, teacher, tokens[:4, :32], 32, key=jax.random.key(0))
-    float(scores.reverse_kl), float(scores.teacher_nll), int(scores.tokens)  # ..., ..., 128
+    scores = bd.score_samples(student, teacher, batch_tokens[:, :8], 8, key=jax.random.key(0))
+    float(scores.reverse_kl), float(scores.teacher_nll), int(scores.tokens)  # ..., ..., 32
     ```
     """
+    if isinstance(teacher, Teacher):
+        teacher = teacher.model
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"score_samples: the student's vocab_size={student.config.vocab_size} differs from the "
                          f"teacher's vocab_size={teacher.config.vocab_size}")
