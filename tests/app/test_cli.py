@@ -481,7 +481,8 @@ def test_eval_and_export_commands(tmp_path, teacher, corpus, capsys):
 def test_every_option_is_documented():
     import dataclasses
 
-    from blockdistill.app.runconfig import DistillConfig, EvalConfig, GenerateConfig, PretrainConfig
+    from blockdistill.app.modelconfig import EvalConfig, GenerateConfig
+    from blockdistill.app.runconfig import DistillConfig, PretrainConfig
 
     page = (REPO_ROOT / "docs" / "cli.md").read_text()
     for cls in (DistillConfig, PretrainConfig, EvalConfig, GenerateConfig):

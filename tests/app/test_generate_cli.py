@@ -13,7 +13,7 @@ import blockdistill as bd
 from blockdistill.app.cli import _parser, main
 from blockdistill.app.commands import generate_command
 from blockdistill.app.options import HELP, build_config
-from blockdistill.app.runconfig import GenerateConfig
+from blockdistill.app.modelconfig import GenerateConfig
 from helpers import REPO_ROOT, make_tokenizer_dir
 
 CFG = bd.TransformerConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=64)

@@ -10,8 +10,9 @@ import os
 import pathlib
 import sys
 
+from .modelconfig import EvalConfig, GenerateConfig
 from .options import add_flags, build_config, given_flags
-from .runconfig import CacheConfig, DistillConfig, EvalConfig, GenerateConfig, PretrainConfig
+from .runconfig import CacheConfig, DistillConfig, PretrainConfig
 from .search import SearchConfig
 
 _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.

@@ -18,6 +18,7 @@ from ..nn.costs import parameter_count, pretrain_flops
 from ..nn.model import Transformer
 from ..parallel.mesh import check_mesh, make_mesh
 from .distill import cache_identity, cached_objectives
+from .modelconfig import EvalConfig, GenerateConfig
 from .options import ConfigError
 from .run import (
     TAIL_KS,
@@ -39,8 +40,6 @@ from .run import (
 from .runconfig import (
     CacheConfig,
     DistillConfig,
-    EvalConfig,
-    GenerateConfig,
     PretrainConfig,
     distill_steps,
     lr_schedule,
