@@ -109,7 +109,7 @@ HELP: dict[str, str] = {
     'blockwise_weight_end': '`w` at the end of the schedule',
     'blockwise_steps': 'length of the schedule; for `staged`, the step of the switch',
     'temperature': 'KL temperature `T`',
-    'divergence': "the logit term, between the teacher's and the student's distributions at temperature `T`, times `T^2`: `kl` (forward KL, teacher to student), `reverse_kl`, `jsd` (generalized Jensen-Shannon, GKD's), `skew_kl` (DistiLLM's skew KL) or `tvd` (total variation); a top-k teacher cache serves only `kl` unless it keeps the whole vocabulary (see [Concepts](concepts.md#losses))",
+    'divergence': "the logit term, between the teacher's and the student's distributions at temperature `T`, times `T^2`: `kl` (forward KL, teacher to student), `reverse_kl`, `jsd` (generalized Jensen-Shannon, GKD's), `skew_kl` (DistiLLM's skew KL) or `tvd` (total variation); a top-k teacher cache serves only `kl` unless it keeps the whole vocabulary (see [Concepts](concepts.md#losses)); `kl` closed the most of the held-out gap in docs/signals.md, `jsd` left the student closest to the teacher on its own samples",
     'jsd_beta': "`beta` of `jsd`, in [0, 1]: the mixture is `beta p_teacher + (1 - beta) q_student`; `0` is the forward KL, `1` the reverse KL",
     'onpolicy_fraction': "on-policy distillation (GKD): the fraction of each batch's rows the student writes itself (its samples continuing the row's first tokens), scored by the teacher on the student's own tokens; 0 is off (needs `label_weight` 0 and no teacher cache)",
     'onpolicy_prompt_len': "the tokens of a row kept as the prompt of an on-policy row; default: half the row",
