@@ -457,8 +457,8 @@ def to_decilm(
     **Arguments:**
 
     - `model`: a [`blockdistill.Transformer`][]; a linear layer is written as a
-      `replace_with_linear` attention with an FFN `no_op` (see
-      [`decilm`][blockdistill.interop.decilm]).
+      `replace_with_linear` attention with an FFN `no_op` (see the
+      [Hugging Face guide](../hf.md#heterogeneous-students-the-decilm-nemotron-nas-format)).
     - `path`: the output folder (replaced atomically).
     - `tokenizer_from`: as for [`blockdistill.to_hf`][].
     - `ffn_mult_only`: write every MLP width as `ffn_mult` and refuse one that is not a
