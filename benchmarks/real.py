@@ -186,20 +186,25 @@ def _jax_parts(teacher, student, tokens, mask, steps: int) -> dict[str, list[flo
         return jax.value_and_grad(loss, argnums=(0, 1))(params, h)
 
     optimizer = bd.make_optimizer(1e-3)
-    params = eqx.filter(student, eqx.is_array)
-    opt_state = optimizer.init(params)
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), eqx.filter(student, eqx.is_array))
     grads = jax.tree.map(jnp.ones_like, params)
+    # in place, as the step does it (and torch): the parameters and moments are donated
+    held = {"params": params, "opt": optimizer.init(params)}
 
-    @eqx.filter_jit
+    @eqx.filter_jit(donate="all-except-first")
     def update(grads, opt_state, params):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state
+
+    def run_update():
+        held["params"], held["opt"] = update(grads, held["opt"], held["params"])
+        jax.block_until_ready(held["params"])
 
     runners = {
         "teacher_forward": lambda: jax.block_until_ready(teacher_logits(model, tokens)),
         "student_forward_backward": lambda: jax.block_until_ready(student_grads(student, tokens, logits)),
         "head_kl_backward": lambda: jax.block_until_ready(head_grads(head_params, hidden, logits)),
-        "optimizer_update": lambda: jax.block_until_ready(update(grads, opt_state, params)),
+        "optimizer_update": run_update,
     }
     return _timed(runners, steps)
 
