@@ -141,18 +141,14 @@ PART_LABELS = {
 
 
 def _timed(runners: dict[str, Any], steps: int) -> dict[str, list[float]]:
-    """Each runner once to compile and warm up, then `steps` rounds of one call each
-    (every other round reversed)."""
+    """Each runner once to compile and warm up, then `steps` rounds of one call each: the
+    suite's `round_robin` (benchmarks/run.py), its wall times."""
+    sys.path.insert(0, str(HERE))
+    from run import round_robin  # the suite's timing protocol
+
     for run in runners.values():
         run()
-    order = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in order}
-    for r in range(steps):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+    return round_robin(runners, steps)[0]
 
 
 def _jax_parts(teacher, student, tokens, mask, steps: int) -> dict[str, list[float]]:
