@@ -513,6 +513,11 @@ def free_divergence(student, teacher_model, rows) -> dict[str, list[float]]:
             for kind in ("cosine", "nmse")}
 
 
+def sample_sizes(quick: bool) -> tuple[int, int]:
+    """(prompt tokens, sampled tokens) of the evaluation on the student's own text."""
+    return (16, 16) if quick else (SAMPLE_PROMPT, SAMPLE_NEW)
+
+
 def sample_scores(model, teacher_model, rows, quick: bool) -> dict[str, float]:
     """`bd.score_samples` of `model` on continuations of the first tokens of `rows`."""
     import jax
@@ -520,7 +525,7 @@ def sample_scores(model, teacher_model, rows, quick: bool) -> dict[str, float]:
 
     import blockdistill as bd
 
-    prompt, new = (16, 16) if quick else (SAMPLE_PROMPT, SAMPLE_NEW)
+    prompt, new = sample_sizes(quick)
     out = bd.score_samples(model, teacher_model, jnp.asarray(rows[0][:, :prompt]), new,
                            key=jax.random.key(SAMPLE_SEED))
     return {name: float(getattr(out, name)) for name in SAMPLE_FIELDS}
@@ -630,8 +635,8 @@ class Scorer:
                    "teacher": self.references.get(tag + "teacher:" + self.teacher_id,
                                                   lambda: sample_scores(self.teacher(), self.teacher(), rows,
                                                                         self.quick)),
-                   "spec": {"rows": len(rows[0]), "prompt": 16 if self.quick else SAMPLE_PROMPT,
-                            "new": 16 if self.quick else SAMPLE_NEW, "seed": SAMPLE_SEED, "temperature": 1.0}}
+                   "spec": {"rows": len(rows[0]), **dict(zip(("prompt", "new"), sample_sizes(self.quick))),
+                            "seed": SAMPLE_SEED, "temperature": 1.0}}
         return {"corpora": corpora, "corpora_spec": self.corpora.spec, "free_per_layer": free,
                 "free_per_layer_initial": init["free_per_layer"], "samples": samples}
 
