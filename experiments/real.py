@@ -88,14 +88,19 @@ get_smollm2 = _load("_real_study_get_smollm2", HERE / "get_smollm2.py")
 #: 4 x 256 (95 tokens/s); layer-level blockwise 3.25 s at 4 x 128: 4 x 128 gives twice the
 #: optimizer steps for about the same tokens per second
 BATCH, SEQ = 4, 128
-#: the equal-seconds budget: what KD into the half-MLP student costs in this many steps
-#: (200 x 6.0 s = 20 minutes per run; 13 runs, the step-time measurement and the
-#: learning-rate check make the first pass about 6.5 hours on a quiet machine)
-REF_STEPS = 200
+#: the equal-seconds budget: what KD into each student costs in this many steps (100 x
+#: 5.6 s = 9.4 minutes for the half-MLP student). The first pass (17 runs) is about 3 hours
+#: of steps plus the scoring on a quiet machine; the seeds of the best two recipes per
+#: student as much again. It was 200 steps until the study's first sessions showed that
+#: this machine is stopped every few hours and other work shares its 2 cores: at 200 the
+#: first pass alone needed about 7 quiet hours.
+REF_STEPS = 100
 #: held-out evaluations per run (plus step 0), each on EVAL_BATCHES fixed batches (8,192 tokens)
-EVALS_PER_RUN = 6
+EVALS_PER_RUN = 5
 EVAL_BATCHES = 16
-CHECKPOINT_EVERY = 50
+#: a stopped run loses at most this many steps (a checkpoint of a 135M student and its
+#: optimizer state takes a few seconds to write)
+CHECKPOINT_EVERY = 25
 #: the learning-rate check: these peaks, LR_STEPS steps, one cell per recipe family
 LR_CANDIDATES = (3e-4, 1e-3)
 LR_STEPS = 60
