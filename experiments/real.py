@@ -88,8 +88,8 @@ get_smollm2 = _load("_real_study_get_smollm2", HERE / "get_smollm2.py")
 #: 4 x 256 (95 tokens/s); layer-level blockwise 3.25 s at 4 x 128: 4 x 128 gives twice the
 #: optimizer steps for about the same tokens per second
 BATCH, SEQ = 4, 128
-#: the equal-seconds budget: what KD into each student costs in this many steps (100 x
-#: 5.6 s = 9.4 minutes for the half-MLP student). The first pass (17 runs) is about 3 hours
+#: the equal-seconds budget: every run gets the seconds that KD into the half-MLP student
+#: costs in this many steps (100 x 5.6 s = 9.4 minutes). The first pass (19 runs) is about 3 hours
 #: of steps plus the scoring on a quiet machine; the seeds of the best two recipes per
 #: student as much again. It was 200 steps until the study's first sessions showed that
 #: this machine is stopped every few hours and other work shares its 2 cores: at 200 the
@@ -129,11 +129,18 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "mlp": {"mlp_ratio": 0.5},
     "mqa": {"mlp_ratio": 1.0, "kv_heads_ratio": 1 / 3},
     "layers": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": quality.HALF_DEPTH},
+    # the uniform students at the block-searched student's budget (50% of the parameters:
+    # the tied 49,152 x 576 embedding is 21% of them), one per axis, each finished with the
+    # same KD: every MLP cut to 238 of 1536 channels (49.98%), or 11 of the 30 layers (50.00%)
+    "mlp50": {"mlp_ratio": 238 / 1536},
+    "depth50": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": 11},
 }
 STUDENT_LABELS = {
     "mlp": "half MLP width",
     "mqa": "one KV head (3 -> 1)",
     "layers": "half the layers (grouped)",
+    "mlp50": "uniform 50%: MLP 238 of 1536",
+    "depth50": "uniform 50%: 11 of 30 layers",
 }
 #: the recipes of each student (seed 0), in the order they run: each student's KD and the
 #: toy study's best for it first, so that a partial study answers the main questions
@@ -141,6 +148,8 @@ GRID: dict[str, tuple[str, ...]] = {
     "mlp": ("kd", "layer-cosine", "kd+ce", "staged-0.5+ce"),
     "mqa": ("kd", "layer-cosine", "kd+ce", "staged-0.5+ce"),
     "layers": ("kd", "ce", "layer-cosine", "kd+ce", "staged-0.5+ce", "kd-jsd", "onpolicy-0.25", "kd-rkl"),
+    "mlp50": ("kd",),
+    "depth50": ("kd",),
 }
 #: `--quick` runs one cell of each kind of program (KD, blockwise, staged, labels only)
 QUICK_GRID: dict[str, tuple[str, ...]] = {"mlp": ("kd", "staged-0.5+ce"), "mqa": ("layer-cosine",), "layers": ("ce",)}
@@ -642,7 +651,8 @@ class Scorer:
                                                                         self.quick)),
                    "spec": {"rows": len(rows[0]), **dict(zip(("prompt", "new"), sample_sizes(self.quick))),
                             "seed": SAMPLE_SEED, "temperature": 1.0}}
-        return {"corpora": corpora, "corpora_spec": self.corpora.spec, "free_per_layer": free,
+        params = {"student": bd.parameter_count(student.config), "teacher": bd.parameter_count(self.teacher().config)}
+        return {"params": params, "corpora": corpora, "corpora_spec": self.corpora.spec, "free_per_layer": free,
                 "free_per_layer_initial": init["free_per_layer"], "samples": samples}
 
 
