@@ -131,9 +131,10 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "layers": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": quality.HALF_DEPTH},
     # the uniform students at the block-searched student's budget (50% of the parameters:
     # the tied 49,152 x 576 embedding is 21% of them), one per axis, each finished with the
-    # same KD: every MLP cut to 238 of 1536 channels (49.98%), or 11 of the 30 layers (50.00%)
+    # same KD: every MLP cut to 238 of 1536 channels (49.98%), or 11 of the 30 layers (50.00%;
+    # "every-k", since 11 does not divide 30: teacher layers 1, 4, 7, 9, ..., 29 survive)
     "mlp50": {"mlp_ratio": 238 / 1536},
-    "depth50": {"mlp_ratio": 1.0, "student_layers": "group", "student_n_layers": 11},
+    "depth50": {"mlp_ratio": 1.0, "student_layers": "every-k", "student_n_layers": 11},
 }
 STUDENT_LABELS = {
     "mlp": "half MLP width",
@@ -141,6 +142,7 @@ STUDENT_LABELS = {
     "layers": "half the layers (grouped)",
     "mlp50": "uniform 50%: MLP 238 of 1536",
     "depth50": "uniform 50%: 11 of 30 layers",
+    "searched": "block-searched",  # its folder is given with --searched
 }
 #: the recipes of each student (seed 0), in the order they run: each student's KD and the
 #: toy study's best for it first, so that a partial study answers the main questions
@@ -706,7 +708,6 @@ def add_searched(folder: pathlib.Path) -> None:
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--searched {folder}: not a model folder (no config.json)")
     STUDENTS["searched"] = {"student": str(folder.resolve())}
-    STUDENT_LABELS["searched"] = "block-searched (--searched)"
     GRID["searched"] = ("kd",)
     quality.GRID[("searched", "prune")] = GRID["searched"]
 
@@ -745,7 +746,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.searched is not None:
         add_searched(args.searched)
     elif any(name.startswith("searched-") for name in results):  # its records are reported all the same
-        STUDENT_LABELS.setdefault("searched", "block-searched")
         GRID.setdefault("searched", ("kd",))
         quality.GRID[("searched", "prune")] = GRID["searched"]
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -915,6 +915,48 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: the students of the search's goal: the block-searched one and the uniform ones at its budget
+SEARCH_SIDE = ("searched", "mlp50", "depth50")
+
+
+def search_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The block-searched student against the uniform ones at its parameter budget, each
+    finished with the same KD at equal seconds: final loss on each corpus (mean over seeds)
+    and the goal's verdict (the searched student below the best uniform one on both the
+    training corpus's held-out split and prose)."""
+    groups = {s: g for (s, _, recipe), g in quality._groups(records).items()
+              if s in SEARCH_SIDE and recipe == "kd" and "corpora" in g[0]}
+    if "searched" not in groups or len(groups) < 2:
+        return []
+
+    def losses(group):
+        return {"stdlib": _mean([g["eval_loss"][-1] for g in group]),
+                **{c: _mean([g["corpora"][c]["student"] for g in group]) for c in ("prose", "humaneval")}}
+
+    lines = ["| student | parameters | seeds | steps | initial held-out | final held-out | prose | HumanEval |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    final = {}
+    for student in SEARCH_SIDE:
+        if student not in groups:
+            continue
+        group = groups[student]
+        final[student] = losses(group)
+        p = group[0].get("params")
+        share = f"{p['student'] / 1e6:.1f}M ({p['student'] / p['teacher']:.1%})" if p else "-"
+        lines.append(f"| {STUDENT_LABELS[student]} | {share} | {len(group)} | {group[0]['steps']} | "
+                     f"{_mean([g['eval_loss'][0] for g in group]):.4f} | "
+                     + " | ".join(f"{final[student][c]:.4f}" for c in ("stdlib", "prose", "humaneval")) + " |")
+    verdicts = []
+    for corpus, label in (("stdlib", "held-out stdlib"), ("prose", "prose"), ("humaneval", "HumanEval")):
+        best = min((s for s in final if s != "searched"), key=lambda s: final[s][corpus])
+        ahead = final["searched"][corpus] < final[best][corpus]
+        verdicts.append(f"{label}: searched {final['searched'][corpus]:.4f} against the best uniform "
+                        f"({STUDENT_LABELS[best]}) {final[best][corpus]:.4f}, {'ahead' if ahead else 'behind'}")
+    met = all(final["searched"][c] < min(final[s][c] for s in final if s != "searched") for c in ("stdlib", "prose"))
+    return [*lines, "", "; ".join(verdicts) + ". The goal (ahead on the training corpus and on prose) is "
+            + ("met." if met else "missed.")]
+
+
 def plot_curves(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.Path:
     """`real_curves.png`: held-out loss against measured training seconds, one panel per student."""
     import matplotlib
@@ -1068,6 +1110,13 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
                      f"canonical solutions given their prompts, loss over the solutions' {spec['humaneval']['solution_tokens']:,} "
                      "tokens only. Gap closed: (initial - final) / (initial - teacher) on that corpus."), "",
                      corpora_table(main), ""]
+            search = search_lines(main)
+            if search:
+                body += ["### The block-searched student against uniform ones of its size", "",
+                         ("`blockdistill search` at a budget of 50% of the teacher's parameters (its choice and "
+                          "costs: docs/search.md) against the two uniform cuts to the same budget, each finished "
+                          "with KD at the same measured seconds. Losses after the finish; each started from its own "
+                          "pruned or assembled weights (the initial column)."), "", *search, ""]
             samples = samples_table(main)
             if samples:
                 body += ["### On the student's own text", "",

@@ -20,21 +20,6 @@ def quality():
         yield module
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    """A 2-layer byte-level teacher of width 64: the study's machinery at a fraction of the
-    shipped teacher's compile and step time (its numbers never matter here)."""
-    import jax
-
-    import blockdistill as bd
-
-    config = bd.TransformerConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                  mlp_dim=128, max_seq_len=64)
-    path = tmp_path_factory.mktemp("tiny-teacher") / "teacher"
-    bd.save_model(bd.Transformer(config, key=jax.random.key(0)), path, tokenizer=bd.ByteTokenizer())
-    return str(path)
-
-
 def _record(losses, teacher=1.0, steps_between=10, tokens_per_step=100):
     return {"eval_loss": losses, "teacher_loss": teacher, "tokens_per_step": tokens_per_step,
             "eval_steps": [i * steps_between for i in range(len(losses))]}

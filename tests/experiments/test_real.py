@@ -1,0 +1,82 @@
+"""The real-teacher study's script (experiments/real.py): its grid builds valid runs, and
+its report's verdicts (the issue's goals) follow the records, whichever way they fall.
+The study itself runs for CPU hours on SmolLM2 and is not a test; its numbers live in
+docs/real.md."""
+
+import dataclasses
+
+import pytest
+from helpers import REPO_ROOT, loaded_script
+
+
+@pytest.fixture(scope="module")
+def real():
+    with loaded_script("real_study", REPO_ROOT / "experiments" / "real.py",
+                       "_real_study_quality", "_real_study_get_smollm2") as module:
+        yield module
+
+
+def test_every_cell_is_a_valid_run(real, tmp_path, tiny_teacher):
+    """Each (student, recipe) of the grid builds a run config against a teacher folder,
+    every recipe has a learning-rate family, and no two cells are the same run."""
+    extra = {"teacher": str(tiny_teacher)}
+    seen = set()
+    for student, recipe in real.order(real.GRID):
+        assert recipe in real.FAMILY, recipe
+        run = real.Run(student, "prune", recipe, 0, 8, 3e-4, "seconds")
+        cfg = real.quality.config_for(run, tmp_path / run.name, quick=False, extra=extra)
+        key = repr({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "steps")})
+        assert key not in seen, run.name
+        seen.add(key)
+    # the uniform students sit at the searched student's budget on SmolLM2's shapes
+    # (30 layers, MLP 1536): 238 channels and 11 layers
+    assert round(real.STUDENTS["mlp50"]["mlp_ratio"] * 1536) == 238
+    assert real.STUDENTS["depth50"]["student_n_layers"] == 11
+
+
+def test_every_student_can_be_cut_from_smollm2(real):
+    """Each student's depth cut is valid for SmolLM2's 30 layers (11 layers cannot be
+    grouped evenly, for instance), and the depth cuts are the intended ones."""
+    import blockdistill as bd
+    from blockdistill.distill.prune import _student_depth
+
+    depths = {}
+    for student, fields in real.STUDENTS.items():
+        n = fields.get("student_n_layers")
+        config = bd.StudentConfig(init="prune", layers=fields.get("student_layers", "all"),
+                                  n_layers=15 if n == real.quality.HALF_DEPTH else n)
+        depths[student] = _student_depth(config, 30)
+    assert depths["layers"] == tuple(range(0, 30, 2))
+    assert depths["depth50"] == (1, 4, 7, 9, 12, 15, 18, 20, 23, 26, 29)
+    assert depths["mlp"] == depths["mqa"] == depths["mlp50"] == tuple(range(30))
+
+
+def _record(real, student, final, prose, humaneval, seed=0, params=None):
+    return {"student": student, "init": "prune", "recipe": "kd", "seed": seed, "steps": 100,
+            "eval_loss": [4.0, final], "teacher_loss": 2.7, "params": params,
+            "corpora": {"prose": {"student": prose}, "humaneval": {"student": humaneval}}}
+
+
+@pytest.mark.parametrize(("searched", "verdict"), [((3.0, 3.5, 1.0), "met"),    # ahead on both
+                                                   ((3.0, 3.7, 0.5), "missed"),  # behind on prose
+                                                   ((3.3, 3.5, 0.5), "missed")])  # behind on the corpus
+def test_search_verdict_follows_the_records(real, searched, verdict):
+    """The searched student meets the goal only when it is below the best uniform student
+    on both the held-out corpus and prose (HumanEval is reported, not required); the best
+    uniform student is chosen per corpus, and seeds are averaged."""
+    records = [_record(real, "searched", *searched, params={"student": 67e6, "teacher": 134e6}),
+               _record(real, "mlp50", 3.2, 3.6, 0.9),
+               _record(real, "depth50", 3.4, 3.55, 0.8, seed=0),
+               _record(real, "depth50", 3.6, 3.65, 0.8, seed=1)]
+    lines = real.search_lines(records)
+    assert lines[-1].endswith(f"The goal (ahead on the training corpus and on prose) is {verdict}.")
+    assert "67.0M (50.0%)" in lines[2]  # the searched row, with its parameters
+    # depth50's two seeds average to 3.5 on the corpus and 3.6 on prose: mlp50 is the best
+    # uniform on the corpus (3.2), depth50 on prose (3.6)
+    assert "(uniform 50%: MLP 238 of 1536) 3.2000" in lines[-1]
+    assert "(uniform 50%: 11 of 30 layers) 3.6000" in lines[-1]
+
+
+def test_search_verdict_needs_both_sides(real):
+    assert real.search_lines([_record(real, "mlp50", 3.2, 3.6, 0.9)]) == []
+    assert real.search_lines([_record(real, "searched", 3.0, 3.5, 1.0)]) == []
