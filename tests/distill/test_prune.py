@@ -342,7 +342,7 @@ def test_student_config_from_dict():
     [
         (dict(mlp_ratio=0.001), r"StudentConfig\.mlp_ratio=0\.001 .*mlp_dim=48"),
         (dict(layers="every-k", n_layers=5), r"StudentConfig\.n_layers=5 .*n_layers=4"),
-        (dict(layers="group", n_layers=3), r"StudentConfig\.n_layers=3 .*n_layers=4"),
+        (dict(layers="group", n_layers=3), r"StudentConfig\.n_layers=3 .*n_layers=4 .*\[1, 2, 4\].*every-k"),
         (dict(kv_heads_ratio=0.75), r"StudentConfig\.kv_heads_ratio=0\.75 .*n_kv_heads=2"),
         (dict(kv_heads_ratio=0.3), r"StudentConfig\.kv_heads_ratio=0\.3 .*n_kv_heads=2"),
     ],

@@ -230,7 +230,9 @@ def _student_depth(config: StudentConfig, teacher_layers: int) -> tuple[int, ...
             _fail(
                 "n_layers",
                 n,
-                f'must divide the teacher\'s n_layers={teacher_layers} with layers="group"',
+                f'must divide the teacher\'s n_layers={teacher_layers} with layers="group" (depths that do: '
+                f"{[d for d in range(1, teacher_layers + 1) if teacher_layers % d == 0]}); "
+                'layers="every-k" takes any depth',
             )
         return tuple(start for start, _ in default_layer_map(teacher_layers, n))
     return tuple(((j + 1) * teacher_layers) // n - 1 for j in range(n))
