@@ -650,3 +650,18 @@ def test_export_takes_checkpoints_newer_than_the_student(tmp_path, teacher, corp
     newest = load_checkpoint_model(out / "checkpoints" / "8", before)
     assert not np.allclose(exported(tokens).logits, before(tokens).logits, atol=1e-6)  # not the step-4 student
     np.testing.assert_allclose(exported(tokens).logits, newest(tokens).logits, atol=1e-5)
+
+
+def test_a_large_teacher_at_the_default_learning_rate_gets_a_note():
+    """The default peak learning rate was chosen on the shipped teacher; a run of a teacher
+    of real size that keeps it is told what the real-teacher study found, and a run that
+    chose its own rate, or a small teacher, is told nothing."""
+    from blockdistill.app.distill import LARGE_TEACHER_PARAMS, learning_rate_note
+    from blockdistill.app.runconfig import DistillConfig
+
+    default = DistillConfig()
+    note = learning_rate_note(default, 134_515_008)
+    assert note is not None and "135M parameters" in note and "--learning-rate 3e-4" in note
+    assert "docs/real.md" in note
+    assert learning_rate_note(default, LARGE_TEACHER_PARAMS - 1) is None
+    assert learning_rate_note(DistillConfig(learning_rate=3e-4), 134_515_008) is None

@@ -69,7 +69,7 @@ HELP: dict[str, str] = {
     'keep_checkpoints': 'newest checkpoints kept',
     'log_every': 'fetch metrics from the device and append them every N steps',
     'seed': 'data order, initialisation',
-    'learning_rate': 'peak learning rate of AdamW (linear warm-up, cosine decay to a tenth)',
+    'learning_rate': "peak learning rate of AdamW (linear warm-up, cosine decay to a tenth); the default is the shipped teacher's best (docs/quality.md), and on SmolLM2-135M 3e-4 did better (docs/real.md)",
     'warmup_steps': 'warm-up steps',
     'weight_decay': "AdamW's decoupled weight decay",
     'clip_norm': 'global gradient-norm clipping',
