@@ -47,6 +47,9 @@ BEGIN = "<!-- quality-study:begin (written by experiments/quality.py; do not edi
 END = "<!-- quality-study:end -->"
 COMMAND = "python experiments/quality.py"
 OUT = "runs/quality"  # the runs' folder (--out)
+#: a study built on this machinery may set this: called as `(results_path, out, quick)`
+#: after the arguments are read and before the results are, unless only reporting
+BEFORE_RUNS = None
 DEFAULT_STEPS = 150  # the main job's budget (DistillConfig.steps)
 DEFAULT_LR = 1e-3  # the main job's peak learning rate (DistillConfig.learning_rate)
 
@@ -719,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     results_path = pathlib.Path(args.results) if args.results else RESULTS
     page = pathlib.Path(args.page) if args.page else PAGE
     images = pathlib.Path(args.images) if args.images else IMAGES
+    if BEFORE_RUNS is not None and not args.report_only:
+        BEFORE_RUNS(results_path, pathlib.Path(args.out), args.quick)
     results = load_results(results_path)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:

@@ -226,13 +226,7 @@ quality.__doc__ = __doc__
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--report-only" not in args and "-h" not in args and "--help" not in args:
-        def value(flag, default):
-            return args[args.index(flag) + 1] if flag in args else default
-
-        results = pathlib.Path(value("--results", quality.RESULTS))
-        backfill(results, pathlib.Path(value("--out", quality.OUT)), "--quick" in args)
+    quality.BEFORE_RUNS = backfill  # the runs recorded before the own-text score get it first
     return quality.main(argv)
 
 

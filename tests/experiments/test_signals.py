@@ -33,3 +33,25 @@ def test_every_recipe_is_a_valid_run_of_the_half_depth_student(signals, tmp_path
             policy.check(cfg.seq_len, cfg.batch_size)  # the quick batch holds a student row
         seen.add((cfg.divergence, cfg.onpolicy_fraction, cfg.teacher_weight))
     assert len(seen) == len(signals.RECIPES)  # no two recipes are the same run
+
+
+def test_recorded_runs_are_backfilled_before_the_study_reads_them(signals, tmp_path, monkeypatch):
+    """`main` hands the parsed results file and run folder (either flag spelling) to the
+    backfill before the machinery reads the results, and does not backfill when it only
+    reports."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def backfill(results, out, quick):
+        calls.append((results, out, quick))
+        raise Stop
+
+    monkeypatch.setattr(signals, "backfill", backfill)
+    files = ["--results", str(tmp_path / "r.json"), "--page", str(tmp_path / "p.md"), "--images", str(tmp_path)]
+    with pytest.raises(Stop):
+        signals.main(["--quick", f"--out={tmp_path / 'runs'}", *files])
+    assert calls == [(tmp_path / "r.json", tmp_path / "runs", True)]
+    signals.main(["--report-only", *files])  # nothing recorded: it says so and returns
+    assert len(calls) == 1
