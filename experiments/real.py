@@ -34,7 +34,8 @@ per-layer feature loss at the end of training (`feature_per_layer`, for recipes 
 blockwise term) and the per-layer divergence of the student from the teacher when it runs
 on its own (`free_per_layer`), so one can see whether error compounds with depth.
 
-    python experiments/real.py                    # step seconds, learning-rate check, seed 0 of every cell
+    python experiments/real.py                    # step seconds, learning-rate check, seed 0 of every cell,
+                                                  # then seeds 1 and 2 of the best cells (`seeded_cells`)
     python experiments/real.py --seeds 1,2 --only 'mqa-prune/kd/*,mqa-prune/layer-cosine/*'
     python experiments/real.py --searched runs/search-smollm2/student   # and the block-searched student
     python experiments/real.py --report-only --page /tmp/real.md --images /tmp/real_images
@@ -712,6 +713,32 @@ def add_searched(folder: pathlib.Path) -> None:
     quality.GRID[("searched", "prune")] = GRID["searched"]
 
 
+#: issue 33's cells for the half-depth student (other divergences, on-policy rows)
+SIGNAL_CELLS = ("kd-jsd", "kd-rkl", "onpolicy-0.25")
+
+
+def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
+    """The (student, recipe) cells that get more seeds (`--then-seeds`), best first; None
+    until seed 0 of every cell of `grid` is recorded. Per student, the two recipes with the
+    lowest final held-out loss (a student with one recipe: that one); for the half-depth
+    student also the signals cell whose student ends closest to the teacher on its own text
+    (lowest reverse KL on its samples), if it is not among them."""
+    rows = {(r["student"], r["recipe"]): r for r in results.values()
+            if r.get("budget") == "seconds" and r.get("seed") == 0}
+    if any(cell not in rows for cell in order(grid)):
+        return None
+    chosen = []
+    for student, recipes in grid.items():
+        ranked = sorted(recipes, key=lambda recipe: rows[(student, recipe)]["eval_loss"][-1])
+        chosen += [(student, recipe) for recipe in ranked[:2]]
+    signals = [recipe for recipe in SIGNAL_CELLS if recipe in grid.get("layers", ())]
+    if signals:
+        best = min(signals, key=lambda recipe: rows[("layers", recipe)]["samples"]["student"]["reverse_kl"])
+        if ("layers", best) not in chosen:
+            chosen.append(("layers", best))
+    return chosen
+
+
 def main_runs(seeds: tuple[int, ...], lrs: dict[str, float], steps_for, quick: bool = False) -> list[Run]:
     return [Run(student, "prune", recipe, seed, steps_for(student, "prune", recipe), lrs[FAMILY[recipe]], "seconds")
             for seed in seeds for student, recipe in order(QUICK_GRID if quick else GRID)]
@@ -734,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--searched", type=pathlib.Path, default=None,
                         help="the block-searched student's folder (the student/ of a `blockdistill search` of the "
                              "teacher): adds the cell searched/prune/kd")
+    parser.add_argument("--then-seeds", default=None,
+                        help="once seed 0 of every cell is recorded, run these seeds (comma-separated) of the "
+                             "cells `seeded_cells` picks: each student's best two recipes and the half-depth "
+                             "student's best signals cell (default 1,2; none with --quick; '' for none)")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each recorded run's last checkpoint (default: delete it once the run is recorded)")
     args = parser.parse_args(argv)
@@ -775,11 +806,22 @@ def main(argv: list[str] | None = None) -> int:
         if not wanted:
             parser.error(f"--only {args.only!r} matches no run")
         todo = [r for r in wanted if r.name not in results]
-        checks = [r for r in lr_check_runs(args.quick) if r.name not in results] if todo else []
+        more = tuple(int(s) for s in (args.then_seeds if args.then_seeds is not None
+                                      else "" if args.quick else "1,2").split(",") if s.strip())
+
+        def more_runs(steps_for, lrs) -> list[Run]:
+            """The unrecorded runs of the extra seeds (none until seed 0 of every cell is in)."""
+            chosen = seeded_cells(results, QUICK_GRID if args.quick else GRID) if more else None
+            runs = [Run(student, "prune", recipe, seed, steps_for(student, "prune", recipe), lrs[FAMILY[recipe]],
+                        "seconds") for seed in more for student, recipe in chosen or ()]
+            return [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in patterns) and r.name not in results]
+
+        later = more_runs(lambda *_: 1, placeholder)  # their names depend on neither
+        checks = [r for r in lr_check_runs(args.quick) if r.name not in results] if todo or later else []
         seconds_path = results_path.with_name(results_path.stem + "_step_seconds.json")
-        cells = [(r.student, r.init, r.recipe) for r in [*checks, *todo]]
+        cells = [(r.student, r.init, r.recipe) for r in [*checks, *todo, *later]]
         seconds = measured_step_seconds(cells, args.quick, extra, seconds_path, teacher) if cells else {}
-        scorer = Scorer(str(folder), args.quick, results_path, teacher) if todo else None
+        scorer = Scorer(str(folder), args.quick, results_path, teacher) if todo or later else None
 
         def record(run: Run, index: int, count: int) -> None:
             print(f"[{index}/{count}] {run.name} ({run.steps} steps, lr {run.learning_rate:g})",
@@ -791,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for i, run in enumerate(checks):
             record(run, i + 1, len(checks))
-        if todo:
+        if todo or later:
             lrs = chosen_learning_rates(results, args.quick)
             print(f"learning rates: {lrs}", file=sys.stderr, flush=True)
             steps_for = quality.equal_cost_steps("seconds", REF_STEPS, args.quick, extra, seconds)
@@ -806,6 +848,12 @@ def main(argv: list[str] | None = None) -> int:
                                          f"but the check now picks {run.learning_rate:g}")
                     continue
                 record(run, i + 1, len(runs))
+            later = more_runs(steps_for, lrs)  # seed 0 may have just been completed
+            if later:
+                print(f"seeds {', '.join(map(str, more))} of the best cells: "
+                      + ", ".join(dict.fromkeys(f"{r.student}/{r.recipe}" for r in later)), file=sys.stderr, flush=True)
+            for i, run in enumerate(later):
+                record(run, i + 1, len(later))
     if not results:
         print("no results yet: run without --report-only first", file=sys.stderr)
         return 1
