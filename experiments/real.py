@@ -1134,13 +1134,14 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
         cfg = first["config"]
         reference = [r for r in main if (r["student"], r["init"], r["recipe"]) == MAIN]
         step_s = first["step_seconds"] if not reference else reference[0]["step_seconds"]
+        ref_steps = reference[0]["steps"] if reference else REF_STEPS
         lrs = sorted({(r["family"], r["learning_rate"]) for r in main})
         body += ["### Equal measured seconds", "",
                  (f"Budget per run: as many steps of {cfg['batch_size']} x {cfg['seq_len']} tokens as KD into the "
-                 f"half-MLP student costs in {REF_STEPS} steps by step seconds measured side by side on this machine "
-                 f"(KD: {step_s[0]:.2f} s per step, so {REF_STEPS * step_s[0] / 60:.0f} minutes per run; a cheaper recipe "
-                 f"gets more steps, the `steps` column); held-out loss on {cfg['eval_batches']} fixed batches seven "
-                 f"times per run; AdamW with {cfg['warmup_steps']} warm-up steps and cosine decay to a tenth, peak "
+                 f"half-MLP student costs in {ref_steps} steps by step seconds measured side by side on this machine "
+                 f"(KD: {step_s[0]:.2f} s per step, so {ref_steps * step_s[0] / 60:.1f} minutes per run; a cheaper recipe "
+                 f"gets more steps, the `steps` column); held-out loss on {cfg['eval_batches']} fixed batches "
+                 f"{len(first['eval_steps'])} times per run (step 0 included); AdamW with {cfg['warmup_steps']} warm-up steps and cosine decay to a tenth, peak "
                  + ", ".join(f"{lr:g} ({family})" for family, lr in lrs) + f". Teacher: {first['teacher_loss']:.4f}. "
                  f"{len(main)} run{'s' if len(main) != 1 else ''}."), "",
                  quality.table(quality.aggregate(main)), ""]
