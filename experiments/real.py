@@ -514,20 +514,26 @@ def corpus_losses(model, corpora: Corpora) -> dict[str, float]:
 def free_divergence(student, teacher_model, rows) -> dict[str, list[float]]:
     """Per student layer `j`, the feature loss (cosine and nmse) between the student's
     output of layer `j` and the teacher's output of the last layer of the span `j` stands
-    for (`default_layer_map`), each running on its own on the held-out `rows`."""
+    for, each running on its own on the held-out `rows`. Of `n` student layers for `L`
+    teacher layers, span `j` ends at teacher layer `((j + 1) L) // n - 1`: the end of
+    `default_layer_map`'s span when `n` divides `L`, and the layer "every-k" keeps."""
     import jax.numpy as jnp
 
     import blockdistill as bd
 
-    spans = bd.default_layer_map(teacher_model.config.n_layers, student.config.n_layers)
-    ends = jnp.asarray([end - 1 for _, end in spans])
+    ends = jnp.asarray(layer_ends(teacher_model.config.n_layers, student.config.n_layers))
 
     states = _jitted("layer_outputs", _layer_outputs)
     tokens, mask, segments = (jnp.asarray(a) for a in rows)
     ours = states(student, tokens, segments)  # batch layers seq dim
     theirs = states(teacher_model, tokens, segments)[:, ends]
-    return {kind: [float(bd.feature_loss(ours[:, j], theirs[:, j], kind, mask)) for j in range(len(spans))]
+    return {kind: [float(bd.feature_loss(ours[:, j], theirs[:, j], kind, mask)) for j in range(len(ends))]
             for kind in ("cosine", "nmse")}
+
+
+def layer_ends(teacher_layers: int, student_layers: int) -> list[int]:
+    """The teacher layer whose output each student layer is compared with (`free_divergence`)."""
+    return [((j + 1) * teacher_layers) // student_layers - 1 for j in range(student_layers)]
 
 
 def sample_sizes(quick: bool) -> tuple[int, int]:

@@ -105,3 +105,16 @@ def test_more_seeds_go_to_each_students_best_two_and_the_best_signal(real):
                       ("layers", "kd-rkl")]
     del results["layers/kd-rkl/seed0"]
     assert real.seeded_cells(results, grid) is None
+
+
+def test_each_student_layer_is_compared_with_the_end_of_its_span(real):
+    """The free-running comparison takes, for student layer j, the teacher layer that ends
+    the span j stands for: default_layer_map's when the depths divide, and the layers
+    "every-k" keeps when they do not (11 of 30 has no equal grouping)."""
+    import blockdistill as bd
+    from blockdistill.distill.prune import _student_depth
+
+    assert real.layer_ends(30, 15) == [end - 1 for _, end in bd.default_layer_map(30, 15)]
+    assert real.layer_ends(30, 30) == list(range(30))
+    every_k = _student_depth(bd.StudentConfig(init="prune", layers="every-k", n_layers=11), 30)
+    assert real.layer_ends(30, 11) == list(every_k)
