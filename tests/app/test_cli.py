@@ -665,3 +665,10 @@ def test_a_large_teacher_at_the_default_learning_rate_gets_a_note():
     assert "docs/real.md" in note
     assert learning_rate_note(default, LARGE_TEACHER_PARAMS - 1) is None
     assert learning_rate_note(DistillConfig(learning_rate=3e-4), 134_515_008) is None
+    # layer-level blockwise alone preferred 1e-3 on that teacher: no note for it, but one
+    # for a recipe that ends in KD
+    blockwise = DistillConfig(blockwise_weight=1.0, blockwise_schedule="constant")
+    assert learning_rate_note(blockwise, 134_515_008) is None
+    staged = DistillConfig(blockwise_weight=1.0, blockwise_weight_end=0.0, blockwise_schedule="staged",
+                           blockwise_steps=10)
+    assert learning_rate_note(staged, 134_515_008) is not None
