@@ -779,12 +779,16 @@ def main(argv: list[str] | None = None) -> int:
     results_path = pathlib.Path(args.results) if args.results else RESULTS
     page = pathlib.Path(args.page) if args.page else PAGE
     images = pathlib.Path(args.images) if args.images else IMAGES
-    results = quality.load_results(results_path)
     if args.searched is not None:
         add_searched(args.searched)
-    elif any(name.startswith("searched-") for name in results):  # its records are reported all the same
-        GRID.setdefault("searched", ("kd",))
-        quality.GRID[("searched", "prune")] = GRID["searched"]
+    else:  # the searched student's records are checked and reported all the same
+        raw = json.loads(results_path.read_text()) if results_path.exists() else {}
+        searched = [r for r in raw.values() if r.get("student") == "searched"]
+        if searched:
+            STUDENTS["searched"] = {"student": searched[0]["config"]["student"]}
+            GRID.setdefault("searched", ("kd",))
+            quality.GRID[("searched", "prune")] = GRID["searched"]
+    results = quality.load_results(results_path)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if not args.report_only:
         import blockdistill
