@@ -1004,13 +1004,14 @@ def search_lines(records: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {STUDENT_LABELS[student]} | {share} | {len(group)} | {group[0]['steps']} | "
                      f"{_mean([g['eval_loss'][0] for g in group]):.4f} | "
                      + " | ".join(f"{final[student][c]:.4f}" for c in ("stdlib", "prose", "humaneval")) + " |")
-    verdicts = []
+    verdicts, ahead = [], {}
     for corpus, label in (("stdlib", "held-out stdlib"), ("prose", "prose"), ("humaneval", "HumanEval")):
         best = min((s for s in final if s != "searched"), key=lambda s: final[s][corpus])
-        ahead = final["searched"][corpus] < final[best][corpus]
+        ahead[corpus] = final["searched"][corpus] < final[best][corpus]
         verdicts.append(f"{label}: searched {final['searched'][corpus]:.4f} against the best uniform "
-                        f"({STUDENT_LABELS[best]}) {final[best][corpus]:.4f}, {'ahead' if ahead else 'behind'}")
-    met = all(final["searched"][c] < min(final[s][c] for s in final if s != "searched") for c in ("stdlib", "prose"))
+                        f"({STUDENT_LABELS[best]}) {final[best][corpus]:.4f}, "
+                        f"{'ahead' if ahead[corpus] else 'behind'}")
+    met = ahead["stdlib"] and ahead["prose"]
     return [*lines, "", "; ".join(verdicts) + ". The goal (ahead on the training corpus and on prose) is "
             + ("met." if met else "missed.")]
 
