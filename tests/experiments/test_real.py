@@ -118,3 +118,30 @@ def test_each_student_layer_is_compared_with_the_end_of_its_span(real):
     assert real.layer_ends(30, 30) == list(range(30))
     every_k = _student_depth(bd.StudentConfig(init="prune", layers="every-k", n_layers=11), 30)
     assert real.layer_ends(30, 11) == list(every_k)
+
+
+def _curve(real, student, recipe, losses, seconds, seed=0):
+    return {"student": student, "init": "prune", "recipe": recipe, "seed": seed, "steps": 10,
+            "eval_loss": losses, "eval_seconds": seconds, "eval_steps": list(range(len(losses))),
+            "tokens_per_step": 512, "teacher_loss": 2.0, "wall_s": None, "train_tokens_per_s": None}
+
+
+def test_goal_lines_compare_blockwise_with_kd_at_90_percent_and_at_kds_final_loss(real):
+    """Seconds to 90% of the gap against KD's, and, when neither gets there, the seconds a
+    blockwise recipe takes to reach KD's final loss (interpolated, seeds averaged) against
+    KD's whole budget; a recipe that never gets there is said to, with where it ends."""
+    records = [_curve(real, "mlp", "kd", [4.0, 3.0, 2.6], [0.0, 50.0, 100.0]),
+               # 90% of the gap (2.2) not reached; KD's final 2.6 reached at 40 s and 60 s
+               _curve(real, "mlp", "layer-cosine", [4.0, 2.8, 2.5], [0.0, 40.0, 100.0]),
+               _curve(real, "mlp", "layer-cosine", [4.0, 3.0, 2.6], [0.0, 30.0, 60.0], seed=1),
+               _curve(real, "mlp", "staged-0.5+ce", [4.0, 3.5, 2.9], [0.0, 50.0, 100.0]),
+               # reaches 90% (2.2) at 50 s; KD reaches it at 75 s
+               _curve(real, "layers", "kd", [4.0, 3.0, 2.0], [0.0, 50.0, 100.0]),
+               _curve(real, "layers", "layer-cosine", [4.0, 2.2, 2.1], [0.0, 50.0, 100.0])]
+    lines = real.goal_lines(records)
+    cosine, staged, layers = lines
+    # seed 0 crosses 2.6 at 40 + 60 * (0.2 / 0.3) = 80 s; seed 1 at 60 s: mean 70 s
+    assert "not reached vs KD's not reached" in cosine
+    assert "reaches KD's final loss (2.6000) in 70 s, 0.70x of KD's 100 s" in cosine
+    assert "does not reach KD's final loss (2.6000) in the budget (ends at 2.9000)" in staged
+    assert "50 s vs KD's 90 s: 0.56x (meets the goal of <= 0.77x)" in layers
