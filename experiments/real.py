@@ -726,15 +726,21 @@ SIGNAL_CELLS = ("kd-jsd", "kd-rkl", "onpolicy-0.25")
 def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
     """The (student, recipe) cells that get more seeds (`--then-seeds`), best first; None
     until seed 0 of every cell of `grid` is recorded. Per student, the two recipes with the
-    lowest final held-out loss (a student with one recipe: that one); for the half-depth
-    student also the signals cell whose student ends closest to the teacher on its own text
-    (lowest reverse KL on its samples), if it is not among them."""
+    lowest final held-out loss (a student with one recipe: that one); of the uniform students
+    at the searched one's budget only the best (lowest final held-out loss), the one the
+    search's goal is judged against; for the half-depth student also the signals cell whose
+    student ends closest to the teacher on its own text (lowest reverse KL on its samples),
+    if it is not among them."""
     rows = {(r["student"], r["recipe"]): r for r in results.values()
             if r.get("budget") == "seconds" and r.get("seed") == 0}
     if any(cell not in rows for cell in order(grid)):
         return None
+    uniform = [s for s in SEARCH_SIDE[1:] if s in grid]
+    best_uniform = min(uniform, key=lambda s: rows[(s, "kd")]["eval_loss"][-1]) if uniform else None
     chosen = []
     for student, recipes in grid.items():
+        if student in uniform and student != best_uniform:
+            continue
         ranked = sorted(recipes, key=lambda recipe: rows[(student, recipe)]["eval_loss"][-1])
         chosen += [(student, recipe) for recipe in ranked[:2]]
     signals = [recipe for recipe in SIGNAL_CELLS if recipe in grid.get("layers", ())]
@@ -769,8 +775,8 @@ def main(argv: list[str] | None = None) -> int:
                              "teacher): adds the cell searched/prune/kd")
     parser.add_argument("--then-seeds", default=None,
                         help="once seed 0 of every cell is recorded, run these seeds (comma-separated) of the "
-                             "cells `seeded_cells` picks: each student's best two recipes and the half-depth "
-                             "student's best signals cell (default 1,2; none with --quick; '' for none)")
+                             "cells `seeded_cells` picks: each student's best two recipes (of the uniform 50% "
+                             "students only the best one) and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each recorded run's last checkpoint (default: delete it once the run is recorded)")
     args = parser.parse_args(argv)
