@@ -35,7 +35,9 @@ blockwise term) and the per-layer divergence of the student from the teacher whe
 on its own (`free_per_layer`), so one can see whether error compounds with depth.
 
     python experiments/real.py                    # step seconds, learning-rate check, seed 0 of every cell,
-                                                  # then seeds 1 and 2 of the best cells (`seeded_cells`)
+                                                  # KD and the best blockwise recipe at 3x the budget
+                                                  # (`long_cells`), then seeds 1 and 2 of the best cells
+                                                  # (`seeded_cells`)
     python experiments/real.py --seeds 1,2 --only 'mqa-prune/kd/*,mqa-prune/layer-cosine/*'
     python experiments/real.py --searched runs/search-smollm2/student   # and the block-searched student
     python experiments/real.py --report-only --page /tmp/real.md --images /tmp/real_images
@@ -96,6 +98,9 @@ BATCH, SEQ = 4, 128
 #: this machine is stopped every few hours and other work shares its 2 cores: at 200 the
 #: first pass alone needed about 7 quiet hours.
 REF_STEPS = 100
+#: the longer budget of the goal-1 pair (`long_cells`): this many times the seconds of a run
+#: of the first pass, for KD and the blockwise recipe furthest along among those ahead of it
+LONG_FACTOR = 3
 #: held-out evaluations per run (plus step 0), each on EVAL_BATCHES fixed batches (8,192 tokens)
 EVALS_PER_RUN = 5
 EVAL_BATCHES = 16
@@ -205,7 +210,8 @@ quality.budget = _budget
 @dataclasses.dataclass(frozen=True)
 class Run(quality.Run):
     """A run of this study: `student-prune/recipe/seedN` at equal seconds (the headline),
-    `...-stepsS-lrX` for the learning-rate check (`budget="steps"`)."""
+    `...-stepsS-lrX` for the learning-rate check (`budget="steps"`), `...-equal-long` at
+    `LONG_FACTOR` times the seconds (`budget="long"`, the goal-1 pair)."""
 
     @property
     def name(self) -> str:
@@ -723,6 +729,46 @@ def add_searched(folder: pathlib.Path) -> None:
 SIGNAL_CELLS = ("kd-jsd", "kd-rkl", "onpolicy-0.25")
 
 
+def seconds_to_kd_final(records: list[dict[str, Any]], student: str, recipe: str) -> float | None:
+    """Mean over seeds of the measured seconds in which (student, recipe) first reaches the
+    final held-out loss of the same student's KD (mean over its seeds), as a fraction of
+    KD's seconds; None when a seed never reaches it (or either cell is missing)."""
+    groups = {(s, r): g for (s, _, r), g in quality._groups(records).items()}
+    kd, runs = groups.get((student, "kd")), groups.get((student, recipe))
+    if not kd or not runs or any("eval_seconds" not in g for g in (*kd, *runs)):
+        return None
+    target = _mean([g["eval_loss"][-1] for g in kd])
+    match = [quality.tokens_to(g, (g["eval_loss"][0] - target) / (g["eval_loss"][0] - g["teacher_loss"]), "seconds")
+             for g in runs]
+    if None in match:
+        return None
+    return _mean(match) / _mean([g["eval_seconds"][-1] for g in kd])
+
+
+#: the recipes that goal 1 asks about: blockwise alone, or staged (blockwise, then KD + CE)
+GOAL_RECIPES = ("layer-cosine", "staged-0.5+ce")
+
+
+def long_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
+    """The goal-1 pair that runs at `LONG_FACTOR` times the budget, since at the first
+    pass's budget no run gets to 90% of its gap: KD and the blockwise recipe (alone or
+    staged) that closed the most of its student's gap among those that reach KD's final
+    loss in at most 1/1.3 of KD's seconds. [] when no blockwise recipe is that far ahead
+    anywhere; None until seed 0 of every cell of `grid` is recorded."""
+    records = [r for r in results.values() if r.get("budget") == "seconds" and r.get("seed") == 0]
+    have = {(r["student"], r["recipe"]) for r in records}
+    if any(cell not in have for cell in order(grid)):
+        return None
+    ahead = [(student, recipe) for student, recipes in grid.items() for recipe in recipes
+             if recipe in GOAL_RECIPES and (student, "kd") in have
+             and (ratio := seconds_to_kd_final(records, student, recipe)) is not None and ratio <= 1 / 1.3]
+    if not ahead:
+        return []
+    closed = {(r["student"], r["recipe"]): quality.gap_curve(r)[-1] for r in records}
+    student, recipe = max(ahead, key=lambda cell: closed[cell])
+    return [(student, "kd"), (student, recipe)]
+
+
 def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
     """The (student, recipe) cells that get more seeds (`--then-seeds`), best first; None
     until seed 0 of every cell of `grid` is recorded. Per student, the two recipes with the
@@ -777,6 +823,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="once seed 0 of every cell is recorded, run these seeds (comma-separated) of the "
                              "cells `seeded_cells` picks: each student's best two recipes (of the uniform 50% "
                              "students only the best one) and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
+    parser.add_argument("--no-long", dest="long", action="store_false",
+                        help=f"skip the goal-1 pair at {LONG_FACTOR}x the budget (`long_cells`: KD and the blockwise "
+                             "recipe furthest along among those ahead of KD), which otherwise runs once seed 0 of "
+                             "every cell is recorded, before the seeds")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each recorded run's last checkpoint (default: delete it once the run is recorded)")
     args = parser.parse_args(argv)
@@ -832,7 +882,14 @@ def main(argv: list[str] | None = None) -> int:
                         "seconds") for seed in more for student, recipe in chosen or ()]
             return [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in patterns) and r.name not in results]
 
-        later = more_runs(lambda *_: 1, placeholder)  # their names depend on neither
+        def long_runs(steps_for, lrs) -> list[Run]:
+            """The unrecorded runs of the goal-1 pair at LONG_FACTOR times the budget (seed 0)."""
+            chosen = long_cells(results, GRID) if args.long and not args.quick else None
+            runs = [Run(student, "prune", recipe, 0, LONG_FACTOR * steps_for(student, "prune", recipe),
+                        lrs[FAMILY[recipe]], "long") for student, recipe in chosen or ()]
+            return [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in patterns) and r.name not in results]
+
+        later = [*long_runs(lambda *_: 1, placeholder), *more_runs(lambda *_: 1, placeholder)]
         checks = [r for r in lr_check_runs(args.quick) if r.name not in results] if todo or later else []
         seconds_path = results_path.with_name(results_path.stem + "_step_seconds.json")
         cells = [(r.student, r.init, r.recipe) for r in [*checks, *todo, *later]]
@@ -864,7 +921,13 @@ def main(argv: list[str] | None = None) -> int:
                                          f"but the check now picks {run.learning_rate:g}")
                     continue
                 record(run, i + 1, len(runs))
-            later = more_runs(steps_for, lrs)  # seed 0 may have just been completed
+            extended = long_runs(steps_for, lrs)  # seed 0 may have just been completed
+            if extended:
+                print(f"{LONG_FACTOR}x the budget for goal 1: "
+                      + ", ".join(f"{r.student}/{r.recipe} ({r.steps} steps)" for r in extended), file=sys.stderr, flush=True)
+            for i, run in enumerate(extended):
+                record(run, i + 1, len(extended))
+            later = more_runs(steps_for, lrs)
             if later:
                 print(f"seeds {', '.join(map(str, more))} of the best cells: "
                       + ", ".join(dict.fromkeys(f"{r.student}/{r.recipe}" for r in later)), file=sys.stderr, flush=True)
@@ -962,14 +1025,13 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
     before 90%, its seconds to KD's final loss against KD's whole budget (the same question
     asked at the quality KD reached: less than 0.77x of KD's seconds would meet the goal's
     ratio there). Seeds are averaged; a recipe reaches KD's loss only if every seed does."""
-    groups = {(s, recipe): g for (s, _, recipe), g in quality._groups(records).items()}
     rows = {(r["student"], r["recipe"]): r for r in quality.aggregate(records)}
     lines = []
     for student in GRID:
         kd = rows.get((student, "kd"))
         if kd is None:
             continue
-        for recipe in ("layer-cosine", "staged-0.5+ce"):
+        for recipe in GOAL_RECIPES:
             row = rows.get((student, recipe))
             if row is None:
                 continue
@@ -979,16 +1041,13 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
             else:
                 verdict = (f"{'not reached' if a is None else f'{a:.0f} s'} vs KD's "
                            f"{'not reached' if b is None else f'{b:.0f} s'}")
-            # KD's final loss, as a fraction of each blockwise run's own gap (same start)
-            match = [quality.tokens_to(g, (g["eval_loss"][0] - kd["final"]) / (g["eval_loss"][0] - g["teacher_loss"]),
-                                       "seconds") for g in groups[(student, recipe)]]
-            if kd["seconds"] is None or any(isinstance(m, str) for m in match):
+            ratio = seconds_to_kd_final(records, student, recipe)
+            if kd["seconds"] is None:
                 reach = ""
-            elif None in match:
+            elif ratio is None:
                 reach = f"; it does not reach KD's final loss ({kd['final']:.4f}) in the budget (ends at {row['final']:.4f})"
             else:
-                ratio = _mean(match) / kd["seconds"]
-                reach = (f"; it reaches KD's final loss ({kd['final']:.4f}) in {_mean(match):.0f} s, {ratio:.2f}x of "
+                reach = (f"; it reaches KD's final loss ({kd['final']:.4f}) in {ratio * kd['seconds']:.0f} s, {ratio:.2f}x of "
                          f"KD's {kd['seconds']:.0f} s")
             lines.append(f"- {STUDENT_LABELS[student]}, {quality.RECIPE_LABELS[recipe]}: 90% of the gap in {verdict}{reach}.")
     return lines
@@ -1180,6 +1239,14 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
         goals = goal_lines(main)
         if goals:
             body += ["Blockwise against KD, seconds to 90% of the gap and to KD's final loss:", "", *goals, ""]
+        long = [r for r in records if r.get("budget") == "long"]
+        if long:
+            body += [f"### {LONG_FACTOR}x the budget: 90% of the gap", "",
+                     (f"No run of the budget above gets to 90% of its gap, so the pair that goal 1 asks about runs "
+                      f"again at {LONG_FACTOR} times the seconds (`long_cells`: KD and the blockwise recipe that closed "
+                      "the most of its student's gap among those that reach KD's final loss in at most 1/1.3 of "
+                      "KD's seconds), one seed, the same schedule stretched over the longer run."), "",
+                     quality.table(quality.aggregate(long)), "", *goal_lines(long), ""]
         link = os.path.relpath(plot_curves(main, images).resolve(), page.resolve().parent)
         body += [f"![real_curves]({link})", ""]
         if any("corpora" in r for r in main):

@@ -146,3 +146,52 @@ def test_goal_lines_compare_blockwise_with_kd_at_90_percent_and_at_kds_final_los
     assert "reaches KD's final loss (2.6000) in 70 s, 0.70x of KD's 100 s" in cosine
     assert "does not reach KD's final loss (2.6000) in the budget (ends at 2.9000)" in staged
     assert "50 s vs KD's 90 s: 0.56x (meets the goal of <= 0.77x)" in layers
+
+
+def test_the_long_pair_is_kd_and_the_blockwise_recipe_furthest_along_among_those_ahead(real):
+    """Goal 1's pair for the longer budget: among blockwise recipes that reach KD's final
+    loss in at most 1/1.3 of KD's seconds, the one that closed the most of its gap, with
+    its student's KD; none when no blockwise recipe is that far ahead; nothing until seed 0
+    of every cell is in (other budgets and seeds do not count)."""
+    def cell(student, recipe, losses, seed=0, budget="seconds"):
+        return {**_curve(real, student, recipe, losses, [0.0, 50.0, 100.0], seed=seed), "budget": budget}
+
+    grid = {"mlp": ("kd", "layer-cosine"), "mqa": ("kd", "layer-cosine", "staged-0.5+ce")}
+    records = [cell("mlp", "kd", [4.0, 3.0, 2.6]),
+               cell("mlp", "layer-cosine", [4.0, 2.2, 2.1]),   # KD's 2.6 at 39 s, closed 95%
+               cell("mqa", "kd", [9.0, 6.0, 5.0]),
+               cell("mqa", "layer-cosine", [9.0, 4.0, 3.8]),   # KD's 5.0 at 40 s, closed 74%
+               cell("mqa", "staged-0.5+ce", [9.0, 4.8, 3.5])]  # at 48 s, closed 79%
+    results = {str(i): r for i, r in enumerate(records)}
+    results["other"] = cell("mqa", "layer-cosine", [9.0, 2.0, 2.0], budget="long")
+    assert real.long_cells(results, grid) == [("mlp", "kd"), ("mlp", "layer-cosine")]
+    results["0"] = cell("mlp", "kd", [4.0, 2.1, 2.05])  # now KD is ahead for mlp
+    assert real.long_cells(results, grid) == [("mqa", "kd"), ("mqa", "staged-0.5+ce")]
+    results["4"] = cell("mqa", "staged-0.5+ce", [9.0, 7.0, 4.9])  # reaches 5.0 at 98 s: not ahead enough
+    assert real.long_cells(results, grid) == [("mqa", "kd"), ("mqa", "layer-cosine")]
+    results["3"] = cell("mqa", "layer-cosine", [9.0, 5.5, 5.2])
+    assert real.long_cells(results, grid) == []
+    del results["3"]
+    assert real.long_cells(results, grid) is None
+
+
+def test_the_report_shows_the_long_pair_apart_from_the_equal_seconds_table(real, tmp_path):
+    """On the study's own records: the goal-1 pair at the longer budget gets its section,
+    its table and its goal lines, and stays out of the equal-seconds table."""
+    import json
+    import re
+
+    records = list(json.loads(real.RESULTS.read_text()).values())
+    kd = next(r for r in records if r["name"] == "mlp-prune/kd/seed0")
+    longer = {**kd, "budget": "long", "name": "mlp-prune/kd/seed0-equal-long", "eval_loss": [*kd["eval_loss"][:-1], 2.9]}
+    page = tmp_path / "real.md"
+    page.write_text(f"intro\n\n{real.BEGIN}\n{real.END}\n")
+    real.report([*records, longer], page, tmp_path / "images", real.RESULTS)
+    text = page.read_text()
+    assert text.startswith("intro")
+    equal, long = text.split(f"### {real.LONG_FACTOR}x the budget: 90% of the gap")
+    section = long.split("###")[0]
+    assert "| half MLP width | prune | KD only (w = 0) | 1 | 100 | 3.8035 | **2.9000** |" in section
+    # the equal-seconds table keeps the first pass's run only
+    table = equal.split("### Equal measured seconds")[1]
+    assert "**2.9000**" not in table and re.search(r"\| half MLP width \| prune \| KD only \(w = 0\) \| 1 \|", table)
