@@ -772,7 +772,8 @@ def long_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ..
 def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
     """The (student, recipe) cells that get more seeds (`--then-seeds`), best first; None
     until seed 0 of every cell of `grid` is recorded. Per student, the two recipes with the
-    lowest final held-out loss (a student with one recipe: that one); of the uniform students
+    lowest final held-out loss (a student with one recipe: that one), and the main job's
+    recipe (KD into the half-MLP student) when it is not among them; of the uniform students
     at the searched one's budget only the best (lowest final held-out loss), the one the
     search's goal is judged against; for the half-depth student also the signals cell whose
     student ends closest to the teacher on its own text (lowest reverse KL on its samples),
@@ -789,6 +790,8 @@ def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, 
             continue
         ranked = sorted(recipes, key=lambda recipe: rows[(student, recipe)]["eval_loss"][-1])
         chosen += [(student, recipe) for recipe in ranked[:2]]
+        if student == MAIN[0] and MAIN[2] in recipes and MAIN[2] not in ranked[:2]:
+            chosen.append((student, MAIN[2]))  # the main job's default: a challenger is judged against its seeds
     signals = [recipe for recipe in SIGNAL_CELLS if recipe in grid.get("layers", ())]
     if signals:
         best = min(signals, key=lambda recipe: rows[("layers", recipe)]["samples"]["student"]["reverse_kl"])
@@ -822,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--then-seeds", default=None,
                         help="once seed 0 of every cell is recorded, run these seeds (comma-separated) of the "
                              "cells `seeded_cells` picks: each student's best two recipes (of the uniform 50% "
-                             "students only the best one) and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
+                             "students only the best one), the main job's recipe and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
     parser.add_argument("--no-long", dest="long", action="store_false",
                         help=f"skip the goal-1 pair at {LONG_FACTOR}x the budget (`long_cells`: KD and the blockwise "
                              "recipe furthest along among those ahead of KD), which otherwise runs once seed 0 of "
