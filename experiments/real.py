@@ -1108,20 +1108,48 @@ def plot_curves(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.
     import numpy as np
 
     groups = quality._groups(records)
-    students = [s for s in GRID if any(k[0] == s for k in groups)]
+    students = [s for s in GRID if any(k[0] == s for k in groups) and s not in SEARCH_SIDE]
+    budget = [s for s in SEARCH_SIDE if any(k[0] == s for k in groups)]  # one panel for the 50% students
+    panels = [*([s] for s in students), *([budget] if budget else [])]
     colours = dict(zip(quality.RECIPES, plt.get_cmap("tab20").colors))
-    fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students), 4.2), squeeze=False)
-    for ax, student in zip(axes[0], students):
-        for (s, _, recipe), group in groups.items():
-            if s != student:
-                continue
+    fig, axes = panel_grid(len(panels))
+    for ax, panel in zip(axes, panels):
+        for i, ((s, _, recipe), group) in enumerate((k, g) for k, g in groups.items() if k[0] in panel):
             cost = np.mean([g["eval_seconds"] for g in group], axis=0)
             loss = np.mean([g["eval_loss"] for g in group], axis=0)
-            ax.plot(cost, loss, marker=".", label=f"{recipe} ({len(group)})", color=colours[recipe])
+            label, colour = ((f"{recipe} ({len(group)})", colours[recipe]) if len(panel) == 1 else
+                             (f"{STUDENT_LABELS[s]}, {recipe} ({len(group)})", plt.get_cmap("tab10").colors[i]))
+            ax.plot(cost, loss, marker=".", label=label, color=colour)
             teacher = group[0]["teacher_loss"]
         ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
-        style_axis(ax, student, "training seconds (measured step times)", "held-out loss (nats/token)", 7)
+        style_axis(ax, panel[0], "training seconds (measured step times)", "held-out loss (nats/token)", 7)
+        if len(panel) > 1:
+            ax.set_title("50% of the parameters, each finished with KD")
     return save_figure(fig, images / "real_curves.png")
+
+
+def panel_grid(count: int, ncols: int = 3):
+    """A figure of `count` panels in rows of up to `ncols`, and the panels in order."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, count)
+    nrows = -(-count // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _log_labels(ax):
+    """Tick labels of a log y axis: 3.5, not 3.5 x 10^0; over more than a decade, of the
+    minor ticks only those at 2, 3 and 5 times a power of ten."""
+    import math
+
+    def label(value: float, _position=None) -> str:
+        low, high = ax.get_ylim()
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
+        return f"{value:g}" if high / low < 10 or mantissa in (1, 2, 3, 5) else ""
+    return label
 
 
 def style_axis(ax, student: str, xlabel: str, ylabel: str, legend_size: int) -> None:
@@ -1130,6 +1158,10 @@ def style_axis(ax, student: str, xlabel: str, ylabel: str, legend_size: int) -> 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(_log_labels(ax)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_log_labels(ax)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
 
@@ -1143,6 +1175,10 @@ def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+#: the per-layer plot's floor (1 - cos below it is drawn at it)
+FLOOR = 1e-4
 
 
 def plot_layers(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.Path | None:
@@ -1160,16 +1196,18 @@ def plot_layers(records: list[dict[str, Any]], images: pathlib.Path) -> pathlib.
     if not students:
         return None
     colours = dict(zip(quality.RECIPES, plt.get_cmap("tab20").colors))
-    fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students), 4.2), squeeze=False)
-    for ax, student in zip(axes[0], students):
+    fig, axes = panel_grid(len(students))
+    for ax, student in zip(axes, students):
         initial_drawn = False
         for (s, _, recipe), group in groups.items():
             if s != student:
                 continue
             if not initial_drawn:
                 initial_drawn = True
-                ax.plot(group[0]["free_per_layer_initial"]["cosine"], color="grey", linestyle=":", label="initial, free")
-            free = np.mean([g["free_per_layer"]["cosine"] for g in group], axis=0)
+                # floored at FLOOR: a layer the search kept exactly would sit at 1e-8 and squash the rest
+                ax.plot(np.maximum(group[0]["free_per_layer_initial"]["cosine"], FLOOR), color="grey", linestyle=":",
+                        label="initial, free")
+            free = np.maximum(np.mean([g["free_per_layer"]["cosine"] for g in group], axis=0), FLOOR)
             ax.plot(free, color=colours[recipe], linestyle="--", label=f"{recipe}, free")
             if all(g.get("feature_per_layer") for g in group):
                 injected = np.mean([g["feature_per_layer"]["last"] for g in group], axis=0)
