@@ -35,7 +35,7 @@ blockwise term) and the per-layer divergence of the student from the teacher whe
 on its own (`free_per_layer`), so one can see whether error compounds with depth.
 
     python experiments/real.py                    # step seconds, learning-rate check, seed 0 of every cell,
-                                                  # KD and the best blockwise recipe at 3x the budget
+                                                  # KD and the best blockwise recipes at 3x the budget
                                                   # (`long_cells`), then seeds 1 and 2 of the best cells
                                                   # (`seeded_cells`)
     python experiments/real.py --seeds 1,2 --only 'mqa-prune/kd/*,mqa-prune/layer-cosine/*'
@@ -98,8 +98,8 @@ BATCH, SEQ = 4, 128
 #: this machine is stopped every few hours and other work shares its 2 cores: at 200 the
 #: first pass alone needed about 7 quiet hours.
 REF_STEPS = 100
-#: the longer budget of the goal-1 pair (`long_cells`): this many times the seconds of a run
-#: of the first pass, for KD and the blockwise recipe furthest along among those ahead of it
+#: the longer budget of goal 1 (`long_cells`): this many times the seconds of a run of the
+#: first pass, for KD and the blockwise recipes ahead of it of the student furthest along
 LONG_FACTOR = 3
 #: held-out evaluations per run (plus step 0), each on EVAL_BATCHES fixed batches (8,192 tokens)
 EVALS_PER_RUN = 5
@@ -750,11 +750,13 @@ GOAL_RECIPES = ("layer-cosine", "staged-0.5+ce")
 
 
 def long_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
-    """The goal-1 pair that runs at `LONG_FACTOR` times the budget, since at the first
-    pass's budget no run gets to 90% of its gap: KD and the blockwise recipe (alone or
-    staged) that closed the most of its student's gap among those that reach KD's final
-    loss in at most 1/1.3 of KD's seconds. [] when no blockwise recipe is that far ahead
-    anywhere; None until seed 0 of every cell of `grid` is recorded."""
+    """The goal-1 cells that run at `LONG_FACTOR` times the budget, since at the first
+    pass's budget no run gets to 90% of its gap: of the student whose blockwise recipe
+    (alone or staged) closed the most of its gap among those that reach KD's final loss in
+    at most 1/1.3 of KD's seconds, KD and each of its blockwise recipes that are that far
+    ahead (blockwise alone may flatten where staged keeps going). [] when no blockwise
+    recipe is that far ahead anywhere; None until seed 0 of every cell of `grid` is
+    recorded."""
     records = [r for r in results.values() if r.get("budget") == "seconds" and r.get("seed") == 0]
     have = {(r["student"], r["recipe"]) for r in records}
     if any(cell not in have for cell in order(grid)):
@@ -765,8 +767,8 @@ def long_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ..
     if not ahead:
         return []
     closed = {(r["student"], r["recipe"]): quality.gap_curve(r)[-1] for r in records}
-    student, recipe = max(ahead, key=lambda cell: closed[cell])
-    return [(student, "kd"), (student, recipe)]
+    student = max(ahead, key=lambda cell: closed[cell])[0]
+    return [(student, "kd"), *sorted((cell for cell in ahead if cell[0] == student), key=lambda cell: -closed[cell])]
 
 
 def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
@@ -827,8 +829,8 @@ def main(argv: list[str] | None = None) -> int:
                              "cells `seeded_cells` picks: each student's best two recipes (of the uniform 50% "
                              "students only the best one), the main job's recipe and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
     parser.add_argument("--no-long", dest="long", action="store_false",
-                        help=f"skip the goal-1 pair at {LONG_FACTOR}x the budget (`long_cells`: KD and the blockwise "
-                             "recipe furthest along among those ahead of KD), which otherwise runs once seed 0 of "
+                        help=f"skip goal 1's cells at {LONG_FACTOR}x the budget (`long_cells`: KD and the blockwise "
+                             "recipes ahead of it, of the student furthest along), which otherwise runs once seed 0 of "
                              "every cell is recorded, before the seeds")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each recorded run's last checkpoint (default: delete it once the run is recorded)")
@@ -886,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
             return [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in patterns) and r.name not in results]
 
         def long_runs(steps_for, lrs) -> list[Run]:
-            """The unrecorded runs of the goal-1 pair at LONG_FACTOR times the budget (seed 0)."""
+            """The unrecorded runs of goal 1's cells at LONG_FACTOR times the budget (seed 0)."""
             chosen = long_cells(results, GRID) if args.long and not args.quick else None
             runs = [Run(student, "prune", recipe, 0, LONG_FACTOR * steps_for(student, "prune", recipe),
                         lrs[FAMILY[recipe]], "long") for student, recipe in chosen or ()]
@@ -1283,10 +1285,11 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
         long = [r for r in records if r.get("budget") == "long"]
         if long:
             body += [f"### {LONG_FACTOR}x the budget: 90% of the gap", "",
-                     (f"No run of the budget above gets to 90% of its gap, so the pair that goal 1 asks about runs "
-                      f"again at {LONG_FACTOR} times the seconds (`long_cells`: KD and the blockwise recipe that closed "
-                      "the most of its student's gap among those that reach KD's final loss in at most 1/1.3 of "
-                      "KD's seconds), one seed, the same schedule stretched over the longer run."), "",
+                     (f"No run of the budget above gets to 90% of its gap, so the cells that goal 1 asks about run "
+                      f"again at {LONG_FACTOR} times the seconds (`long_cells`: of the student whose blockwise recipe "
+                      "closed the most of its gap among those that reach KD's final loss in at most 1/1.3 of KD's "
+                      "seconds, KD and each blockwise recipe that far ahead), one seed, the same schedule stretched "
+                      "over the longer run."), "",
                      quality.table(quality.aggregate(long)), "", *goal_lines(long), ""]
         link = os.path.relpath(plot_curves(main, images).resolve(), page.resolve().parent)
         body += [f"![real_curves]({link})", ""]
