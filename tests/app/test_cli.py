@@ -520,7 +520,7 @@ def test_every_flag_says_what_it_means_as_the_docs_do():
     defaults = DistillConfig()
     assert defaults.blockwise_weight == 0 and defaults.label_weight == 0 and defaults.mlp_ratio == 0.5
     assert "default recipe: logit KD alone (--blockwise-weight 0 --label-weight 0)" in distill
-    assert "docs/quality.md" in distill
+    assert "docs/quality.md" in distill and "docs/real.md" in distill
     docs = REPO_ROOT / "docs" / "cli.md"
     rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", docs.read_text(), re.MULTILINE))
     assert rows == {k: v for k, v in HELP.items() if k not in ("model", "tokenizer")}
