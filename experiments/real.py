@@ -778,8 +778,9 @@ def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, 
     recipe (KD into the half-MLP student) when it is not among them; of the uniform students
     at the searched one's budget only the best (lowest final held-out loss), the one the
     search's goal is judged against; for the half-depth student also the signals cell whose
-    student ends closest to the teacher on its own text (lowest reverse KL on its samples),
-    if it is not among them."""
+    student ends closest to the teacher on its own text (lowest reverse KL on its samples)
+    among those that did not collapse (its own NLL of its samples at least the teacher's of
+    its own), if it is not among them."""
     rows = {(r["student"], r["recipe"]): r for r in results.values()
             if r.get("budget") == "seconds" and r.get("seed") == 0}
     if any(cell not in rows for cell in order(grid)):
@@ -794,7 +795,11 @@ def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, 
         chosen += [(student, recipe) for recipe in ranked[:2]]
         if student == MAIN[0] and MAIN[2] in recipes and MAIN[2] not in ranked[:2]:
             chosen.append((student, MAIN[2]))  # the main job's default: a challenger is judged against its seeds
-    signals = [recipe for recipe in SIGNAL_CELLS if recipe in grid.get("layers", ())]
+    # a student more sure of its own samples than the teacher is of its own (lower NLL) writes
+    # lower-entropy text than the teacher, which the own-text reverse KL rewards: a collapse
+    samples = lambda recipe: rows[("layers", recipe)]["samples"]
+    signals = [recipe for recipe in SIGNAL_CELLS if recipe in grid.get("layers", ())
+               and samples(recipe)["student"]["student_nll"] >= samples(recipe)["teacher"]["student_nll"]]
     if signals:
         best = min(signals, key=lambda recipe: rows[("layers", recipe)]["samples"]["student"]["reverse_kl"])
         if ("layers", best) not in chosen:

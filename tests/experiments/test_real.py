@@ -96,7 +96,8 @@ def test_more_seeds_go_to_each_students_best_two_and_the_best_signal(real):
     results = {}
     for (student, recipe), final in finals.items():
         record = {"student": student, "recipe": recipe, "seed": 0, "budget": "seconds", "eval_loss": [4.0, final],
-                  "samples": {"student": {"reverse_kl": reverse.get(recipe, 1.0)}}}
+                  "samples": {"student": {"reverse_kl": reverse.get(recipe, 1.0), "student_nll": 3.0},
+                              "teacher": {"student_nll": 2.5}}}
         results[f"{student}/{recipe}/seed0"] = record
         # other seeds and the learning-rate check's runs do not count
         results[f"{student}/{recipe}/seed1"] = {**record, "seed": 1, "eval_loss": [4.0, 0.0]}
@@ -105,6 +106,9 @@ def test_more_seeds_go_to_each_students_best_two_and_the_best_signal(real):
     # KD into the half-MLP student is third of its student's recipes, but the main job's
     assert chosen == [("mlp", "kd+ce"), ("mlp", "layer-cosine"), ("mlp", "kd"), ("layers", "ce"), ("layers", "kd"), ("depth50", "kd"),
                       ("searched", "kd"), ("layers", "kd-rkl")]
+    # a student surer of its own samples than the teacher of its own has collapsed: skipped
+    results["layers/kd-rkl/seed0"]["samples"]["student"]["student_nll"] = 2.0
+    assert real.seeded_cells(results, grid)[-1] == ("layers", "kd-jsd")
     del results["layers/kd-rkl/seed0"]
     assert real.seeded_cells(results, grid) is None
 
