@@ -95,7 +95,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 _OBJECTIVE_BASE = {"blockwise_weight_end": 0.0, "blockwise_steps": None, "temperature": 1.0,
                    "feature_loss": "cosine", "inject_at": "layer", "label_weight": 0.0, "teacher_weight": 1.0}
-#: the main job's recipe (the DistillConfig defaults), whose cost sets the equal-cost budgets
+#: KD into the main job's student, whose cost sets the equal-cost budgets: the main job's
+#: recipe when this study ran (the DistillConfig defaults have since added 0.5 label CE,
+#: from the real-teacher study: docs/real.md)
 MAIN_RECIPE = "kd"
 MAIN_STUDENT = "mlp"
 

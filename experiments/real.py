@@ -776,8 +776,8 @@ def long_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ..
 def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, ...]]) -> list[tuple[str, str]] | None:
     """The (student, recipe) cells that get more seeds (`--then-seeds`), best first; None
     until seed 0 of every cell of `grid` is recorded. Per student, the two recipes with the
-    lowest final held-out loss (a student with one recipe: that one), and the main job's
-    recipe (KD into the half-MLP student) when it is not among them; of the uniform students
+    lowest final held-out loss (a student with one recipe: that one), and KD into the
+    half-MLP student (the main job's recipe when the study began) when it is not among them; of the uniform students
     at the searched one's budget only the best (lowest final held-out loss), the one the
     search's goal is judged against; for the half-depth student also the signals cell whose
     student ends closest to the teacher on its own text (lowest reverse KL on its samples)
@@ -796,7 +796,7 @@ def seeded_cells(results: dict[str, dict[str, Any]], grid: dict[str, tuple[str, 
         ranked = sorted(recipes, key=lambda recipe: rows[(student, recipe)]["eval_loss"][-1])
         chosen += [(student, recipe) for recipe in ranked[:2]]
         if student == MAIN[0] and MAIN[2] in recipes and MAIN[2] not in ranked[:2]:
-            chosen.append((student, MAIN[2]))  # the main job's default: a challenger is judged against its seeds
+            chosen.append((student, MAIN[2]))  # the incumbent default: a challenger is judged against its seeds
     # a student more sure of its own samples than the teacher is of its own (lower NLL) writes
     # lower-entropy text than the teacher, which the own-text reverse KL rewards: a collapse
     samples = lambda recipe: rows[("layers", recipe)]["samples"]
@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--then-seeds", default=None,
                         help="once seed 0 of every cell is recorded, run these seeds (comma-separated) of the "
                              "cells `seeded_cells` picks: each student's best two recipes (of the uniform 50% "
-                             "students only the best one), the main job's recipe and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
+                             "students only the best one), KD into the half-MLP student and the half-depth student's best signals cell (default 1,2; none with --quick; '' for none)")
     parser.add_argument("--no-long", dest="long", action="store_false",
                         help=f"skip goal 1's cells at {LONG_FACTOR}x the budget (`long_cells`: KD and the blockwise "
                              "recipes ahead of it, of the student furthest along), which otherwise runs once seed 0 of "

@@ -7,9 +7,10 @@ For each parameter budget (fractions of the teacher's parameters):
 2. the uniform students that fit the budget (every combination of KV heads and depth with
    the widest MLP, in eighths of the teacher's, that fits; in whole channels where not even
    an eighth fits) are pruned from the teacher;
-3. every student is finished with the main job's recipe (logit KD) for the same number of
-   steps, seed 0; the best uniform one is refit to the budget's edge (the widest MLP in
-   whole channels, so that uniform pruning gets as many parameters as the search) and
+3. every student is finished with logit KD alone (the main job's recipe when these
+   records were made; `label_weight` is kept at 0) for the same number of steps, seed
+   0; the best uniform one is refit to the budget's edge (the widest MLP in whole
+   channels, so that uniform pruning gets as many parameters as the search) and
    finished too; the searched and the best uniform student then run with every seed.
 
 Results go to a JSON file (one record per run; a rerun resumes and skips what is done)
@@ -119,7 +120,8 @@ def finish(out: pathlib.Path, args, seed: int, extra: dict[str, Any]) -> dict[st
     cfg = DistillConfig(out=str(out), teacher=args.teacher, steps=args.finish_steps, seed=seed,
                         eval_every=max(1, args.finish_steps // 3), checkpoint_every=max(1, args.finish_steps // 3),
                         keep_checkpoints=1, progress=False, plots=False,
-                        **({"data": args.data} if args.data else {}), **size, **extra)
+                        **({"data": args.data} if args.data else {}), **size,
+                        **{"label_weight": 0.0, **extra})  # KD alone: the finish these records were made with
     began = time.perf_counter()
     summary = distill(cfg)
     student = load_model(out / "student").config

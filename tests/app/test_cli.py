@@ -518,8 +518,8 @@ def test_every_flag_says_what_it_means_as_the_docs_do():
     from blockdistill.app.runconfig import DistillConfig
 
     defaults = DistillConfig()
-    assert defaults.blockwise_weight == 0 and defaults.label_weight == 0 and defaults.mlp_ratio == 0.5
-    assert "default recipe: logit KD alone (--blockwise-weight 0 --label-weight 0)" in distill
+    assert defaults.blockwise_weight == 0 and defaults.label_weight == 0.5 and defaults.mlp_ratio == 0.5
+    assert "default recipe: logit KD plus 0.5 label cross-entropy (--blockwise-weight 0; --label-weight" in distill
     assert "docs/quality.md" in distill and "docs/real.md" in distill
     docs = REPO_ROOT / "docs" / "cli.md"
     rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", docs.read_text(), re.MULTILINE))
@@ -650,6 +650,30 @@ def test_export_takes_checkpoints_newer_than_the_student(tmp_path, teacher, corp
     newest = load_checkpoint_model(out / "checkpoints" / "8", before)
     assert not np.allclose(exported(tokens).logits, before(tokens).logits, atol=1e-6)  # not the step-4 student
     np.testing.assert_allclose(exported(tokens).logits, newest(tokens).logits, atol=1e-5)
+
+
+def test_a_run_that_gives_no_label_weight_gets_the_one_its_recipe_was_measured_with():
+    """Label CE rides along with logit KD by default (the real-teacher study); recipes that
+    were measured without it, or where it would be wrong, keep 0; labels alone get 1; a
+    weight that is given is kept, and on-policy rows still refuse one that is not 0."""
+    from blockdistill.app.runconfig import DEFAULT_LABEL_WEIGHT, ConfigError, DistillConfig, make_objective
+
+    assert DEFAULT_LABEL_WEIGHT == 0.5
+    kd = DistillConfig()
+    assert kd.label_weight == DEFAULT_LABEL_WEIGHT and make_objective(kd).label_weight == DEFAULT_LABEL_WEIGHT
+    staged = DistillConfig(blockwise_weight=1.0, blockwise_weight_end=0.0, blockwise_schedule="staged", blockwise_steps=10)
+    assert staged.label_weight == DEFAULT_LABEL_WEIGHT
+    assert make_objective(staged, 0).label_weight == 0.0 and make_objective(staged, 1).label_weight == DEFAULT_LABEL_WEIGHT
+    assert DistillConfig(blockwise_weight=1.0, blockwise_weight_end=0.0, blockwise_schedule="linear").label_weight == 0.5
+    assert DistillConfig(blockwise_weight=0.5).label_weight == DEFAULT_LABEL_WEIGHT
+    assert DistillConfig(blockwise_weight=1.0).label_weight == 0.0  # blockwise alone: no free-running pass
+    assert DistillConfig(onpolicy_fraction=0.25).label_weight == 0.0
+    assert DistillConfig(divergence="jsd").label_weight == 0.0
+    assert DistillConfig(teacher_weight=0.0).label_weight == 1.0
+    assert DistillConfig(label_weight=0.0).label_weight == 0.0
+    assert DistillConfig(blockwise_weight=1.0, label_weight=0.2).label_weight == 0.2
+    with pytest.raises(ConfigError, match="label_weight=0.5"):
+        DistillConfig(onpolicy_fraction=0.25, label_weight=0.5)
 
 
 def test_a_large_teacher_at_the_default_learning_rate_gets_a_note():

@@ -238,9 +238,12 @@ def test_default_budget_is_the_main_jobs(quality):
     assert quality.DEFAULT_LR == main_job.learning_rate
     full = quality.budget(quality.DEFAULT_STEPS, quick=False)
     assert (full["batch_size"], full["seq_len"]) == (main_job.batch_size, main_job.seq_len)
-    # the equal-cost budgets are the cost of the main job's own recipe and student
+    # the equal-cost budgets are the cost of KD into the main job's student: the main job's
+    # recipe when this study ran, which has since added label CE (the real-teacher study)
+    from blockdistill.app.runconfig import DEFAULT_LABEL_WEIGHT
+
     fields = {**quality.recipe(quality.MAIN_RECIPE), **quality.student_fields(quality.MAIN_STUDENT)}
-    assert {k: getattr(main_job, k) for k in fields} == fields
+    assert {k: getattr(main_job, k) for k in fields} == {**fields, "label_weight": DEFAULT_LABEL_WEIGHT}
 
 
 def test_half_depth_student_follows_the_teacher(quality, tmp_path):

@@ -28,21 +28,18 @@ _DESCRIPTION = """Blockwise parallel distillation of decoder-only transformers.
 """
 
 
-#: what `distill --help` says about its default recipe, and why (docs/quality.md)
+#: what `distill --help` says about its default recipe, and why (docs/quality.md, docs/real.md)
 _DISTILL_RECIPE = """\
-default recipe: logit KD alone (--blockwise-weight 0 --label-weight 0) into the default
-student, pruned to half the teacher's MLP width. The quality study (docs/quality.md) found it
-best at the main job's cost for that student (equal measured seconds, three seeds,
-cross-checked at equal FLOPs and equal steps): blockwise training alone stops short of KD
-when only the MLP is thinned. For a student with fewer KV heads (--kv-heads-ratio) use
-layer-level blockwise (--blockwise-weight 1 --blockwise-schedule constant): there it ends
-better and reaches 90% of the gap in 0.64x KD's seconds.
-On a real checkpoint (SmolLM2-135M, docs/real.md; seed 0, seeds pending) the same order
-holds for those two cuts: blockwise alone is last for the half-MLP student and first with
-one KV head (82% of the gap against KD's 69%, KD's final loss in 0.26x its seconds), but
-KD + 0.5 label CE (--label-weight 0.5) beat KD alone for the half-MLP student (76% of the
-gap against 66%), and labels help the half-depth student most. Use --learning-rate 3e-4
-for KD on teachers of that size."""
+default recipe: logit KD plus 0.5 label cross-entropy (--blockwise-weight 0; --label-weight
+defaults to 0.5 beside KD) into the default student, pruned to half the teacher's MLP width.
+On a real checkpoint (SmolLM2-135M, docs/real.md; equal measured seconds, three seeds) KD +
+0.5 CE closed 74.7% of the gap for that student against KD alone's 65.3%; on the shipped
+teacher the two tie (docs/quality.md). For that student blockwise training alone stops
+short of KD on both teachers. For a student with fewer KV heads (--kv-heads-ratio) use
+layer-level blockwise (--blockwise-weight 1 --blockwise-schedule constant, which runs
+without labels): with one KV head of SmolLM2's three it closed 82% of the gap against
+KD's 69% and reached KD's final loss in 0.26x its seconds (seed 0; 0.64x to 90% of the
+gap on the shipped teacher). Use --learning-rate 3e-4 for KD on teachers of that size."""
 
 
 def _parser() -> argparse.ArgumentParser:
