@@ -126,8 +126,7 @@ LARGE_TEACHER_PARAMS = 50_000_000
 def learning_rate_note(cfg: DistillConfig, teacher_params: int) -> str | None:
     """What the run says about its learning rate before it trains (None: nothing)."""
     default = DistillConfig.__dataclass_fields__["learning_rate"].default
-    blockwise_only = cfg.blockwise_schedule == "constant" and cfg.blockwise_weight == 1.0
-    if teacher_params < LARGE_TEACHER_PARAMS or cfg.learning_rate != default or blockwise_only:
+    if teacher_params < LARGE_TEACHER_PARAMS or cfg.learning_rate != default or cfg.blockwise_alone:
         return None  # (blockwise training alone did better at 1e-3 there)
     return (f"note: learning_rate={default:g} is the default, chosen on the shipped 4.85M-parameter teacher; "
             f"this teacher has {teacher_params / 1e6:.0f}M parameters, and on SmolLM2-135M logit KD at a peak of "

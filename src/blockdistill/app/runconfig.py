@@ -218,6 +218,12 @@ class DistillConfig(RunConfig):
     onpolicy_top_p: float | None = None
     onpolicy_start: int = 0
 
+    @property
+    def blockwise_alone(self) -> bool:
+        """Blockwise training alone at every step (constant weight 1): the free-running
+        pass, and with it the logit terms, never runs."""
+        return self.blockwise_schedule == "constant" and self.blockwise_weight == 1.0
+
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "calibration_batches", "blockwise_steps")
@@ -414,8 +420,7 @@ def default_label_weight(cfg: DistillConfig) -> float:
     divergences."""
     if cfg.teacher_weight == 0:
         return 1.0
-    blockwise_alone = cfg.blockwise_schedule == "constant" and cfg.blockwise_weight == 1.0
-    if blockwise_alone or cfg.onpolicy_fraction > 0 or cfg.divergence != "kl":
+    if cfg.blockwise_alone or cfg.onpolicy_fraction > 0 or cfg.divergence != "kl":
         return 0.0
     return DEFAULT_LABEL_WEIGHT
 
