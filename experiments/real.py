@@ -1300,7 +1300,7 @@ def report(records: list[dict[str, Any]], page: pathlib.Path, images: pathlib.Pa
             body += [f"### {LONG_FACTOR}x the budget: 90% of the gap", "",
                      (f"No run of the budget above gets to 90% of its gap, so the cells that goal 1 asks about run "
                       f"again at {LONG_FACTOR} times the seconds (`long_cells`: of the student whose blockwise recipe "
-                      "closed the most of its gap among those that reach KD's final loss in at most 1/1.3 of KD's "
+                      f"closed the most of its gap among those that reach KD's final loss in at most 1/{GOAL_SPEEDUP:g} of KD's "
                       "seconds, KD and each blockwise recipe that far ahead), one seed, the same schedule stretched "
                       "over the longer run."), "",
                      quality.table(quality.aggregate(long)), "", *goal_lines(long), ""]
