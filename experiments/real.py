@@ -1076,17 +1076,18 @@ SEARCH_SIDE = ("searched", "mlp50", "depth50")
 
 def search_lines(records: list[dict[str, Any]]) -> list[str]:
     """The block-searched student against the uniform ones at its parameter budget, each
-    finished with the same KD at equal seconds: final loss on each corpus (mean over seeds)
-    and the goal's verdict (the searched student below the best uniform one on both the
-    training corpus's held-out split and prose)."""
+    finished with the same KD at equal seconds: final loss on each corpus (mean over seeds ±
+    half their range) and the goal's verdict (the searched student's mean below the best
+    uniform one's on both the training corpus's held-out split and prose; "on every seed"
+    where both have seeds and their ranges do not overlap)."""
     groups = {s: g for (s, _, recipe), g in quality._groups(records).items()
               if s in SEARCH_SIDE and recipe == "kd" and "corpora" in g[0]}
     if "searched" not in groups or len(groups) < 2:
         return []
 
-    def losses(group):
-        return {"stdlib": _mean([g["eval_loss"][-1] for g in group]),
-                **{c: _mean([g["corpora"][c]["student"] for g in group]) for c in ("prose", "humaneval")}}
+    def losses(group):  # per corpus, one final loss per seed
+        return {"stdlib": [g["eval_loss"][-1] for g in group],
+                **{c: [g["corpora"][c]["student"] for g in group] for c in ("prose", "humaneval")}}
 
     lines = ["| student | parameters | seeds | steps | initial held-out | final held-out | prose | HumanEval |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1100,14 +1101,18 @@ def search_lines(records: list[dict[str, Any]]) -> list[str]:
         share = f"{p['student'] / 1e6:.1f}M ({p['student'] / p['teacher']:.1%})" if p else "-"
         lines.append(f"| {STUDENT_LABELS[student]} | {share} | {len(group)} | {group[0]['steps']} | "
                      f"{_mean([g['eval_loss'][0] for g in group]):.4f} | "
-                     + " | ".join(f"{final[student][c]:.4f}" for c in ("stdlib", "prose", "humaneval")) + " |")
+                     + " | ".join(_fmt_spread(final[student][c]) for c in ("stdlib", "prose", "humaneval")) + " |")
     verdicts, ahead = [], {}
     for corpus, label in (("stdlib", "held-out stdlib"), ("prose", "prose"), ("humaneval", "HumanEval")):
-        best = min((s for s in final if s != "searched"), key=lambda s: final[s][corpus])
-        ahead[corpus] = final["searched"][corpus] < final[best][corpus]
-        verdicts.append(f"{label}: searched {final['searched'][corpus]:.4f} against the best uniform "
-                        f"({STUDENT_LABELS[best]}) {final[best][corpus]:.4f}, "
-                        f"{'ahead' if ahead[corpus] else 'behind'}")
+        mine = final["searched"][corpus]
+        best = min((s for s in final if s != "searched"), key=lambda s: _mean(final[s][corpus]))
+        theirs = final[best][corpus]
+        ahead[corpus] = _mean(mine) < _mean(theirs)
+        # with seeds on both sides, say whether the seeds' ranges part (every seed on one side)
+        parted = len(mine) > 1 and len(theirs) > 1 and (max(mine) < min(theirs) or min(mine) > max(theirs))
+        verdicts.append(f"{label}: searched {_mean(mine):.4f} against the best uniform "
+                        f"({STUDENT_LABELS[best]}) {_mean(theirs):.4f}, "
+                        f"{'ahead' if ahead[corpus] else 'behind'}{' on every seed' if parted else ''}")
     met = ahead["stdlib"] and ahead["prose"]
     return [*lines, "", "; ".join(verdicts) + ". The goal (ahead on the training corpus and on prose) is "
             + ("met." if met else "missed.")]

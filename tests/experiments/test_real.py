@@ -77,6 +77,25 @@ def test_search_verdict_follows_the_records(real, searched, verdict):
     assert "(uniform 50%: 11 of 30 layers) 3.6000" in lines[-1]
 
 
+def test_search_table_shows_the_seeds_spread_and_whether_they_part(real):
+    """With seeds on both sides the table shows mean ± half the range, and a lead is
+    called "on every seed" only where the two ranges do not overlap."""
+    params = {"student": 67e6, "teacher": 134e6}
+    records = [_record(real, "searched", 3.0, 3.5, 1.0, seed=0, params=params),
+               _record(real, "searched", 3.2, 3.7, 1.0, seed=1, params=params),
+               _record(real, "mlp50", 3.3, 3.65, 0.9, seed=0),
+               _record(real, "mlp50", 3.5, 3.75, 0.9, seed=1)]
+    lines = real.search_lines(records)
+    assert "| 2 | 100 | 4.0000 | 3.1000 ± 0.1000 | 3.6000 ± 0.1000 | 1.0000 ± 0.0000 |" in lines[2]
+    assert "held-out stdlib: searched 3.1000 against the best uniform (uniform 50%: MLP 238 of 1536) " \
+           "3.4000, ahead on every seed;" in lines[-1]  # 3.0-3.2 against 3.3-3.5
+    assert "prose: searched 3.6000 against the best uniform (uniform 50%: MLP 238 of 1536) 3.7000, ahead;" \
+        in lines[-1]  # 3.5-3.7 against 3.65-3.75: the means differ, the seeds overlap
+    assert "HumanEval: searched 1.0000 against the best uniform (uniform 50%: MLP 238 of 1536) 0.9000, " \
+           "behind on every seed." in lines[-1]
+    assert lines[-1].endswith("is met.")
+
+
 def test_search_verdict_needs_both_sides(real):
     assert real.search_lines([_record(real, "mlp50", 3.2, 3.6, 0.9)]) == []
     assert real.search_lines([_record(real, "searched", 3.0, 3.5, 1.0)]) == []
